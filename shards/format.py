@@ -271,6 +271,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop a partly written shard (nothing under the final name is touched)."""
         try:
+            self._tw.close()  # let tarfile flush into the tmp file now, not into a closed file at GC time
             self._file.close()
         finally:
             self._tmp_tar.unlink(missing_ok=True)
