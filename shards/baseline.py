@@ -1,0 +1,120 @@
+"""The plain PyTorch ``DataLoader`` + OpenCV/NumPy backend over the same shards and the same augmentations.
+
+It is the benchmark baseline and the fallback when DALI is not installed. Each DataLoader item is a
+whole batch (``batch_size=None``), so batch ``t`` goes to worker ``t mod num_workers`` exactly as in the DALI
+pipeline, and the worker runs the same ``augment.prepare_batch``: only the pixel code differs.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from usjepa.shards import corruptions as C
+from usjepa.shards.augment import DataConfig, MaskDecoder, PreparedBatch, SampleParams, mask_seed, prepare_batch
+from usjepa.shards.readers import BadSample, SampleReader
+
+
+def render_opencv(jpeg: bytes, p: SampleParams, cfg: DataConfig) -> np.ndarray:
+    """Decode + crop + flips + blur + speckle + contrast/normalise with OpenCV: float32 [S, S]."""
+    img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise BadSample("image member does not decode")
+    s = cfg.image_size
+    y0, x0, h, w = p.crop
+    crop = img[y0 : y0 + h, x0 : x0 + w]
+    # INTER_AREA is OpenCV's antialiased downscale (DALI's resize antialiases when shrinking too)
+    interp = cv2.INTER_AREA if h >= s and w >= s else cv2.INTER_LINEAR
+    x = cv2.resize(crop, (s, s), interpolation=interp).astype(np.float32)
+    if p.vflip and p.hflip:
+        x = cv2.flip(x, -1)
+    elif p.vflip:
+        x = cv2.flip(x, 0)
+    elif p.hflip:
+        x = cv2.flip(x, 1)
+    if p.blur_eps > 0:
+        x = C.apply_blur(x, p.blur_eps)
+    if p.speckle_field is not None:
+        x = C.apply_speckle(x, p.speckle_field, upper=255.0)
+    scale, bias = p.affine(cfg)
+    return x * np.float32(scale) + np.float32(bias)
+
+
+def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
+    """Render a prepared batch with OpenCV. A JPEG that passed the marker checks but does not decode is
+    replaced, with its grid and mask rows, by a decodable sample of the same batch (black if none is)."""
+    s = cfg.image_size
+    images = np.empty((len(pb.jpegs), 1, s, s), np.float32)
+    bad = []
+    for k, (jpg, p) in enumerate(zip(pb.jpegs, pb.params)):
+        try:
+            images[k, 0] = render_opencv(jpg, p, cfg)
+        except BadSample as e:
+            bad.append(k)
+            pb.errors.append(str(e))
+    if bad:
+        good = [k for k in range(len(pb.jpegs)) if k not in bad]
+        for k in bad:
+            if good:
+                src = good[k % len(good)]
+                images[k], pb.valid[k], pb.ids[k] = images[src], pb.valid[src], pb.ids[src]
+                pb.ctx_idx[k], pb.tgt_idx[:, k] = pb.ctx_idx[src], pb.tgt_idx[:, src]
+            else:
+                images[k] = -cfg.mean / cfg.std
+                pb.ids[k] = -1
+            pb.replaced[k] = True
+    return {
+        "image": torch.from_numpy(images),
+        "valid": torch.from_numpy(pb.valid),
+        "ctx": torch.from_numpy(pb.ctx_idx),
+        "tgt": torch.from_numpy(pb.tgt_idx),
+        "sid": torch.from_numpy(pb.ids),
+        "replaced": torch.from_numpy(pb.replaced),
+    }
+
+
+class BatchDataset(Dataset):
+    """Item ``t`` = batch ``t`` of the current pass, rendered with OpenCV."""
+
+    def __init__(self, reader: SampleReader, ids: np.ndarray, positions: np.ndarray, epoch: int,
+                 cfg: DataConfig, mask_cfg, seed: int, train: bool):
+        self.reader, self.ids, self.positions, self.epoch = reader, ids, positions, epoch
+        self.cfg, self.mask_cfg, self.seed, self.train = cfg, mask_cfg, seed, train
+        self._masks: MaskDecoder | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, t: int) -> dict:
+        if self._masks is None:
+            self._masks = MaskDecoder(self.cfg.mask_cache)
+        bseed = mask_seed(self.seed, self.epoch, int(self.positions[t]), self.train)
+        pb = prepare_batch(self.ids[t], self.reader, self._masks, self.cfg, self.mask_cfg, self.seed,
+                           self.epoch, bseed, self.train)
+        return render_batch(pb, self.cfg)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except Exception:
+        pass
+
+
+def make_dataloader(dataset: BatchDataset, cfg: DataConfig, pin_memory: bool) -> DataLoader:
+    nw = max(0, cfg.num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=nw,
+        pin_memory=pin_memory,
+        prefetch_factor=max(1, cfg.prefetch) if nw else None,
+        worker_init_fn=_worker_init if nw else None,
+    )

@@ -1,0 +1,306 @@
+"""``build_loader``: shards in, ``Batch``es on the training device out (contract: docs/architecture.md).
+
+A loader owns a ``SampleTable`` (what is readable), an ``EpochSampler`` (Eq. 6 plan, this rank's slice,
+the resumable state) and a backend that renders batches: ``"dali"`` (parallel external_source → DALI,
+GPU decode with a CUDA device, DALI's CPU backend without) or ``"torch"`` (DataLoader + OpenCV; also the
+fallback when DALI is missing). Both backends use the same worker code (``augment.prepare_batch``), so they
+produce the same samples, augmentation parameters, validity grids and block masks.
+
+The state advances when a batch is handed to the caller, so ``state_dict()`` taken between steps resumes
+at the next unseen batch; ``len(loader)`` is the number of batches left in the current epoch (the whole
+epoch after ``set_epoch``), identical on every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from usjepa.shards.augment import DataConfig
+from usjepa.shards.readers import SampleTable, open_sample_table
+from usjepa.shards.sampler import EpochSampler
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("dali", "torch")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 [B, 1, S, S], (x/255 - mean) / std
+    valid: torch.Tensor  # bool [B, G, G]
+    ctx_idx: torch.Tensor  # int64 [B, Kc]
+    tgt_idx: torch.Tensor  # int64 [T, B, Kt]
+    keys: list[str]
+    sample_ids: torch.Tensor = field(default=None)  # int64 [B] rows of the sample table (-1: placeholder)
+    replaced: torch.Tensor = field(default=None)  # bool [B] planned sample was unreadable and was replaced
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class _DaliBackend:
+    def __init__(self, table: SampleTable, cfg: DataConfig, mask_cfg, seed: int, train: bool, batch_size: int,
+                 device: torch.device):
+        from usjepa.shards.dali_pipeline import DaliBatchSource
+
+        self.cfg, self.batch_size, self.device = cfg, batch_size, device
+        self.plan_dir = tempfile.mkdtemp(prefix="usjepa-dali-")
+        # removed at close() or, for a loader never closed, when it is collected or the interpreter exits
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.plan_dir, True)
+        self.source = DaliBatchSource(table.reader_view(), self.plan_dir, cfg, mask_cfg, seed, train)
+        self.device_id = None
+        if device.type == "cuda":
+            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+        self._pipe = None
+        self._k = 0
+        self._clean = False
+
+    def _new_pipeline(self):
+        from usjepa.shards.dali_pipeline import build_pipeline
+
+        self.close_pipeline()
+        # fork is cheap but unsafe once CUDA is initialised in this process; spawn re-imports instead
+        method = "spawn" if self.device_id is not None else "fork"
+        pipe = build_pipeline(self.source, self.batch_size, self.cfg, self.device_id, method)
+        self._k = 0
+        return pipe
+
+    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+        from usjepa.shards.dali_pipeline import write_pass
+
+        t = 0
+        while True:
+            fresh = self._pipe is None or not self._clean
+            if fresh:
+                self._pipe = self._new_pipeline()
+            write_pass(self.plan_dir, self._k, ids[t:], epoch, positions[t:])
+            if fresh:
+                self._pipe.build()
+            self._clean = False
+            pipe = self._pipe
+            try:
+                while t < len(ids):
+                    outs = pipe.run()
+                    t += 1
+                    yield self._to_torch(outs)
+            except RuntimeError as e:
+                # DALI stops on a JPEG its decoder rejects (one that passed the workers' marker checks). Render
+                # this batch with OpenCV in this process instead — same parameters, so the same batch, with the
+                # bad sample replaced — and restart the pipeline on the rest of the pass.
+                log.warning("DALI failed on batch %d of the pass (%s); rendering it with OpenCV and restarting "
+                            "the pipeline", t, str(e).splitlines()[-1][:200] if str(e) else type(e).__name__)
+                self.close_pipeline()
+                yield self._render_with_opencv(ids[t], epoch, int(positions[t]))
+                t += 1
+                if t == len(ids):
+                    return
+                continue
+            break
+        try:  # the source stops at the planned length; DALI then needs a reset to start the next pass
+            pipe.run()
+            raise RuntimeError("DALI pipeline produced more batches than planned")
+        except StopIteration:
+            pass
+        pipe.reset()
+        self._k += 1
+        self._clean = True
+
+    def _render_with_opencv(self, ids: np.ndarray, epoch: int, position: int) -> dict:
+        from usjepa.shards.augment import MaskDecoder, mask_seed, prepare_batch
+        from usjepa.shards.baseline import render_batch
+
+        src = self.source
+        pb = prepare_batch(ids, src.reader, MaskDecoder(16), self.cfg, src.mask_cfg, src.seed, epoch,
+                           mask_seed(src.seed, epoch, position, src.train), src.train)
+        raw = render_batch(pb, self.cfg)
+        raw["image"] = raw["image"].to(self.device)
+        return raw
+
+    def _to_torch(self, outs) -> dict:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        img_tl = outs[0]
+        n = self.batch_size
+        s = self.cfg.image_size
+        if self.device_id is not None:
+            images = torch.empty((n, s, s, 1), dtype=torch.float32, device=self.device)
+            feed_ndarray(img_tl.as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            images = torch.from_numpy(np.array(img_tl.as_tensor()))
+        cpu = [torch.from_numpy(np.array(o.as_tensor())) for o in outs[1:]]
+        return {
+            "image": images.view(n, 1, s, s),  # HWC with one channel has CHW's memory layout
+            "valid": cpu[0].bool(),
+            "ctx": cpu[1],
+            "tgt": cpu[2].permute(1, 0, 2).contiguous(),
+            "sid": cpu[3].reshape(n),
+            "replaced": cpu[4].reshape(n).bool(),
+        }
+
+    def close_pipeline(self):
+        if self._pipe is not None:
+            pipe, self._pipe = self._pipe, None
+            del pipe
+        self._clean = False
+
+    def close(self):
+        self.close_pipeline()
+        self._cleanup()
+
+
+class _TorchBackend:
+    def __init__(self, table: SampleTable, cfg: DataConfig, mask_cfg, seed: int, train: bool, batch_size: int,
+                 device: torch.device):
+        self.reader = table.reader_view()
+        self.cfg, self.mask_cfg, self.seed, self.train, self.device = cfg, mask_cfg, seed, train, device
+
+    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+        from usjepa.shards.baseline import BatchDataset, make_dataloader
+
+        ds = BatchDataset(self.reader, ids, positions, epoch, self.cfg, self.mask_cfg, self.seed, self.train)
+        yield from make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda")
+
+    def close(self):
+        pass
+
+
+class ShardLoader:
+    """Iterable of ``Batch`` over one split; see the module docstring."""
+
+    def __init__(self, table: SampleTable, sampler: EpochSampler, backend: str, cfg: DataConfig, mask_cfg,
+                 device: torch.device, seed: int, train: bool):
+        self.table, self.sampler, self.cfg, self.mask_cfg = table, sampler, cfg, mask_cfg
+        self.device, self.seed, self.train = device, seed, train
+        self.backend_name = backend
+        cls = _DaliBackend if backend == "dali" else _TorchBackend
+        self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
+        self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._warned = 0
+
+    # ------------------------------------------------------------------------------- contract
+    def __len__(self) -> int:
+        return self.sampler.remaining_batches()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(dict(d))
+
+    @property
+    def skipped(self) -> Counter:
+        """Samples left out at load time (by reason, identical on every rank) plus this rank's read-time
+        replacements under ``"unreadable"``."""
+        c = Counter(self.table.skipped)
+        if self.read_errors:
+            c["unreadable"] += self.read_errors
+        return c
+
+    # ------------------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        sp = self.sampler
+        ids = sp.pass_ids()
+        epoch = sp.state.epoch
+        start = sp.state.consumed
+        # position in the epoch order of each batch's first sample (seeds the batch's block masks)
+        positions = start + np.arange(len(ids), dtype=np.int64) * sp.global_batch + sp.rank * sp.batch_size
+        for raw in self._backend.iter_pass(ids, epoch, positions):
+            batch = self._to_batch(raw)
+            sp.advance(1)  # counted when handed out: a state saved after this batch resumes at the next one
+            yield batch
+
+    def _to_batch(self, raw: dict) -> Batch:
+        replaced = raw["replaced"]
+        n_bad = int(replaced.sum())
+        if n_bad:
+            self.read_errors += n_bad
+            if self._warned < 10:
+                self._warned += 1
+                log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
+        sid = raw["sid"]
+        keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
+        dev, nb = self.device, self.device.type == "cuda"
+        return Batch(
+            images=raw["image"].to(dev, non_blocking=nb),
+            valid=raw["valid"].to(dev, non_blocking=nb),
+            ctx_idx=raw["ctx"].to(dev, non_blocking=nb),
+            tgt_idx=raw["tgt"].to(dev, non_blocking=nb),
+            keys=keys,
+            sample_ids=sid,
+            replaced=replaced,
+        )
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def build_loader(
+    root,
+    split: str,
+    batch_size: int,
+    data_cfg: DataConfig | Mapping[str, Any] | None = None,
+    mask_cfg=None,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    backend: str = "dali",
+) -> ShardLoader:
+    """Loader over ``split`` of the corpus at ``root`` (contract in docs/architecture.md).
+
+    Training (``split="train"``): Eq. 6 with ``data_cfg.cap``, fresh shuffle per epoch, random augmentation,
+    tail dropped. Any other split: every sample in id order, padded to whole global batches, full-frame
+    resize without random augmentation, block masks from a fixed seed.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cfg = data_cfg if isinstance(data_cfg, DataConfig) else DataConfig.from_dict(data_cfg)
+    if mask_cfg is None or isinstance(mask_cfg, Mapping):
+        from usjepa.kernels.block_masks import MaskConfig
+
+        mask_cfg = MaskConfig.from_dict(mask_cfg) if mask_cfg else MaskConfig()
+    if mask_cfg.grid != cfg.grid:
+        raise ValueError(f"mask grid {mask_cfg.grid} != image_size/patch_size = {cfg.grid}")
+    device = torch.device(device)
+    if backend == "dali" and not dali_available():
+        warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
+        backend = "torch"
+    train = split == "train"
+    table = open_sample_table(root, split)
+    sampler = EpochSampler(
+        table.dataset_sizes, batch_size, rank, world_size, seed,
+        cap=cfg.cap if train else None, shuffle=train, drop_last=train,
+    )
+    return ShardLoader(table, sampler, backend, cfg, mask_cfg, device, seed, train)

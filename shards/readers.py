@@ -1,0 +1,241 @@
+"""The sample table of one split (every usable sample's shard and byte ranges) and the byte reader.
+
+Built once per loader from ``manifest.json`` and the shard indexes, identically on every rank (same files,
+same rules), so all ranks agree on the sample ids the sampler hands out. Problems found here drop
+samples *before* the epoch plan is made, which keeps batch counts equal across ranks:
+
+* a shard or index file that is missing or unreadable → the whole shard is skipped;
+* a truncated tar → the samples whose members lie past its end are skipped (the rest are kept);
+* an index line that lacks a member or is malformed → that sample is skipped.
+
+Problems found while reading (a file truncated or replaced after the table was built, bytes that are not
+a JPEG / PNG) raise ``BadSample``; the loaders replace such a sample inside its batch and count it, so the
+batch keeps its size and every rank its batch count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from usjepa.shards.format import (
+    IMAGE_EXT,
+    INDEX_VERSION,
+    MASK_EXT,
+    SAMPLE_EXTS,
+    ShardFormatError,
+    load_manifest,
+    read_index,
+    read_member,
+    split_member_name,
+)
+
+log = logging.getLogger(__name__)
+
+JPEG_SOI = b"\xff\xd8"
+JPEG_EOI = b"\xff\xd9"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class BadSample(Exception):
+    """A sample whose bytes cannot be used (short read, not a JPEG/PNG, missing file)."""
+
+
+@dataclass
+class SampleTable:
+    """Columnar table of the usable samples of one split, ordered by dataset name, then shard, then tar order.
+
+    Sample id = row. Datasets own contiguous id ranges (``dataset_sizes`` in ``dataset_names`` order),
+    which is the layout ``sampler.epoch_order`` expects."""
+
+    root: str
+    split: str
+    shard_paths: list[str]
+    dataset_names: list[str]
+    dataset_sizes: list[int]
+    shard: np.ndarray  # int32 [N]
+    jpg_offset: np.ndarray  # int64 [N]
+    jpg_size: np.ndarray  # int64 [N]
+    mask_offset: np.ndarray  # int64 [N]
+    mask_size: np.ndarray  # int64 [N]
+    keys: np.ndarray  # bytes 'S' [N]
+    skipped: Counter = field(default_factory=Counter)  # reason -> samples (or shards) dropped at build time
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def key(self, i: int) -> str:
+        return self.keys[i].decode()
+
+    def reader_view(self) -> "SampleReader":
+        return SampleReader(self.shard_paths, self.shard, self.jpg_offset, self.jpg_size, self.mask_offset, self.mask_size)
+
+
+def _lenient_index(idx_path: Path) -> tuple[list[str], np.ndarray, int]:
+    """Parse an index line by line, keeping only complete, well-formed samples.
+
+    Returns (keys, int64 [n, 4] = jpg offset, jpg size, mask offset, mask size, number of dropped lines)."""
+    keys, rows, dropped = [], [], 0
+    with open(idx_path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or header[0] != INDEX_VERSION:
+            raise ShardFormatError(f"{idx_path}: not a {INDEX_VERSION} index")
+        for line in f:
+            parts = line.split()
+            try:
+                if not parts or len(parts) % 4:
+                    raise ShardFormatError("malformed line")
+                members, key = {}, None
+                for j in range(0, len(parts), 4):
+                    k, _ = split_member_name(parts[j + 3])
+                    if key is not None and k != key:
+                        raise ShardFormatError("members of different samples on one line")
+                    key = k
+                    members[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
+                if not set(SAMPLE_EXTS) <= members.keys():
+                    raise ShardFormatError("missing member")
+            except (ShardFormatError, ValueError):
+                dropped += 1
+                continue
+            keys.append(key)
+            rows.append((*members[IMAGE_EXT], *members[MASK_EXT]))
+    return keys, np.asarray(rows, dtype=np.int64).reshape(-1, 4), dropped
+
+
+def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.ndarray] | None:
+    try:
+        tar_size = tar.stat().st_size
+    except OSError as e:
+        log.warning("skipping shard %s: %s", tar, e)
+        skipped["missing_shard"] += 1
+        return None
+    try:
+        ix = read_index(idx)
+        keys = ix.keys
+        rows = np.stack(
+            [ix.offsets[IMAGE_EXT], ix.sizes[IMAGE_EXT], ix.offsets[MASK_EXT], ix.sizes[MASK_EXT]], axis=1
+        )
+        # read_index checks every extension; the metadata member counts too, a sample needs all three
+        ends = np.stack([ix.offsets[e] + ix.sizes[e] for e in SAMPLE_EXTS], axis=1).max(axis=1)
+    except FileNotFoundError as e:
+        log.warning("skipping shard %s: its index is missing (%s)", tar, e)
+        skipped["missing_index"] += 1
+        return None
+    except (ShardFormatError, ValueError, OSError, UnicodeDecodeError) as e:
+        try:
+            keys, rows, dropped = _lenient_index(idx)
+        except (ShardFormatError, OSError, UnicodeDecodeError) as e2:
+            log.warning("skipping shard %s: unreadable index (%s)", tar, e2)
+            skipped["bad_index"] += 1
+            return None
+        if dropped:
+            log.warning("%s: %d index lines skipped (%s)", idx, dropped, e)
+            skipped["missing_member"] += dropped
+        ends = np.maximum(rows[:, 0] + rows[:, 1], rows[:, 2] + rows[:, 3])
+    inside = ends <= tar_size
+    n_out = int((~inside).sum())
+    if n_out:
+        log.warning("%s is truncated (%d bytes): skipping %d of its %d samples", tar, tar_size, n_out, len(keys))
+        skipped["truncated"] += n_out
+        keys = [k for k, ok in zip(keys, inside) if ok]
+        rows = rows[inside]
+    return keys, rows
+
+
+def open_sample_table(root: str | os.PathLike, split: str) -> SampleTable:
+    """Read the manifest and every index of ``split``; skip (with a warning, counted) what is unusable."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    shards = sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: (s["dataset"], s["path"]))
+    skipped: Counter = Counter()
+    paths: list[str] = []
+    shard_col, row_blocks, key_blocks, ds_sizes = [], [], [], {}
+    for s in shards:
+        got = _shard_rows(Path(s["abs_path"]), Path(s["abs_index"]), skipped)
+        if got is None or not got[0]:
+            continue
+        keys, rows = got
+        shard_col.append(np.full(len(keys), len(paths), np.int32))
+        paths.append(s["abs_path"])
+        row_blocks.append(rows)
+        key_blocks.append(np.asarray(keys, dtype="S"))
+        ds_sizes[s["dataset"]] = ds_sizes.get(s["dataset"], 0) + len(keys)
+    if not paths:
+        raise FileNotFoundError(f"no usable {split!r} shards under {root} (skipped: {dict(skipped)})")
+    rows = np.concatenate(row_blocks)
+    if skipped:
+        log.warning("%s/%s: skipped at load time: %s", root, split, dict(skipped))
+    names = list(ds_sizes)  # insertion order = sorted dataset order of the shard list
+    return SampleTable(
+        root=str(root),
+        split=split,
+        shard_paths=paths,
+        dataset_names=names,
+        dataset_sizes=[ds_sizes[n] for n in names],
+        shard=np.concatenate(shard_col),
+        jpg_offset=rows[:, 0].copy(),
+        jpg_size=rows[:, 1].copy(),
+        mask_offset=rows[:, 2].copy(),
+        mask_size=rows[:, 3].copy(),
+        keys=np.concatenate(key_blocks),
+        skipped=skipped,
+    )
+
+
+class SampleReader:
+    """Reads a sample's JPEG and mask bytes by offset (``os.pread``), one cached descriptor per shard.
+
+    Picklable (descriptors are opened lazily in whatever process uses it), so it travels into DALI's and
+    PyTorch's worker processes."""
+
+    def __init__(self, shard_paths, shard, jpg_offset, jpg_size, mask_offset, mask_size):
+        self.shard_paths = list(shard_paths)
+        self.shard = shard
+        self.jpg_offset, self.jpg_size = jpg_offset, jpg_size
+        self.mask_offset, self.mask_size = mask_offset, mask_size
+        self._fds: dict[int, int] = {}
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_fds"] = {}
+        return d
+
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            self._fds[shard] = fd
+        return fd
+
+    def read(self, i: int) -> tuple[bytes, bytes]:
+        """(jpeg bytes, mask png bytes) of sample ``i``; ``BadSample`` when they cannot be used."""
+        s = int(self.shard[i])
+        try:
+            fd = self._fd(s)
+            jpg = read_member(fd, self.jpg_offset[i], self.jpg_size[i])
+            mask = read_member(fd, self.mask_offset[i], self.mask_size[i])
+        except (OSError, ShardFormatError) as e:
+            raise BadSample(f"{self.shard_paths[s]} sample {i}: {e}") from e
+        # A JPEG cut short loses its end-of-image marker; checking both markers keeps a decoder error (which
+        # would stop the whole DALI batch) out of the pipeline for the common corruptions.
+        if not (jpg.startswith(JPEG_SOI) and jpg.rstrip(b"\0").endswith(JPEG_EOI)):
+            raise BadSample(f"{self.shard_paths[s]} sample {i}: image member is not a complete JPEG")
+        if not mask.startswith(PNG_SIGNATURE):
+            raise BadSample(f"{self.shard_paths[s]} sample {i}: mask member is not a PNG")
+        return jpg, mask
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

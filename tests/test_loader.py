@@ -1,0 +1,287 @@
+"""The streaming loader on tiny real shards: DALI (CPU backend) and the DataLoader + OpenCV baseline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from usjepa.shards.augment import DataConfig
+from usjepa.shards.corruptions import corrupt, speckle_params
+from usjepa.shards.format import read_member
+from usjepa.shards.loader import Batch, build_loader
+from usjepa.shards.readers import open_sample_table
+from usjepa.shards.sampler import epoch_order
+from usjepa.shards.synthetic_shards import write_synthetic_corpus
+
+MEAN, STD = 0.449, 0.226
+NO_PHOTO = {"blur_p": 0.0, "speckle_p": 0.0, "contrast_p": 0.0}
+
+
+def to_gray(images: torch.Tensor) -> np.ndarray:
+    """Undo the normalisation: [B, 1, S, S] → float gray levels 0..255, [B, S, S]."""
+    return ((images[:, 0] * STD + MEAN) * 255.0).numpy()
+
+
+def collect(loader, limit=None) -> list[Batch]:
+    out = []
+    for b in loader:
+        out.append(b)
+        if limit is not None and len(out) == limit:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_synthetic_corpus(tmp_path_factory.mktemp("tex"), {"alpha": 40, "beta": 24}, size=(120, 160),
+                                  per_shard=16, seed=2, masks_per_video=4)
+
+
+@pytest.fixture(scope="module")
+def flat_corpus(tmp_path_factory) -> Path:
+    return write_synthetic_corpus(tmp_path_factory.mktemp("flat"), {"rects": 32}, size=(120, 160), per_shard=16,
+                                  seed=1, flat=True)
+
+
+def test_backends_give_the_same_batches(corpus):
+    batches = {}
+    for backend in ("dali", "torch"):
+        loader = build_loader(corpus, "train", 8, {"num_workers": 1, "cap": 30}, None, 0, 1, "cpu", 5, backend)
+        assert len(loader) == loader.batches_per_epoch == (30 + 24) // 8
+        batches[backend] = collect(loader, 2)
+        loader.close()
+    for a, b in zip(batches["dali"], batches["torch"]):
+        assert a.images.shape == b.images.shape == (8, 1, 224, 224)
+        assert a.images.dtype == b.images.dtype == torch.float32
+        assert a.valid.dtype == b.valid.dtype == torch.bool and a.valid.shape == (8, 14, 14)
+        assert a.ctx_idx.dtype == torch.int64 and a.tgt_idx.shape[:2] == (4, 8)
+        # same worker code: same samples, augmentation parameters, validity grids and block masks
+        assert a.keys == b.keys
+        assert torch.equal(a.valid, b.valid)
+        assert torch.equal(a.ctx_idx, b.ctx_idx) and torch.equal(a.tgt_idx, b.tgt_idx)
+        # pixels differ only by the resize filters' rounding: well under one gray level on average
+        diff = np.abs(to_gray(a.images) - to_gray(b.images))
+        assert diff.mean() < 1.0, diff.mean()
+        assert abs(float(a.images.std() - b.images.std())) < 0.02
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_mask_co_transform_is_exact(flat_corpus, backend):
+    """White rectangles on black: the validity grid must equal the grid read off the augmented pixels."""
+    loader = build_loader(flat_corpus, "train", 16, {"num_workers": 1, **NO_PHOTO}, None, 0, 1, "cpu", 3, backend)
+    n_batches, n_partial = 0, 0
+    for b in loader:
+        pix = to_gray(b.images) > 127.5
+        from_pixels = pix.reshape(-1, 14, 16, 14, 16).any(axis=(2, 4))
+        np.testing.assert_array_equal(from_pixels, b.valid.numpy())
+        n_batches += 1
+        n_partial += int((~b.valid.reshape(16, -1).all(1) & b.valid.reshape(16, -1).any(1)).sum())
+    loader.close()
+    assert n_batches == 2
+    assert n_partial >= 24  # the rectangles really cross the crops: most grids are partly valid
+
+
+def test_ranks_get_equal_batches_and_disjoint_samples(corpus):
+    keys, lens = [], []
+    for rank in range(2):
+        loader = build_loader(corpus, "train", 4, {"num_workers": 1, "cap": None, **NO_PHOTO}, None, rank, 2, "cpu",
+                              0, "torch")
+        lens.append(len(loader))
+        keys.append([k for b in loader for k in b.keys])
+    assert lens[0] == lens[1] == 64 // 8
+    assert len(keys[0]) == len(keys[1])
+    all_keys = keys[0] + keys[1]
+    assert len(set(all_keys)) == 64  # every sample exactly once across the ranks
+
+
+def test_resume_with_another_world_size_continues_the_key_sequence(corpus):
+    cfg = {"num_workers": 1, "cap": None, **NO_PHOTO}
+    table = open_sample_table(corpus, "train")
+    expected = [table.key(i) for i in epoch_order(table.dataset_sizes, None, 7, 0)]
+    loader = build_loader(corpus, "train", 4, cfg, None, 0, 1, "cpu", 7, "dali")
+    seen = [k for b in collect(loader, 3) for k in b.keys]  # stop mid-epoch, as a checkpoint would
+    state = loader.state_dict()
+    assert state == {"seed": 7, "epoch": 0, "consumed": 12}
+    # the same loader object continues where it stopped (the DALI pipeline is rebuilt underneath)
+    nxt = [k for b in collect(loader, 1) for k in b.keys]
+    assert nxt == expected[12:16]
+    loader.close()
+    # a fresh job with two ranks and batch 6 continues the same global order after the saved state
+    ranks = [build_loader(corpus, "train", 6, cfg, None, r, 2, "cpu", 7, "torch") for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(state)
+    per_rank = [[b.keys for b in r] for r in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == (64 - 12) // 12
+    resumed = [k for step in zip(*per_rank) for keys in step for k in keys]
+    assert seen + resumed == expected[: len(seen) + len(resumed)]
+
+
+def test_validation_loader_is_deterministic(corpus):
+    runs = []
+    val = build_loader(_val_corpus(corpus), "val", 8, {"num_workers": 1}, None, 0, 1, "cpu", 0, "dali")
+    for epoch in (0, 1):  # two epochs through the same pipeline: the same batches
+        val.set_epoch(epoch)
+        assert len(val) == 3  # 20 samples padded to whole batches
+        runs.append(collect(val))
+        assert len(runs[-1]) == 3
+    val.close()
+    for a, b in zip(*runs):
+        assert a.keys == b.keys
+        assert torch.equal(a.images, b.images)  # no random augmentation
+        assert torch.equal(a.ctx_idx, b.ctx_idx) and torch.equal(a.tgt_idx, b.tgt_idx)  # fixed-seed masks
+
+
+_VAL_CACHE: dict = {}
+
+
+def _val_corpus(corpus: Path) -> Path:
+    if corpus not in _VAL_CACHE:
+        _VAL_CACHE[corpus] = write_synthetic_corpus(corpus.parent / (corpus.name + "_val"), {"alpha": 20},
+                                                    split="val", size=(120, 160), per_shard=16, seed=4)
+    return _VAL_CACHE[corpus]
+
+
+def test_truncated_shard_and_missing_member_are_skipped_and_counted(tmp_path, caplog):
+    root = write_synthetic_corpus(tmp_path, {"d": 64}, size=(96, 128), per_shard=16, seed=5)
+    tars = sorted(root.glob("d-train-*.tar"))
+    tars[3].unlink()  # shard listed in the manifest but gone
+    # shard 1: tar cut in half → its later samples are dropped at load time
+    data = tars[1].read_bytes()
+    tars[1].write_bytes(data[: len(data) // 2])
+    # shard 2: one index line loses its mask member
+    idx = tars[2].with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    parts = lines[3].split()
+    keep = [parts[j : j + 4] for j in range(0, len(parts), 4) if parts[j] != "mask.png"]
+    lines[3] = " ".join(x for g in keep for x in g)
+    idx.write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(root, "train", 4, {"num_workers": 1, "cap": None}, None, 0, 1, "cpu", 0, "torch")
+    sk = loader.skipped
+    assert sk["missing_shard"] == 1
+    assert sk["missing_member"] == 1
+    assert 6 <= sk["truncated"] <= 10
+    n_ok = 48 - sk["missing_member"] - sk["truncated"]
+    assert len(loader.table) == n_ok
+    assert "truncated" in caplog.text
+    keys = [k for b in loader for k in b.keys]
+    assert len(keys) == (n_ok // 4) * 4 and len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_shard_damaged_after_start_is_replaced_counted_and_never_hangs(tmp_path, backend):
+    root = write_synthetic_corpus(tmp_path, {"d": 32}, size=(96, 128), per_shard=16, seed=6)
+    loaders = [build_loader(root, "train", 4, {"num_workers": 1, "cap": None}, None, r, 2, "cpu", 0, backend)
+               for r in range(2)]
+    tar = sorted(root.glob("d-train-*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:2048])  # damaged after the tables were built
+    counts = []
+    for loader in loaders:
+        batches = collect(loader)
+        counts.append(len(batches))
+        assert all(len(b) == 4 and b.images.shape[0] == 4 for b in batches)
+        assert torch.isfinite(torch.stack([b.images for b in batches])).all()
+        loader.close()
+    assert counts == [4, 4]  # both ranks still agree on the batch count
+    replaced = sum(loader.read_errors for loader in loaders)
+    assert 14 <= replaced <= 16  # all of shard 0 (up to the one sample whose bytes lie in the first 2 KiB)
+    assert loaders[0].skipped["unreadable"] == loaders[0].read_errors
+
+
+def _clean_frames(root: Path, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    table = open_sample_table(root, "train")
+    where = {table.key(i): i for i in range(len(table))}
+    out = {}
+    for k in keys:
+        i = where[k]
+        with open(table.shard_paths[table.shard[i]], "rb") as f:
+            jpg = read_member(f, table.jpg_offset[i], table.jpg_size[i])
+            png = read_member(f, table.mask_offset[i], table.mask_size[i])
+        out[k] = (cv2.imdecode(np.frombuffer(jpg, np.uint8), 0), cv2.imdecode(np.frombuffer(png, np.uint8), 0) > 0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus224(tmp_path_factory) -> Path:
+    return write_synthetic_corpus(tmp_path_factory.mktemp("c224"), {"s": 16}, size=(224, 224), per_shard=16, seed=8)
+
+
+@pytest.mark.parametrize("kind,eps", [("blur", 2.0), ("contrast", 2.0), ("speckle", 2.0)])
+def test_dali_augmentation_matches_corrupt_statistics(corpus224, kind, eps):
+    """Full-frame crop, no flips, one corruption at a fixed ε: the DALI output equals ``corrupt`` (blur,
+    contrast) or has its statistics (speckle: the relative noise std)."""
+    cfg = DataConfig(num_workers=1, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, vflip_p=0.0,
+                     cap=None, **{**NO_PHOTO, f"{kind}_p": 1.0, f"{kind}_eps": (eps, eps)})
+    loader = build_loader(corpus224, "train", 8, cfg, None, 0, 1, "cpu", 0, "dali")
+    batch = next(iter(loader))
+    loader.close()
+    got = to_gray(batch.images)
+    clean = _clean_frames(corpus224, batch.keys)
+    rng = np.random.default_rng(0)
+    rel_dali, rel_ref = [], []
+    for k, key in enumerate(batch.keys):
+        img, mask = clean[key]
+        ref = corrupt(img.astype(np.float32), kind, eps, mask=mask, rng=rng)
+        if kind == "blur":
+            assert np.abs(got[k] - ref).mean() < 0.6
+        elif kind == "contrast":
+            inside = mask
+            # centre μ from a 1/4-scale decode vs the exact median: (1 - α)·Δμ, a few gray levels at most
+            assert np.abs(got[k] - ref)[inside].mean() < 5.0
+            ratio = got[k][inside].std() / img[inside].std()
+            assert abs(ratio - 0.5) < 0.02
+        else:
+            bright = img > 40
+            rel_dali.append((got[k][bright] / img[bright] - 1.0))
+            rel_ref.append((ref[bright] / img[bright] - 1.0))
+    if kind == "speckle":
+        sd_dali, sd_ref = np.concatenate(rel_dali).std(), np.concatenate(rel_ref).std()
+        assert abs(sd_dali / sd_ref - 1.0) < 0.1, (sd_dali, sd_ref)
+        assert abs(sd_ref / speckle_params(eps).std_corr - 1.0) < 0.1
+
+
+def test_fast_validity_grid_equals_the_dense_nearest_neighbour_mask():
+    from usjepa.shards.augment import draw_params, validity_grid, validity_grid_dense
+    from usjepa.shards.synthetic_shards import sector_mask
+
+    cfg = DataConfig()
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(16, 480, 2))  # up- and down-scaling crops, odd sizes
+        mask = sector_mask(h, w, rng) if t % 2 else rng.random((h, w)) < 0.003  # sparse: single pixels count
+        p = draw_params(rng, (h, w), cfg, train=True)
+        np.testing.assert_array_equal(validity_grid(mask, p, cfg), validity_grid_dense(mask, p, cfg))
+
+
+def test_data_config_refuses_unknown_keys_and_bad_ranges():
+    with pytest.raises(ValueError, match="unknown"):
+        DataConfig.from_dict({"blurr_p": 0.5})
+    with pytest.raises(ValueError):
+        DataConfig(blur_eps=(2.0, 1.0))
+    with pytest.raises(ValueError):
+        DataConfig(hflip_p=1.5)
+    assert DataConfig.from_dict({"blur_eps": [0.5, 1.0]}).blur_eps == (0.5, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_jpeg_corrupt_inside_its_markers_is_replaced_without_losing_the_batch(tmp_path, backend):
+    root = write_synthetic_corpus(tmp_path, {"d": 24}, size=(96, 128), per_shard=24, seed=9)
+    table = open_sample_table(root, "train")
+    bad = 5
+    off, size = int(table.jpg_offset[bad]), int(table.jpg_size[bad])
+    with open(table.shard_paths[0], "r+b") as f:  # garbage between intact SOI and EOI markers
+        f.seek(off + 200)
+        f.write(np.random.default_rng(0).integers(0, 256, size - 400, dtype=np.uint8).tobytes())
+    loader = build_loader(root, "train", 4, {"num_workers": 1, "cap": None}, None, 0, 1, "cpu", 0, backend)
+    batches = collect(loader)
+    loader.close()
+    assert len(batches) == 6 and all(b.images.shape[0] == 4 for b in batches)
+    keys = [k for b in batches for k in b.keys]
+    assert table.key(bad) not in keys  # replaced by another sample of its batch
+    assert sum(int(b.replaced.sum()) for b in batches) == 1
+    assert loader.read_errors == 1
