@@ -1,0 +1,229 @@
+"""Train-step throughput: images/s per device, data-wait fraction of step time, MFU.
+
+Two measurements per model, in one run:
+  * compute-only: the SALT step (teacher forward, student + predictor forward/backward, AdamW) on one batch
+    already on the device, repeated — the ceiling the loop can reach;
+  * the real loop: ``usjepa.train`` on real shards (written by ``usjepa.toy_shards``), read from its
+    metrics.jsonl — DALI backend, and the DataLoader + OpenCV backend as the baseline.
+The figures are the loop's images/s as a ratio to the compute-only ceiling (1.0 = the data never stalls)
+and DALI's ratio to the baseline loader.
+
+    python -m benchmarks.bench_train --out benchmarks/results              # CPU tiny; + ViT-B/16 on a GPU
+    python -m benchmarks.bench_train --out DIR --gpu-steps 30              # longer GPU loop
+
+On CPU the model is the tiny test ViT (the CPU MFU denominator is this machine's measured fp32 matmul rate).
+With CUDA, ViT-B/16 student + ViT-B/16 teacher + predictor (12 x 384), batch 128, bf16, eager and
+``torch.compile``; MFU against the GPU's datasheet dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from usjepa.models import (
+    Predictor,
+    PredictorConfig,
+    SALTModel,
+    build_vit,
+    export_encoder_safetensors,
+    freeze,
+    salt_loss,
+    salt_step_flops,
+    teacher_targets,
+)
+from usjepa.toy_shards import write_toy_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "torch": torch.__version__}
+
+
+def first_batch(root: Path, batch_size: int, device: torch.device):
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(root, "train", batch_size, {"num_workers": 1}, None, device=device, backend="torch")
+    batch = next(iter(loader))
+    loader.close()
+    return batch
+
+
+def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
+                 compile_: bool, steps: int, peak: float | None) -> dict:
+    """The SALT step alone, on one batch that is already on the device."""
+    torch.manual_seed(0)
+    teacher = freeze(build_vit(teacher_arch)).to(device)
+    student = build_vit(arch)
+    model = SALTModel(student, Predictor(pred_cfg, student.embed_dim, teacher.embed_dim, student.cfg.num_patches)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    net, tnet = (torch.compile(model), torch.compile(teacher)) if compile_ else (model, teacher)
+    ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
+    images, ctx, tgt = batch.images.to(device), batch.ctx_idx.to(device), batch.tgt_idx.to(device)
+
+    def step():
+        with ac:
+            loss = salt_loss(net(images, ctx, tgt), teacher_targets(tnet, images, tgt))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t_warm = time.perf_counter()
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t_warm
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    T, B, Kt = tgt.shape
+    flops = salt_step_flops(student.cfg, teacher.cfg, model.predictor, B, ctx.shape[1], T, Kt)
+    return {"step_s": dt, "images_per_s": B / dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
+            "warmup_s": warmup_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            "Kc": int(ctx.shape[1]), "T": int(T), "Kt": int(Kt), "batch": int(B)}
+
+
+def loop(config: str, out: Path, overrides: list[str]) -> dict:
+    """Run usjepa.train and summarise its metrics (first log interval dropped: start-up)."""
+    from usjepa.train import train
+
+    argv = [config, "--out", str(out)]
+    for o in overrides:
+        argv += ["--set", o]
+    t0 = time.perf_counter()
+    train(argv)
+    wall = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if r["kind"] == "train"][1:]
+    if not recs:
+        raise RuntimeError(f"{out}: too few log intervals to measure; raise the step count")
+    med = lambda k: statistics.median(r[k] for r in recs) if recs[0].get(k) is not None else None  # noqa: E731
+    return {"images_per_s": med("images_per_s_per_device"), "data_wait_frac": med("data_wait_frac"),
+            "mfu": med("mfu"), "tflops": med("tflops_per_device"), "peak_mem_gb": med("peak_mem_gb"),
+            "intervals": len(recs), "wall_s": wall, "mfu_peak_source": recs[0].get("mfu_peak_source")}
+
+
+def bench_cpu(work: Path, steps: int) -> dict:
+    from usjepa.train import measured_matmul_flops
+
+    root = write_toy_shards(work / "shards_cpu", n_train=8 * steps, n_val=16, seed=0)
+    torch.manual_seed(1)
+    teacher = export_encoder_safetensors(build_vit("vit_test_tiny"), work / "teacher_tiny.safetensors")
+    device = torch.device("cpu")
+    batch = first_batch(root, 8, device)
+    peak = measured_matmul_flops()
+    ceiling = compute_only("vit_test_tiny", "vit_test_tiny", PredictorConfig(48, 2, 2), batch, device, False, False,
+                           steps=20, peak=peak)
+    common = [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "train.log_every=8",
+              "data.loader={num_workers: 1}"]
+    res = {"compute_only": ceiling}
+    for backend in ("dali", "torch"):
+        res[f"loop_{backend}"] = loop(str(REPO / "configs" / "tiny_cpu.yaml"), work / f"cpu_{backend}",
+                                      common + [f"data.backend={backend}"])
+    res["ratio_loop_dali_vs_compute_only"] = res["loop_dali"]["images_per_s"] / ceiling["images_per_s"]
+    res["ratio_dali_vs_torch_loader"] = res["loop_dali"]["images_per_s"] / res["loop_torch"]["images_per_s"]
+    return res
+
+
+def bench_gpu(work: Path, steps: int) -> dict:
+    from usjepa.train import GPU_PEAK_BF16
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    peak = next((f for k, f in GPU_PEAK_BF16.items() if k in name), None)
+    batch_size = 128
+    root = write_toy_shards(work / "shards_gpu", n_train=batch_size * (steps + 2), n_val=batch_size,
+                            seed=0, per_shard=512)
+    torch.manual_seed(1)
+    teacher = export_encoder_safetensors(build_vit("vit_base_patch16_224"), work / "teacher_vitb.safetensors")
+    batch = first_batch(root, batch_size, device)
+    res = {}
+    for compile_ in (False, True):
+        tag = "compile" if compile_ else "eager"
+        res[f"compute_only_{tag}"] = compute_only("vit_base_patch16_224", "vit_base_patch16_224", PredictorConfig(),
+                                                  batch, device, True, compile_, steps=20, peak=peak)
+        res[f"loop_dali_{tag}"] = loop(
+            str(REPO / "configs" / "usjepa_vitb16.yaml"), work / f"gpu_{tag}",
+            [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "optim.warmup_epochs=0.1", "train.log_every=5",
+             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false",
+             "data.loader={num_workers: %d}" % max(1, min(12, (os.cpu_count() or 2) - 2))],
+        )
+        res[f"ratio_loop_vs_compute_only_{tag}"] = (res[f"loop_dali_{tag}"]["images_per_s"]
+                                                    / res[f"compute_only_{tag}"]["images_per_s"])
+    return res
+
+
+def markdown_rows(res: dict) -> list[str]:
+    hw = res["hardware"]
+    rows = []
+    c = res.get("cpu")
+    if c:
+        rows.append(
+            f"| train step, tiny ViT, CPU ({hw['cpu']}, {hw['cores']} cores) | loop DALI {c['loop_dali']['images_per_s']:.1f} img/s "
+            f"= {c['ratio_loop_dali_vs_compute_only']:.2f} x compute-only ({c['compute_only']['images_per_s']:.1f}); "
+            f"{c['ratio_dali_vs_torch_loader']:.2f} x DataLoader+OpenCV loop ({c['loop_torch']['images_per_s']:.1f}); "
+            f"data wait {100 * c['loop_dali']['data_wait_frac']:.1f} % (torch loader {100 * c['loop_torch']['data_wait_frac']:.1f} %); "
+            f"MFU {100 * (c['loop_dali']['mfu'] or 0):.1f} % of measured matmul rate |")
+    g = res.get("gpu")
+    if g:
+        for tag in ("eager", "compile"):
+            co, lp = g[f"compute_only_{tag}"], g[f"loop_dali_{tag}"]
+            rows.append(
+                f"| SALT step ViT-B/16 bf16 {tag}, batch 128, {hw['gpu']} | loop {lp['images_per_s']:.0f} img/s "
+                f"= {g[f'ratio_loop_vs_compute_only_{tag}']:.2f} x compute-only ({co['images_per_s']:.0f}); data wait "
+                f"{100 * lp['data_wait_frac']:.1f} %; MFU loop {100 * (lp['mfu'] or 0):.1f} %, compute-only "
+                f"{100 * (co['mfu'] or 0):.1f} %; peak mem {co['peak_mem_gb']:.1f} GiB |")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--cpu-steps", type=int, default=48, help="steps of the CPU loop (batch 8)")
+    p.add_argument("--gpu-steps", type=int, default=30, help="steps of each GPU loop (batch 128)")
+    p.add_argument("--skip-cpu", action="store_true")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"benchmark": "train", "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+        if not a.skip_cpu:
+            res["cpu"] = bench_cpu(Path(tmp), a.cpu_steps)
+        if torch.cuda.is_available():
+            res["gpu"] = bench_gpu(Path(tmp), a.gpu_steps)
+    rows = markdown_rows(res)
+    suffix = "gpu" if torch.cuda.is_available() else "cpu"
+    (out / f"bench_train_{suffix}.json").write_text(json.dumps(res, indent=1))
+    (out / f"bench_train_{suffix}.md").write_text("| benchmark | result |\n|---|---|\n" + "\n".join(rows) + "\n")
+    print(json.dumps(res, indent=1))
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""The training loop end to end on real shards, on CPU: stage 1 -> stage 2, exact resume after SIGKILL,
+loud failures (corrupt / mismatched checkpoints, NaN), and a real 2-process torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from usjepa.checkpoint import CheckpointError, latest_checkpoint, list_step_checkpoints, load_checkpoint
+from usjepa.models import build_vit, export_encoder_safetensors, load_encoder
+from usjepa.toy_shards import write_toy_shards
+from usjepa.train import NonFiniteLossError, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    # 64 train frames over two datasets -> 8 batches of 8 per epoch; 16 val frames -> 2 batches.
+    return write_toy_shards(tmp_path_factory.mktemp("shards"), n_train=64, n_val=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    torch.manual_seed(123)
+    return export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path_factory.mktemp("teacher") / "t.safetensors")
+
+
+def args(shards: Path, out: Path, *extra: str, teacher: Path | None = None) -> list[str]:
+    a = [CONFIG, "--out", str(out), "--set", f"data.root={shards}", "--set", "data.loader={num_workers: 1}",
+         "--set", "train.log_every=1"]
+    if teacher is not None:
+        a += ["--set", f"model.teacher={teacher}"]
+    for e in extra:
+        a += ["--set", e]
+    return a
+
+
+def train_losses(out: Path, skip_lines: int = 0) -> dict[int, float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()[skip_lines:]
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+
+
+def test_stage1_teacher_feeds_stage2_and_loss_decreases(shards, tmp_path):
+    s1 = tmp_path / "s1"
+    assert train(args(shards, s1, "stage=1", "optim.epochs=1")) == 0
+    best = s1 / "checkpoints" / "best.pt"
+    assert best.is_file() and (s1 / "export" / "encoder_best.safetensors").is_file()
+    teacher_before = load_encoder(best).state_dict()
+
+    s2 = tmp_path / "s2"
+    assert train(args(shards, s2, "optim.epochs=3", teacher=best)) == 0
+    losses = train_losses(s2)
+    assert len(losses) == 24
+    first, last = sum(list(losses.values())[:4]) / 4, sum(list(losses.values())[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+    records = [json.loads(x) for x in (s2 / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in records if r["kind"] == "val"]
+    assert len(vals) == 3 and vals[-1] < vals[0]
+    r = next(r for r in records if r["kind"] == "train")
+    for key in ("lr", "wd", "images_per_s_per_device", "data_wait_frac", "mfu", "peak_mem_gb", "grad_norm"):
+        assert r[key] is not None and r[key] >= 0, key
+    # The teacher file is untouched; the student export loads as an encoder of the configured architecture.
+    for k, v in load_encoder(best).state_dict().items():
+        assert torch.equal(v, teacher_before[k])
+    student = load_encoder(s2 / "export" / "encoder_best.safetensors")
+    assert student.cfg.embed_dim == 64
+    ck = load_checkpoint(s2 / "checkpoints" / "best.pt")
+    assert ck["val_loss"] == min(vals) and ck["epoch_complete"]
+
+
+def test_killed_run_resumes_with_identical_losses(shards, teacher, tmp_path):
+    common = ("optim.epochs=2", "train.ckpt_every_steps=3", "train.keep_last=10")
+    ref = tmp_path / "ref"
+    assert train(args(shards, ref, *common, teacher=teacher)) == 0
+    expected = train_losses(ref)
+    assert len(expected) == 16
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "usjepa.train", *args(shards, run, *common, teacher=teacher)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    target = run / "checkpoints" / "step_00000009.pt"  # mid-epoch 1: crosses an epoch boundary before
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, loader workers included (a lost node)
+    proc.wait()
+    assert target.exists(), proc.stderr.read().decode()[-2000:]
+
+    n_lines = len((run / "metrics.jsonl").read_text().splitlines())
+    assert train(args(shards, run, *common, teacher=teacher) + ["--resume", str(target)]) == 0
+    resumed = train_losses(run, skip_lines=n_lines)
+    assert sorted(resumed) == list(range(10, 17))
+    for step, loss in resumed.items():
+        assert loss == expected[step], (step, loss, expected[step])
+
+    # Stopped right after an epoch's last batch, before its validation: the resume validates epoch 0 and
+    # continues with epoch 1, exactly.
+    cut = tmp_path / "cut"
+    assert train(args(shards, cut, *common, "train.max_steps=8", teacher=teacher)) == 0
+    n_lines = len((cut / "metrics.jsonl").read_text().splitlines())
+    assert train(args(shards, cut, *common, teacher=teacher) + ["--resume", "auto"]) == 0
+    after = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()[n_lines:]]
+    assert [(r["kind"], r["step"]) for r in after][:2] == [("val", 8), ("train", 9)]
+    assert {r["step"]: r["loss"] for r in after if r["kind"] == "train"} == {s: expected[s] for s in range(9, 17)}
+
+
+def test_corrupt_mismatched_and_existing_checkpoints_are_clear_errors(shards, teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(args(shards, out, "train.max_steps=2", teacher=teacher)) == 0
+    # Starting again into a folder with checkpoints, without --resume, would silently restart: refused.
+    assert main(args(shards, out, "train.max_steps=2", teacher=teacher)) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    # A different architecture cannot continue this run.
+    with pytest.raises(CheckpointError, match=r"model\.arch: checkpoint 'vit_test_tiny' vs config 'vit_test_small'"):
+        train(args(shards, out, "train.max_steps=4", "model.arch=vit_test_small", teacher=teacher) + ["--resume", "auto"])
+    # A truncated latest checkpoint is an error naming it, never a fresh start or a silent fallback.
+    latest = latest_checkpoint(out)
+    latest.write_bytes(latest.read_bytes()[:1000])
+    assert main(args(shards, out, "train.max_steps=4", teacher=teacher) + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or truncated" in err and latest.name in err
+    with pytest.raises(CheckpointError, match="not found"):
+        train(args(shards, out, teacher=teacher) + ["--resume", str(out / "nope.pt")])
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    torch.manual_seed(0)
+    teacher_path = export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path / "teacher.safetensors")
+    out = tmp_path / "run"
+    assert train(args(shards, out, "train.max_steps=4", "train.log_every=2", teacher=teacher_path)) == 0
+    good = latest_checkpoint(out)
+    assert good.name == "step_00000004.pt"
+    # The teacher file goes bad (NaN weights): the targets, hence the loss, become NaN.
+    poisoned = build_vit("vit_test_tiny")
+    with torch.no_grad():
+        poisoned.norm.weight.fill_(float("nan"))
+    export_encoder_safetensors(poisoned, teacher_path)
+    with pytest.raises(NonFiniteLossError, match="step_00000004.pt"):
+        train(args(shards, out, "train.max_steps=8", "train.log_every=2", teacher=teacher_path) + ["--resume", "auto"])
+    assert [p.name for p in list_step_checkpoints(out)] == ["step_00000004.pt"]
+    ck = load_checkpoint(good)
+    assert all(torch.isfinite(v).all() for v in ck["encoder"].values())
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_agree(shards, teacher, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "usjepa.train", *args(shards, out, "train.max_steps=5", "train.ckpt_every_steps=2", teacher=teacher)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = [line for line in proc.stdout.splitlines() if "finished at step" in line]
+    assert len(finished) == 2, proc.stdout
+    digests = {line.split("digest ")[1] for line in finished}
+    assert all("step 5," in line for line in finished) and len(digests) == 1, finished
+    # 64 samples / (2 ranks x 8) = 4 steps per epoch: the fifth step is in epoch 1, after a validation.
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [0]
+    assert load_checkpoint(latest_checkpoint(out))["world_size"] == 2
+
+
+def test_no_weight_decay_on_biases_and_1d_parameters():
+    from usjepa.models import Predictor, PredictorConfig, SALTModel
+    from usjepa.train import adamw_param_groups
+
+    model = SALTModel(build_vit("vit_test_tiny"), Predictor(PredictorConfig(32, 1, 2), 64, 64, 196))
+    decay, no_decay = adamw_param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert no_decay["no_wd"] and "no_wd" not in decay
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert "student.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

@@ -1,0 +1,190 @@
+"""Training checkpoints: atomic writes, last-K retention plus ``best.pt``, and loads that fail loudly.
+
+A checkpoint is one torch file (read back with ``weights_only=True``: tensors, numbers, strings, lists and
+dicts only) holding everything an exact resume needs::
+
+    {"format": "usjepa-checkpoint", "version": 1, "stage", "step", "epoch", "world_size",
+     "encoder": student / stage-1 encoder state dict (timm keys; ``usjepa.models.load_encoder`` reads it),
+     "encoder_arch": ViTConfig as a dict,
+     "head": predictor (stage 2) or decoder (stage 1) state dict,
+     "optimizer", "sampler": the loader's state, "rng": every generator, "best_val", "val_loss", "config"}
+
+Files live in ``<out_dir>/checkpoints/``: ``step_00001234.pt`` (every N steps and at every epoch end, the last
+K kept) and ``best.pt`` (a hard link to the step file with the lowest validation loss, so it costs no
+second write). Writes go to a temporary file that is fsynced and renamed, so a crash mid-write leaves the
+previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "usjepa-checkpoint"
+VERSION = 1
+log = logging.getLogger(__name__)
+_STEP_RE = re.compile(r"^step_(\d{8})\.pt$")
+
+# Config sections that must match for a resume to continue the same run (train.* may change freely).
+RESUME_MUST_MATCH = ("stage", "seed", "model", "optim", "masks", "data.batch_size")
+# ...except file locations, which move between machines (a changed teacher *path* is logged, not refused).
+RESUME_MAY_MOVE = ("model.teacher",)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or from a different run than the one being resumed."""
+
+
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_path(out_dir, step: int) -> Path:
+    return checkpoint_dir(out_dir) / f"step_{step:08d}.pt"
+
+
+def list_step_checkpoints(out_dir) -> list[Path]:
+    d = checkpoint_dir(out_dir)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if _STEP_RE.match(p.name)), key=lambda p: p.name)
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    found = list_step_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(state: dict, path: str | os.PathLike) -> Path:
+    """torch.save to ``<path>.tmp``, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict, out_dir, keep_last: int, is_best: bool = False) -> Path:
+    """Write ``step_<step>.pt`` atomically, refresh ``best.pt`` if asked, then drop all but the last K."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    path = save_atomic(state, step_path(out_dir, int(state["step"])))
+    if is_best:
+        best = checkpoint_dir(out_dir) / "best.pt"
+        tmp = best.with_name("best.pt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:  # file systems without hard links
+            save_atomic(state, tmp)
+        os.replace(tmp, best)
+        _fsync_dir(best.parent)
+    for old in list_step_checkpoints(out_dir)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and validate a checkpoint; anything wrong is a ``CheckpointError`` that says what and where."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (refusing to start from scratch instead)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}); "
+            f"resume from an older one explicitly with --resume PATH"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a usjepa training checkpoint (no format={FORMAT!r} field)")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
+    missing = [k for k in ("stage", "step", "epoch", "encoder", "head", "optimizer", "sampler", "rng", "config")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def check_resume_compatible(saved_cfg: dict, cfg: dict, path) -> None:
+    """The run being resumed must be the same run: same model, optimiser schedule, masks, seed, batch."""
+    a, b = _flatten(saved_cfg), _flatten(cfg)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_MAY_MOVE:
+            if a.get(key) != b.get(key):
+                log.warning("resuming with %s = %r (the checkpoint used %r)", key, b.get(key), a.get(key))
+            continue
+        if any(key == m or key.startswith(m + ".") for m in RESUME_MUST_MATCH):
+            if _norm(a.get(key, "<absent>")) != _norm(b.get(key, "<absent>")):
+                diffs.append(f"{key}: checkpoint {a.get(key, '<absent>')!r} vs config {b.get(key, '<absent>')!r}")
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was written by a different configuration:\n  " + "\n  ".join(diffs))
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    rng = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    random.setstate(_tuplify(rng["python"]))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x

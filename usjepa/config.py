@@ -1,0 +1,184 @@
+"""Trainer configuration: YAML with strict keys (a typo is an error naming the key), plus ``--set a.b=v``.
+
+The defaults are the paper's (Table 5); ``configs/usjepa_vitb16.yaml`` spells them out and
+``configs/tiny_cpu.yaml`` shrinks everything for tests and the demo. ``masks`` is ``MaskConfig``'s own
+section (checked by ``MaskConfig.from_dict``); ``data.loader`` is handed to the data layer as its config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelSection:
+    arch: Any = "vit_base_patch16_224"  # student (stage 2) / encoder being pretrained (stage 1): name or dict
+    teacher: str | None = None  # stage 2: URFM file, timm/safetensors file or our stage-1 checkpoint
+    teacher_arch: Any = "vit_base_patch16_224"
+    predictor: dict = field(default_factory=lambda: {"embed_dim": 384, "depth": 12, "num_heads": 12})
+    decoder: dict = field(default_factory=lambda: {"embed_dim": 256, "depth": 2, "num_heads": 8, "mask_ratio": 0.75})
+
+
+@dataclass
+class DataSection:
+    root: str | None = None  # shard folder (manifest.json)
+    batch_size: int = 128  # per device
+    backend: str = "dali"  # "dali" or "torch" (the DataLoader + OpenCV baseline)
+    loader: dict = field(default_factory=dict)  # the data layer's own config (augmentations, workers, ...)
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 100
+    warmup_epochs: float = 10
+    lr_start: float = 5.0e-6
+    lr_peak: float = 5.0e-5
+    lr_final: float = 5.0e-7
+    wd_start: float = 0.04
+    wd_final: float = 0.4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    clip_grad: float | None = 1.0  # max global grad norm; null = no clipping
+
+
+@dataclass
+class TrainSection:
+    bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU, where float32 is exact and reproducible)
+    compile: bool = False  # torch.compile the student + predictor (and the teacher)
+    log_every: int = 20  # steps per metrics line
+    ckpt_every_steps: int = 1000  # 0 = only at epoch ends
+    keep_last: int = 3  # step/epoch checkpoints kept (best.pt is kept apart)
+    max_steps: int | None = None  # stop after this global step (smoke runs); the schedules still span all epochs
+    val_every_epochs: int = 1
+    tensorboard: bool = True  # when the tensorboard package is installed
+    progress: bool = True  # tqdm bar on rank 0
+    peak_flops: float | None = None  # per device, for MFU; null = known GPU table or measured CPU matmul rate
+    threads: int | None = None  # torch CPU threads per process (null = torch's default)
+
+
+@dataclass
+class Config:
+    stage: int = 2  # 1 = masked pixel reconstruction (teacher), 2 = SALT (student)
+    seed: int = 0
+    out_dir: str = "runs/usjepa"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    masks: dict = field(default_factory=dict)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check / convert a YAML value to the field's type (YAML reads ``5e-6`` as a string, for one)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is Any:
+        return value
+    try:
+        if hint is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise TypeError
+            return int(float(value))
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if hint in (dict, list):
+            if not isinstance(value, hint):
+                raise TypeError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known under "
+                          f"{where or 'the top level'}: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """``"optim.epochs=3"`` -> data["optim"]["epochs"] = 3 (the value is parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not KEY=VALUE")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.stage not in (1, 2):
+        raise ConfigError(f"stage must be 1 (teacher pretraining) or 2 (SALT), got {cfg.stage}")
+    if cfg.stage == 2 and not cfg.model.teacher:
+        raise ConfigError("stage 2 needs model.teacher (a URFM, timm/safetensors or stage-1 checkpoint path)")
+    if cfg.data.backend not in ("dali", "torch"):
+        raise ConfigError(f"data.backend must be 'dali' or 'torch', got {cfg.data.backend!r}")
+    if cfg.optim.epochs < 1 or cfg.data.batch_size < 1 or cfg.train.log_every < 1 or cfg.train.keep_last < 1:
+        raise ConfigError("optim.epochs, data.batch_size, train.log_every and train.keep_last must be >= 1")
+    if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
+        raise ConfigError("optim.warmup_epochs must lie in [0, optim.epochs]")

@@ -1,0 +1,113 @@
+"""Stage 1: masked pixel reconstruction (MAE-style) to make a teacher when no pretrained one is at hand.
+
+The encoder (the future teacher, same ViT as any other) sees a random 25 % of the patches; a small decoder
+puts mask tokens at the other positions and regresses their pixels (per-patch normalised, as MAE's
+``norm_pix_loss``). Only masked patches inside the ultrasound region count: background is constant and
+would teach nothing. The decoder's parameters are named ``decoder*`` so that loading the encoder drops
+them, exactly as for URFM's released file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from usjepa.models.vit import Block, ViTConfig, VisionTransformer, init_transformer_weights, transformer_flops, vit_forward_flops
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    embed_dim: int = 256
+    depth: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75
+
+
+class MAEDecoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, encoder_dim: int, num_patches: int, patch_pixels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.decoder_embed = nn.Linear(encoder_dim, cfg.embed_dim)
+        self.decoder_mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, cfg.embed_dim))
+        self.decoder_blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)
+        )
+        self.decoder_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(cfg.embed_dim, patch_pixels)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        nn.init.normal_(self.decoder_mask_token, std=0.02)
+        self.apply(init_transformer_weights)
+
+    def forward(self, visible: torch.Tensor, keep_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """``visible [B, K, De]`` at ``keep_idx [B, K]`` -> pixel predictions for every patch ``[B, N, p*p]``."""
+        B, K = keep_idx.shape
+        x = self.decoder_mask_token.expand(B, num_patches, -1).to(visible.dtype)
+        v = self.decoder_embed(visible)
+        x = x.scatter(1, keep_idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]), v.to(x.dtype))
+        x = x + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))
+
+    def forward_flops(self, n_visible: int, n_patches: int, encoder_dim: int, patch_pixels: int) -> float:
+        d = self.cfg.embed_dim
+        return (
+            2 * n_visible * encoder_dim * d
+            + transformer_flops(n_patches, d, self.cfg.depth, self.cfg.mlp_ratio)
+            + 2 * n_patches * d * patch_pixels
+        )
+
+
+def mae_step_flops(encoder: ViTConfig, decoder: MAEDecoder, batch: int) -> float:
+    """Model FLOPs of one stage-1 step: forward + backward (3x forward) of encoder (visible patches) and decoder."""
+    keep = max(1, round(encoder.num_patches * (1 - decoder.cfg.mask_ratio)))
+    dec = decoder.forward_flops(keep, encoder.num_patches, encoder.embed_dim, encoder.patch_size**2)
+    return batch * 3 * (vit_forward_flops(encoder, keep) + dec)
+
+
+class MAEModel(nn.Module):
+    """Encoder + decoder, one module for DDP."""
+
+    def __init__(self, encoder: VisionTransformer, decoder: MAEDecoder):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        visible = self.encoder.patch_tokens(images, keep_idx)
+        return self.decoder(visible, keep_idx, self.encoder.cfg.num_patches)
+
+
+def random_keep_indices(
+    batch: int, num_patches: int, mask_ratio: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Per image, a uniformly random subset of ``round(N * (1 - mask_ratio))`` patches to keep, sorted."""
+    keep = max(1, int(round(num_patches * (1.0 - mask_ratio))))
+    noise = torch.rand(batch, num_patches, generator=generator)
+    return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[B, 1, H, W]`` -> ``[B, N, p*p]`` in raster patch order (the ViT's token order)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def mae_loss(
+    pred: torch.Tensor, images: torch.Tensor, keep_idx: torch.Tensor, valid: torch.Tensor, patch_size: int
+) -> torch.Tensor:
+    """Mean squared error of per-patch-normalised pixels over the masked patches inside the USrc region."""
+    target = patchify(images.float(), patch_size)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [B, N]
+    weight = valid.reshape(valid.shape[0], -1).float()
+    weight = weight.scatter(1, keep_idx, 0.0)  # visible patches are not reconstructed
+    return (per_patch * weight).sum() / weight.sum().clamp_min(1.0)

@@ -1,0 +1,133 @@
+"""Stage 2: SALT (static-teacher asymmetric latent training), paper §3.2 and Eq. 5.
+
+The student encodes only the context patches; the predictor (I-JEPA style, narrower) reads the context
+tokens plus one learned mask token per target position (mask token + that position's embedding) and
+predicts the frozen teacher's patch tokens there. The loss is Smooth L1 averaged over the T target blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from usjepa.models.vit import (
+    Block,
+    ViTConfig,
+    VisionTransformer,
+    gather_tokens,
+    init_transformer_weights,
+    transformer_flops,
+    vit_forward_flops,
+)
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    embed_dim: int = 384  # paper Table 5: predictor embedding dim 384, depth 12
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+class Predictor(nn.Module):
+    """Context tokens (encoder width) + target positions -> predicted target tokens (encoder width).
+
+    ``predictor_embed`` projects the context to the predictor width; ``mask_token`` plus ``pos_embed`` (one
+    learned vector per patch position, no CLS) marks each target position; ``predictor_proj`` is the
+    384 -> 768 adapter onto the teacher's feature space.
+    """
+
+    def __init__(self, cfg: PredictorConfig, encoder_dim: int, target_dim: int, num_patches: int):
+        super().__init__()
+        self.cfg = cfg
+        self.num_patches = num_patches
+        self.predictor_embed = nn.Linear(encoder_dim, cfg.embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, cfg.embed_dim))
+        self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.predictor_proj = nn.Linear(cfg.embed_dim, target_dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(init_transformer_weights)
+
+    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+        """``ctx [B, Kc, De]``, ``ctx_idx [B, Kc]``, ``tgt_idx [T, B, Kt]`` -> predictions ``[T, B, Kt, Dt]``.
+
+        Each target block is predicted in its own sequence (context + that block's mask tokens), so the
+        batch is repeated T times, as in I-JEPA.
+        """
+        T, B, Kt = tgt_idx.shape
+        pos = self.pos_embed.expand(B, -1, -1)
+        x = self.predictor_embed(ctx) + gather_tokens(pos, ctx_idx)  # [B, Kc, Dp]
+        x = x.repeat(T, 1, 1)  # [T*B, Kc, Dp], block-major: rows t*B .. t*B+B-1 are block t
+        tgt = tgt_idx.reshape(T * B, Kt)
+        m = self.mask_token + gather_tokens(pos.repeat(T, 1, 1), tgt)  # [T*B, Kt, Dp]
+        x = torch.cat([x, m], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.predictor_proj(self.norm(x[:, -Kt:]))
+        return x.reshape(T, B, Kt, -1)
+
+    def forward_flops(self, n_ctx: int, n_tgt: int, n_blocks: int, encoder_dim: int, target_dim: int) -> float:
+        """Forward FLOPs for one image: T sequences of Kc + Kt tokens, plus the in/out projections."""
+        d = self.cfg.embed_dim
+        seq = n_ctx + n_tgt
+        return (
+            2 * n_ctx * encoder_dim * d
+            + n_blocks * transformer_flops(seq, d, self.cfg.depth, self.cfg.mlp_ratio)
+            + n_blocks * 2 * n_tgt * d * target_dim
+        )
+
+
+def salt_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: (1/T) Σ_i SmoothL1(pred_i, y_i); each term is the mean over the block's tokens and channels.
+
+    ``pred`` and ``target`` are ``[T, B, Kt, D]``; every block has the same Kt, so this equals one mean.
+    Computed in float32 whatever the autocast dtype of the predictions.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    per_block = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return per_block.mean()
+
+
+@torch.no_grad()
+def teacher_targets(teacher: VisionTransformer, images: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's patch tokens after its final norm, gathered at the targets: ``[T, B, Kt, D]``."""
+    tokens = teacher.patch_tokens(images)  # [B, N, D]
+    T, B, Kt = tgt_idx.shape
+    return gather_tokens(tokens.repeat(T, 1, 1), tgt_idx.reshape(T * B, Kt)).reshape(T, B, Kt, -1)
+
+
+class SALTModel(nn.Module):
+    """The trainable part of stage 2 (student + predictor), one module so that DDP wraps it once."""
+
+    def __init__(self, student: VisionTransformer, predictor: Predictor):
+        super().__init__()
+        self.student = student
+        self.predictor = predictor
+
+    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+        ctx = self.student.patch_tokens(images, ctx_idx)
+        return self.predictor(ctx, ctx_idx, tgt_idx)
+
+
+def salt_step_flops(student: ViTConfig, teacher: ViTConfig, predictor: Predictor, batch: int, n_ctx: int,
+                    n_blocks: int, n_tgt: int) -> float:
+    """Model FLOPs of one SALT training step: forward + backward (3x forward) of student and predictor,
+    forward only of the teacher over the whole image. Matmuls and attention; norms and softmax left out."""
+    student_f = vit_forward_flops(student, n_ctx)
+    pred_f = predictor.forward_flops(n_ctx, n_tgt, n_blocks, student.embed_dim, predictor.predictor_proj.out_features)
+    return batch * (3 * (student_f + pred_f) + vit_forward_flops(teacher))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Inference mode for the teacher: eval(), no parameter takes a gradient."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,560 @@
+"""US-JEPA training loop (stage 1: MAE teacher; stage 2: SALT student). Read it top to bottom.
+
+    usjepa-train configs/usjepa_vitb16.yaml --out runs/vitb16                     # one process
+    torchrun --nproc_per_node=8 -m usjepa.train configs/usjepa_vitb16.yaml --out runs/vitb16
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        -m usjepa.train configs/usjepa_vitb16.yaml --out runs/vitb16 --resume auto
+    usjepa-train configs/tiny_cpu.yaml --set optim.epochs=2 --set data.root=shards/   # overrides
+
+Stage 2 (paper §3.2, Eq. 5): a frozen teacher encodes the whole image; the student encodes the context
+patches; the predictor predicts the teacher's patch tokens (after its final norm) at each of the T target
+blocks; Smooth L1 averaged over the blocks. Gradients reach only student and predictor (DDP wraps those
+two; the teacher runs under no_grad in eval mode). Stage 1 trains an encoder by masked pixel
+reconstruction and its checkpoint serves as the stage-2 teacher (``model.teacher: <run>/checkpoints/best.pt``).
+
+Outputs in ``--out``: ``checkpoints/step_*.pt`` (last K) and ``best.pt`` (lowest validation loss),
+``metrics.jsonl``, ``train.log``, ``tb/`` (when tensorboard is installed), ``export/encoder_{last,best}.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from usjepa.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    check_resume_compatible,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from usjepa.config import Config, ConfigError, load_config
+from usjepa.models import (
+    CheckpointFormatError,
+    DecoderConfig,
+    MAEDecoder,
+    MAEModel,
+    Predictor,
+    PredictorConfig,
+    SALTModel,
+    build_vit,
+    export_encoder_safetensors,
+    freeze,
+    load_encoder,
+    mae_loss,
+    mae_step_flops,
+    random_keep_indices,
+    salt_loss,
+    salt_step_flops,
+    teacher_targets,
+)
+from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
+
+log = logging.getLogger("usjepa.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="usjepa-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="YAML config (configs/usjepa_vitb16.yaml, configs/tiny_cpu.yaml)")
+    p.add_argument("--out", help="output folder (overrides out_dir)")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in --out, or a fresh start if none) or a path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    """Console entry: known failures print one clear message and exit with status 2."""
+    try:
+        return train(argv)
+    except (ConfigError, CheckpointError, CheckpointFormatError, NonFiniteLossError, FileNotFoundError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        print(f"usjepa-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def train(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.out:
+        cfg.out_dir = args.out
+    out_dir = Path(cfg.out_dir)
+
+    # ---------------------------------------------------------------- processes, devices, logging
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    master = rank == 0
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    setup_logging(out_dir if master else None, master)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.train.bf16) else contextlib.nullcontext()
+    log.info("stage %d, world size %d, device %s, config %s", cfg.stage, world, device, args.config)
+
+    # ---------------------------------------------------------------- resume decision (before any write)
+    resume_path = None
+    if args.resume == "auto":
+        resume_path = latest_checkpoint(out_dir)
+        if resume_path is None:
+            log.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
+    elif args.resume:
+        resume_path = Path(args.resume)
+    elif latest_checkpoint(out_dir) is not None:
+        raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              f"or choose another --out")
+    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if ckpt is not None:
+        check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path)
+
+    # ---------------------------------------------------------------- data
+    train_loader = make_loader(cfg, "train", rank, world, device)
+    val_loader = make_loader(cfg, "val", rank, world, device)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data.root}: no training batches of {cfg.data.batch_size} per rank x {world} ranks")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    log.info("%d train batches per epoch per rank, %d val batches, %d steps in all",
+             steps_per_epoch, len(val_loader), total_steps)
+
+    # ---------------------------------------------------------------- models (identical init on every rank)
+    torch.manual_seed(cfg.seed)
+    teacher = None
+    if cfg.stage == 2:
+        teacher = freeze(load_encoder(cfg.model.teacher, cfg.model.teacher_arch)).to(device)
+        student = build_vit(cfg.model.arch)
+        predictor = Predictor(PredictorConfig(**cfg.model.predictor), student.embed_dim, teacher.embed_dim,
+                              student.cfg.num_patches)
+        model = SALTModel(student, predictor)
+        encoder, head = model.student, model.predictor
+    else:
+        encoder = build_vit(cfg.model.arch)
+        head = MAEDecoder(DecoderConfig(**cfg.model.decoder), encoder.embed_dim, encoder.cfg.num_patches,
+                          encoder.cfg.patch_size**2)
+        model = MAEModel(encoder, head)
+    model.to(device)
+    log.info("trainable parameters: encoder %.1fM, %s %.1fM%s", n_params(encoder) / 1e6, type(head).__name__,
+             n_params(head) / 1e6, f", frozen teacher {n_params(teacher) / 1e6:.1f}M" if teacher else "")
+
+    # AdamW; lr and wd are set every step from the schedules.
+    optimizer = torch.optim.AdamW(adamw_param_groups(model), lr=cfg.optim.lr_start, betas=tuple(cfg.optim.betas),
+                                  eps=cfg.optim.eps, fused=cuda)
+
+    # ---------------------------------------------------------------- restore
+    step, epoch, best_val, mid_epoch, no_batches_left = 0, 0, math.inf, False, False
+    if ckpt is not None:
+        restore_training_state(ckpt, encoder, head, optimizer, train_loader, world, resume_path)
+        step, best_val = int(ckpt["step"]), float(ckpt.get("best_val") or math.inf)
+        mid_epoch = not ckpt.get("epoch_complete", False)
+        epoch = int(ckpt["epoch"]) + (0 if mid_epoch else 1)
+        # Saved after the epoch's last batch but before its end-of-epoch work (e.g. stopped by max_steps):
+        # the sampler has moved on to the next epoch, and this one has no batches left.
+        no_batches_left = mid_epoch and int(ckpt["sampler"]["epoch"]) > epoch
+        restore_rng(ckpt["rng"])
+        log.info("resumed from %s at step %d (epoch %d%s)", resume_path, step, epoch, ", mid-epoch" if mid_epoch else "")
+        del ckpt
+
+    # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
+    ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
+    step_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+    eval_model = torch.compile(model) if cfg.train.compile else model
+    if teacher is not None and cfg.train.compile:
+        teacher = torch.compile(teacher)
+
+    def compute_loss(net, batch, mask_seed: int) -> torch.Tensor:
+        with autocast:
+            if cfg.stage == 2:
+                targets = teacher_targets(teacher, batch.images, batch.tgt_idx)
+                return salt_loss(net(batch.images, batch.ctx_idx, batch.tgt_idx), targets)
+            g = torch.Generator().manual_seed(mask_seed)
+            keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
+                                       head.cfg.mask_ratio, g).to(device)
+            return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size)
+
+    def step_flops(batch) -> float:
+        """Model FLOPs of this rank's step, from this batch's actual context and target sizes."""
+        if cfg.stage == 2:
+            T, B, Kt = batch.tgt_idx.shape
+            return salt_step_flops(encoder.cfg, teacher_cfg(teacher), head, B, batch.ctx_idx.shape[1], T, Kt)
+        return mae_step_flops(encoder.cfg, head, batch.images.shape[0])
+
+    @torch.no_grad()
+    def validate() -> float:
+        eval_model.eval()
+        val_loader.set_epoch(0)  # same samples and masks every time
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for i, batch in enumerate(val_loader):
+            loss = compute_loss(eval_model, batch, mask_seed=seed_of(cfg.seed, "val", i, rank))
+            total += torch.tensor([loss.item() * batch.images.shape[0], batch.images.shape[0]],
+                                  dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(total)
+        model.train()
+        return (total[0] / total[1]).item() if total[1] > 0 else math.nan
+
+    def checkpoint(epoch_complete: bool, val_loss: float | None = None, is_best: bool = False) -> None:
+        """Rank 0 writes; every rank first agrees that nothing non-finite happened since the last check."""
+        check_finite()
+        if master:
+            path = save_checkpoint({
+                "stage": cfg.stage, "step": step, "epoch": epoch, "epoch_complete": epoch_complete,
+                "world_size": world, "encoder": encoder.state_dict(), "encoder_arch": asdict_cfg(encoder),
+                "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                "sampler": train_loader.state_dict(), "rng": capture_rng(),
+                "best_val": best_val if math.isfinite(best_val) else None, "val_loss": val_loss,
+                "config": cfg.to_dict(),
+            }, out_dir, cfg.train.keep_last, is_best=is_best)
+            log.info("saved %s%s", path, " (best)" if is_best else "")
+        if world > 1:
+            dist.barrier()
+
+    nonfinite = torch.zeros((), device=device)  # set on device; read only at log/checkpoint time (no per-step sync)
+
+    def check_finite() -> None:
+        flag = nonfinite.clone()
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            close_loaders(train_loader, val_loader)
+            last = latest_checkpoint(out_dir)
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient norm before step {step}; stopping. The last good checkpoint is "
+                f"{last if last else '(none written yet)'}; lower optim.lr_peak or check the data, then --resume it."
+            )
+
+    # ---------------------------------------------------------------- metrics
+    metrics = MetricsWriter(out_dir, master, cfg.train.tensorboard)
+    peak_flops, peak_source = peak_flops_per_device(cfg, device)
+    progress = make_progress(master and cfg.train.progress, total=min(total_steps, cfg.train.max_steps or total_steps),
+                             initial=step)
+    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0, "wait": 0.0,
+              "t0": time.perf_counter(), "gnorm": torch.zeros((), device=device)}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # ---------------------------------------------------------------- the loop
+    model.train()
+    stop = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+    while epoch < cfg.optim.epochs and not stop:
+        if not mid_epoch:
+            train_loader.set_epoch(epoch)
+        batches = () if no_batches_left else train_loader
+        mid_epoch = no_batches_left = False
+        t_fetch = time.perf_counter()
+        for batch in batches:
+            window["wait"] += time.perf_counter() - t_fetch
+            lr = lr_at(step, total_steps, warmup_steps, cfg.optim.lr_start, cfg.optim.lr_peak, cfg.optim.lr_final)
+            wd = wd_at(step, total_steps, cfg.optim.wd_start, cfg.optim.wd_final)
+            set_optimizer_hparams(optimizer, lr, wd)
+
+            loss = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
+            nonfinite.copy_(torch.maximum(nonfinite, (~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm)).float()))
+            optimizer.step()
+            step += 1
+
+            window["loss"] += loss.detach()
+            window["gnorm"] += gnorm.detach()
+            window["n"] += 1
+            window["imgs"] += batch.images.shape[0]
+            window["flops"] += step_flops(batch)
+            progress.update(1)
+            if step % cfg.train.log_every == 0:
+                check_finite()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - window["t0"]
+                mean_loss = window["loss"] / window["n"]
+                if world > 1:  # the logged loss is the mean over all ranks, not rank 0's share
+                    dist.all_reduce(mean_loss)  # (gloo has no AVG)
+                    mean_loss /= world
+                record = {
+                    "kind": "train", "step": step, "epoch": epoch,
+                    "loss": mean_loss.item(),
+                    "grad_norm": (window["gnorm"] / window["n"]).item(),
+                    "lr": lr, "wd": wd,
+                    "images_per_s_per_device": window["imgs"] / elapsed,
+                    "data_wait_frac": window["wait"] / elapsed,
+                    "tflops_per_device": window["flops"] / elapsed / 1e12,
+                    "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,
+                    "mfu_peak_source": peak_source,
+                    "peak_mem_gb": peak_memory_gb(device),
+                }
+                metrics.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
+                window.update(loss=torch.zeros((), device=device), gnorm=torch.zeros((), device=device), n=0,
+                              imgs=0, flops=0.0, wait=0.0, t0=time.perf_counter())
+            if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
+                t_pause = time.perf_counter()
+                checkpoint(epoch_complete=False)
+                window["t0"] += time.perf_counter() - t_pause  # step-time metrics exclude checkpoint writes
+            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                stop = True
+                break
+            if cuda:
+                # Finish this step on the GPU before asking for the next batch, so that the time spent in the
+                # loader is the data wait alone (a pageable host->device copy inside the loader would otherwise
+                # wait for this step's kernels and be counted as data wait). Costs only kernel-launch latency.
+                torch.cuda.current_stream(device).synchronize()
+            t_fetch = time.perf_counter()
+        if stop:
+            break
+        # End of epoch: validation on the held-out split, then the epoch checkpoint (best by val loss).
+        t_pause = time.perf_counter()
+        val_loss = None
+        if (epoch + 1) % cfg.train.val_every_epochs == 0 and len(val_loader) > 0:
+            val_loss = validate()
+            metrics.write({"kind": "val", "step": step, "epoch": epoch, "val_loss": val_loss,
+                           "val_seconds": time.perf_counter() - t_pause})
+            log.info("epoch %d: val loss %.5f", epoch, val_loss)
+        is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < best_val
+        if is_best:
+            best_val = val_loss
+        checkpoint(epoch_complete=True, val_loss=val_loss, is_best=is_best)
+        window["t0"] += time.perf_counter() - t_pause
+        epoch += 1
+
+    # ---------------------------------------------------------------- finish
+    progress.close()
+    close_loaders(train_loader, val_loader)
+    last = latest_checkpoint(out_dir)
+    if last is None or int(last.name[5:13]) != step:
+        checkpoint(epoch_complete=False)
+    if master:
+        export_encoder_safetensors(encoder, out_dir / "export" / "encoder_last.safetensors")
+        best = out_dir / "checkpoints" / "best.pt"
+        if best.is_file():
+            export_encoder_safetensors(load_encoder(best), out_dir / "export" / "encoder_best.safetensors")
+        log.info("exported encoder to %s", out_dir / "export")
+    digest = param_digest(model)
+    print(f"[rank {rank}] finished at step {step}, parameter digest {digest}", flush=True)
+    if world > 1:
+        agreed = [None] * world
+        dist.all_gather_object(agreed, (step, digest))
+        if len(set(agreed)) != 1:
+            raise RuntimeError(f"ranks disagree at the end of training: {agreed}")
+        dist.destroy_process_group()
+    metrics.close()
+    return 0
+
+
+# ==================================================================== helpers (small, used above)
+
+
+def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.device):
+    from usjepa.kernels.block_masks import MaskConfig
+    from usjepa.shards.loader import build_loader
+
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set (the folder holding manifest.json)")
+    try:
+        mask_cfg = MaskConfig.from_dict(cfg.masks)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"masks: {e}") from e
+    return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
+                        mask_cfg, rank=rank, world_size=world, device=device,
+                        seed=cfg.seed, backend=cfg.data.backend)
+
+
+def data_config(d: dict):
+    """The data layer's own config (``usjepa.shards.augment.DataConfig``; it names unknown keys)."""
+    from usjepa.shards.augment import DataConfig
+
+    try:
+        return DataConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.loader: {e}") from e
+
+
+def restore_training_state(ckpt, encoder, head, optimizer, train_loader, world, path) -> None:
+    try:
+        encoder.load_state_dict(ckpt["encoder"], strict=True)
+        head.load_state_dict(ckpt["head"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimiser: {e}") from e
+    if ckpt["world_size"] != world:
+        log.warning("elastic resume: checkpoint written with %d ranks, now %d", ckpt["world_size"], world)
+    train_loader.load_state_dict(ckpt["sampler"])
+
+
+def close_loaders(*loaders) -> None:
+    """Stop the loaders' worker processes now rather than at garbage collection."""
+    for loader in loaders:
+        if hasattr(loader, "close"):
+            loader.close()
+
+
+def adamw_param_groups(model) -> list[dict]:
+    """Weight decay on weight matrices (and tokens / position embeddings, as I-JEPA); none on biases and
+    1-D parameters (norm scales). The ``no_wd`` flag is read by ``set_optimizer_hparams``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "no_wd": True}]
+
+
+def seed_of(*parts) -> int:
+    """A stable 63-bit seed from parts (for per-step masks that need no RNG state to resume)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "big") >> 1
+
+
+def teacher_cfg(teacher):
+    return getattr(teacher, "_orig_mod", teacher).cfg
+
+
+def asdict_cfg(encoder) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(encoder.cfg)
+
+
+def n_params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def param_digest(model) -> str:
+    h = hashlib.sha256()
+    for _, p in sorted(model.state_dict().items()):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# Dense bf16 tensor-core peaks per device (vendor datasheets, no sparsity).
+GPU_PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12,
+                 "L40S": 362.1e12, "A10G": 70.0e12, "L4": 121.0e12, "RTX 4090": 165.2e12}
+
+
+def peak_flops_per_device(cfg: Config, device: torch.device) -> tuple[float | None, str]:
+    """The MFU denominator: config value, the GPU's datasheet bf16 peak, or on CPU the measured fp32 matmul
+    rate of this process (so CPU 'MFU' reads as 'fraction of what a large matmul achieves here')."""
+    if cfg.train.peak_flops:
+        return float(cfg.train.peak_flops), "config"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops, f"datasheet bf16 dense ({name})"
+        return None, f"unknown GPU {name}"
+    return measured_matmul_flops(), "measured fp32 matmul on this CPU"
+
+
+def measured_matmul_flops(n: int = 512, seconds: float = 0.2) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB (process RSS)
+
+
+class MetricsWriter:
+    """JSONL (always) and TensorBoard (when installed) on rank 0; nothing on other ranks."""
+
+    def __init__(self, out_dir: Path, master: bool, tensorboard: bool):
+        self.file = self.tb = None
+        if not master:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(out_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:
+                log.info("tensorboard not installed; metrics go to metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        record = {**record, "time": time.time()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if record.get("kind") == "train":
+            log.info("step %d loss %.5f lr %.2e %.1f img/s/dev wait %.1f%% mfu %s", record["step"], record["loss"],
+                     record["lr"], record["images_per_s_per_device"], 100 * record["data_wait_frac"],
+                     "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "time"):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def make_progress(enabled: bool, total: int, initial: int):
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, dynamic_ncols=True, desc="train")
+
+    class _Silent:
+        def update(self, n=1): ...
+        def set_postfix(self, **kw): ...
+        def close(self): ...
+
+    return _Silent()
+
+
+def setup_logging(out_dir: Path | None, master: bool) -> None:
+    root = logging.getLogger("usjepa")
+    root.setLevel(logging.INFO if master else logging.WARNING)
+    if root.handlers:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(fmt)
+    root.addHandler(h)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(out_dir / "train.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    root.propagate = False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
