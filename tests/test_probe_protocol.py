@@ -1,0 +1,254 @@
+"""usjepa.probe without images: splits, metrics, the batched linear probe, few-shot subsets."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from usjepa.probe.data import LabelledDataError, TooFewSamplesError, load_labelled
+from usjepa.probe.linear import ProbeConfig, train_linear_probes
+from usjepa.probe.metrics import accuracy, macro_f1, per_class_f1, stratified_subset
+
+
+def _touch_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG fake: never decoded by these tests")
+
+
+def _write_csv(root: Path, rows: list[dict]) -> Path:
+    cols = list(rows[0])
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def _patients(root: Path, n_patients: int, per_patient: int, classes=("a", "b", "c")) -> list[dict]:
+    rows = []
+    for p in range(n_patients):
+        label = classes[p % len(classes)]
+        for k in range(per_patient):
+            rel = f"img/p{p:03d}_{k}.png"
+            _touch_png(root / rel)
+            rows.append({"path": rel, "label": label, "group": f"patient{p}"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def test_macro_f1_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0, 1, 1, 1, 0, 2])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp1 fp0 fn1 -> 2/3
+    assert np.allclose(per_class_f1(y, p, 3), [0.5, 0.8, 2 / 3])
+    assert macro_f1(y, p, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert accuracy(y, p) == pytest.approx(4 / 6)
+    # a class never predicted scores 0 and still counts in the macro mean
+    assert macro_f1(np.array([0, 1, 2]), np.array([0, 1, 1]), 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
+
+
+def test_stratified_subset_keeps_every_class():
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)
+    sub = stratified_subset(labels, 0.1, seed=3)
+    counts = np.bincount(labels[sub], minlength=3)
+    assert counts.tolist() == [9, 1, 1]
+    assert len(set(sub.tolist())) == len(sub)
+    assert np.array_equal(sub, stratified_subset(labels, 0.1, seed=3))
+    assert not np.array_equal(sub, stratified_subset(labels, 0.1, seed=4))
+    assert len(stratified_subset(labels, 0.1, seed=4)) == len(sub)  # equal sizes across seeds
+    with pytest.raises(ValueError):
+        stratified_subset(labels, 0.0, seed=0)
+
+
+# -------------------------------------------------------------------------------------------- splits
+
+
+def test_grouped_split_from_group_column(tmp_path):
+    rows = _patients(tmp_path, n_patients=30, per_patient=4)
+    ds = load_labelled(_write_csv(tmp_path, rows))
+    splits_of_group: dict[str, set] = {}
+    for it in ds.items:
+        splits_of_group.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in splits_of_group.values())  # no patient on both sides
+    counts = ds.counts()
+    assert all(counts[s][c] > 0 for s in ("train", "val", "test") for c in ds.classes)
+    assert sum(counts["train"].values()) > sum(counts["test"].values()) > 0
+    again = load_labelled(tmp_path)
+    assert [it.split for it in again.items] == [it.split for it in ds.items]  # stable
+
+
+def test_grouped_split_from_filename_pattern(tmp_path):
+    for c in ("benign", "malignant"):
+        for p in range(6):
+            for k in range(3):
+                _touch_png(tmp_path / c / f"{c}_pat{p}_frame{k}.png")
+        _touch_png(tmp_path / c / f"{c}_pat0_frame0_mask.png")  # a lesion mask: not an image to probe
+    ds = load_labelled(tmp_path, group_pattern=r"(\w+_pat\d+)_frame")
+    assert len(ds.items) == 2 * 6 * 3
+    assert not any("_mask" in it.path.name for it in ds.items)
+    by_group: dict[str, set] = {}
+    for it in ds.items:
+        by_group.setdefault(it.group, set()).add(it.split)
+    assert len(by_group) == 12 and all(len(s) == 1 for s in by_group.values())
+    with pytest.raises(LabelledDataError, match="does not match the group pattern"):
+        load_labelled(tmp_path, group_pattern=r"nomatch_(\d+)")
+
+
+def test_given_train_test_gets_val_carved_by_group(tmp_path):
+    rows = _patients(tmp_path, n_patients=24, per_patient=2, classes=("x", "y"))
+    for r in rows:
+        r["split"] = "test" if int(r["group"][7:]) >= 18 else "train"
+    ds = load_labelled(_write_csv(tmp_path, rows))
+    test_groups = {f"patient{p}" for p in range(18, 24)}
+    assert {it.group for it in ds.items if it.split == "test"} == test_groups
+    assert ds.counts()["val"]["x"] > 0 and ds.counts()["val"]["y"] > 0
+    assert "val carved" in ds.split_source
+
+
+def test_too_few_samples_is_a_clear_error(tmp_path):
+    rows = _patients(tmp_path, n_patients=12, per_patient=1, classes=("common",))
+    for k in range(2):  # two files only: cannot fill train, val and test
+        _touch_png(tmp_path / f"rare{k}.png")
+        rows.append({"path": f"rare{k}.png", "label": "rare", "group": f"rare{k}"})
+    with pytest.raises(TooFewSamplesError, match="'rare'.*at least 3"):
+        load_labelled(_write_csv(tmp_path, rows))
+
+
+def test_given_split_missing_a_class_is_a_clear_error(tmp_path):
+    rows = []
+    for k in range(6):
+        for lab in ("a", "b"):
+            rel = f"{lab}{k}.png"
+            _touch_png(tmp_path / rel)
+            split = ("train", "train", "train", "val", "test", "test")[k]
+            if lab == "b" and split == "test":
+                split = "train"
+            rows.append({"path": rel, "label": lab, "split": split})
+    with pytest.raises(TooFewSamplesError, match="class 'b' has no example in the 'test' split"):
+        load_labelled(_write_csv(tmp_path, rows))
+
+
+def test_csv_paths_stay_inside_the_root(tmp_path):
+    (tmp_path / "data").mkdir()
+    _touch_png(tmp_path / "outside.png")
+    _write_csv(tmp_path / "data", [{"path": "../outside.png", "label": "a"}])
+    with pytest.raises(ValueError, match="escapes"):
+        load_labelled(tmp_path / "data")
+
+
+def test_ultrabench_json(tmp_path):
+    import json
+
+    train_val, test = [], []
+    for p in range(10):
+        for lab, name in ((0, "regular"), (1, "covid")):
+            for k in range(2):
+                rel = f"images/{name}_{p}_{k}.png"
+                _touch_png(tmp_path / rel)
+                e = {"source": f"{name}_{p}.mp4", "image": rel, "pathology": name, "label": lab}
+                (test if p >= 8 else train_val).append(e)
+    (tmp_path / "train_val.json").write_text(json.dumps(train_val))
+    (tmp_path / "test.json").write_text(json.dumps(test))
+    ds = load_labelled(tmp_path)
+    assert ds.classes == ["0:regular", "1:covid"]
+    assert sum(ds.counts()["test"].values()) == len(test)
+    by_group: dict[str, set] = {}
+    for it in ds.items:
+        by_group.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in by_group.values())
+
+
+# ------------------------------------------------------------------------------------------- probing
+
+
+def _blobs(n_per_class: int, n_classes: int, dim: int, sep: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g) * sep
+    y = torch.arange(n_classes).repeat_interleave(n_per_class)
+    x = centres[y] + torch.randn(len(y), dim, generator=g)
+    return x, y
+
+
+def test_linear_probe_learns_and_stops_early():
+    x, y = _blobs(40, 3, 16, sep=3.0, seed=0)
+    xv, yv = _blobs(10, 3, 16, sep=3.0, seed=0)
+    xt, yt = _blobs(20, 3, 16, sep=3.0, seed=0)
+    probes = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1], cfg=ProbeConfig(max_epochs=150, patience=5))
+    preds = probes.predict(xt)
+    assert preds.shape == (2, 60)
+    assert all(macro_f1(yt.numpy(), p, 3) > 0.9 for p in preds)
+    for best, run in zip(probes.best_epoch, probes.epochs_run):
+        assert 1 <= best <= run <= 150
+        assert run == 150 or run - best == 5  # stopped exactly `patience` epochs after the best one
+
+
+def test_linear_probe_is_deterministic_per_seed():
+    x, y = _blobs(30, 4, 24, sep=1.0, seed=1)  # overlapping classes: seeds really differ
+    xv, yv = _blobs(8, 4, 24, sep=1.0, seed=2)
+    cfg = ProbeConfig(max_epochs=20, patience=5)
+    together = train_linear_probes(x, y, xv, yv, 4, seeds=[0, 7, 3], cfg=cfg)
+    again = train_linear_probes(x, y, xv, yv, 4, seeds=[0, 7, 3], cfg=cfg)
+    alone = train_linear_probes(x, y, xv, yv, 4, seeds=[7], cfg=cfg)
+    assert torch.equal(together.weight, again.weight)
+    # a seed's probe does not depend on the seeds trained beside it
+    assert torch.allclose(together.weight[1], alone.weight[0], atol=1e-6)
+    assert together.best_epoch[1] == alone.best_epoch[0]
+    assert not torch.allclose(together.weight[0], together.weight[1])
+
+
+def test_linear_probe_subsets_restrict_training_rows():
+    x, y = _blobs(20, 2, 8, sep=2.0, seed=3)
+    xv, yv = _blobs(5, 2, 8, sep=2.0, seed=4)
+    subsets = [stratified_subset(y.numpy(), 0.1, s) for s in (0, 1)]
+    probes = train_linear_probes(x, y, xv, yv, 2, seeds=[0, 1], cfg=ProbeConfig(max_epochs=5), subsets=subsets)
+    x_poisoned = x.clone()
+    outside = np.setdiff1d(np.arange(len(x)), np.concatenate(subsets))
+    x_poisoned[outside] = 1e6  # rows outside the subsets must not matter
+    probes2 = train_linear_probes(x_poisoned, y, xv, yv, 2, seeds=[0, 1], cfg=ProbeConfig(max_epochs=5),
+                                  subsets=subsets)
+    assert torch.equal(probes.weight, probes2.weight)
+    with pytest.raises(ValueError):
+        train_linear_probes(x, y, xv, yv, 2, seeds=[0, 1], subsets=[subsets[0]])
+
+
+def test_closed_form_gradients_match_autograd():
+    from usjepa.probe.linear import cross_entropy_grads
+
+    g = torch.Generator().manual_seed(0)
+    xb = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    yb = torch.randint(0, 4, (3, 7), generator=g)
+    w = torch.randn(3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    logits = torch.baddbmm(b.unsqueeze(1), xb, w)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 4), yb.reshape(-1), reduction="none")
+    loss.view(3, 7).mean(1).sum().backward()
+    gw, gb = cross_entropy_grads(xb, yb, w.detach(), b.detach())
+    assert torch.allclose(gw, w.grad) and torch.allclose(gb, b.grad)
+
+
+def test_videos_in_class_folders_are_skipped_with_a_warning(tmp_path, caplog):
+    for c in ("a", "b"):
+        for k in range(3):
+            _touch_png(tmp_path / c / f"{c}{k}.png")
+        (tmp_path / c / f"{c}_clip.mp4").write_bytes(b"not probed")
+    with caplog.at_level("WARNING"):
+        ds = load_labelled(tmp_path)
+    assert len(ds.items) == 6
+    assert "skipped 2 video/volume file(s)" in caplog.text
+    with pytest.raises(LabelledDataError, match="no labelled images"):
+        load_labelled(tmp_path / "a")  # a folder whose sub-folders hold no images
+
+
+def test_markdown_columns_rank_best_bold_second_underlined():
+    from usjepa.probe.report import _ranked_column
+
+    cells = {"a": {"mean": 0.5, "std": 0.01}, "b": {"mean": 0.7, "std": 0.02}, "c": {"mean": 0.6, "std": 0.0},
+             "d": None}
+    out = _ranked_column(cells)
+    assert out == {"a": "50.0 ± 1.0", "b": "**70.0 ± 2.0**", "c": "<u>60.0 ± 0.0</u>", "d": "–"}

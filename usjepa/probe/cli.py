@@ -1,0 +1,109 @@
+"""``usjepa-probe``: the paper's evaluation protocol on any frozen encoder.
+
+    usjepa-probe --data ../shared/realdata/busi --encoder random=random:vit_base_patch16_224 \\
+        --encoder student=runs/demo/encoder.safetensors --fewshot --robustness --out runs/probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from usjepa.probe.data import DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, LabelledDataError
+from usjepa.probe.encoders import EncoderSpecError
+from usjepa.probe.features import ImageReadError
+from usjepa.probe.linear import ProbeConfig
+from usjepa.probe.run import CORRUPTIONS, FEWSHOT_FRACTIONS, SEVERITIES, probe_encoders
+
+
+def _default_name(value: str) -> str:
+    if value.startswith("random:"):
+        return "random-init " + value.split(":", 1)[1]
+    if value.startswith("timm:"):
+        return value.split(":")[1]
+    path, _, key = value.partition("#")
+    return Path(path).stem + (f"#{key}" if key else "")
+
+
+def _named(values: list[str], what: str) -> dict[str, str]:
+    """``NAME=VALUE`` or a bare ``VALUE`` (named after itself) -> ordered {name: value}."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, val = v.partition("=")
+        if not sep or not name or "/" in name or ":" in name:
+            name, val = _default_name(v), v
+        if name in out:
+            raise SystemExit(f"usjepa-probe: two {what}s are named {name!r}; name them with NAME=...")
+        out[name] = val
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ProbeConfig()
+    p = argparse.ArgumentParser(prog="usjepa-probe", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                   help="labelled data: folder-per-class, a CSV (path,label[,split][,group]) or UltraBench JSON; "
+                        "repeat for several datasets (table columns)")
+    p.add_argument("--encoder", action="append", required=True, metavar="[NAME=]SPEC",
+                   help="checkpoint / URFM / timm-keyed file (PATH or PATH#KEY), random:ARCH, or timm:MODEL:PATH; "
+                        "repeat for several encoders (table rows)")
+    p.add_argument("--out", required=True, help="output folder (JSON, markdown, PNGs, feature cache)")
+    p.add_argument("--seeds", type=int, default=5, help="probe seeds 0..N-1")
+    p.add_argument("--fewshot", action="store_true", help="also train on stratified fractions of the labels")
+    p.add_argument("--fewshot-fractions", type=_floats, default=list(FEWSHOT_FRACTIONS), metavar="F,F,...",
+                   help="fractions of the training labels (1.0 = the full probe)")
+    p.add_argument("--robustness", action="store_true", help="also score on corrupted test sets")
+    p.add_argument("--severities", type=_floats, default=list(SEVERITIES), metavar="E,E,...",
+                   help="corruption severities ε for blur, contrast and speckle")
+    p.add_argument("--arch", default=None, help="architecture for weights files that do not record one")
+    p.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="mean of the patch tokens after the final norm, or the CLS token")
+    p.add_argument("--split", type=_floats, default=list(DEFAULT_FRACTIONS), metavar="TRAIN,VAL,TEST",
+                   help="fractions for splits the data does not carry (made by group, stratified)")
+    p.add_argument("--group-pattern", default=None, metavar="REGEX",
+                   help="patient/video id from the relative path: first capture group (or the whole match)")
+    p.add_argument("--exclude", default=DEFAULT_EXCLUDE, metavar="REGEX",
+                   help="folder-per-class: skip files whose stem matches (lesion masks); '' keeps all")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="probe epochs at most (Table 6)")
+    p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience on val loss")
+    p.add_argument("--cache-dir", default=None, help="feature cache; None means OUT/feature_cache")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image decode/preprocess worker processes; None: half the cores, 0 on ≤ 2 cores")
+    p.add_argument("--device", default=None, help="cuda / cpu; None: cuda when available")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        res = probe_encoders(
+            _named(args.encoder, "encoder"), _named(args.data, "dataset"), args.out, seeds=args.seeds,
+            fewshot=args.fewshot, robustness=args.robustness, arch=args.arch, pooling=args.pooling,
+            split_fractions=tuple(args.split), group_pattern=args.group_pattern, exclude=args.exclude or None,
+            fewshot_fractions=tuple(args.fewshot_fractions), corruptions=CORRUPTIONS,
+            severities=tuple(args.severities),
+            probe=ProbeConfig(max_epochs=args.max_epochs, patience=args.patience), cache_dir=args.cache_dir,
+            batch_size=args.batch_size, workers=args.workers, device=args.device, plots=not args.no_plots,
+            progress=not args.quiet)
+    except (LabelledDataError, EncoderSpecError, ImageReadError, FileNotFoundError) as e:
+        print(f"usjepa-probe: error: {e}", file=sys.stderr)
+        return 2
+    print(Path(res["files"]["markdown"]).read_text())
+    print(f"wrote {res['files']['json']}, {res['files']['markdown']}"
+          + "".join(f", {p}" for p in res["files"]["plots"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
