@@ -14,9 +14,6 @@ DALI runs on the GPU (mixed decode) when CUDA is available, else on its CPU back
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,18 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def hardware() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu}
+from benchmarks.common import hardware, hardware_line, save_result, utc_now
 
 
 def _batch_len(b) -> int:
@@ -246,13 +232,10 @@ def main(argv=None) -> dict:
                    "design, OpenCV pixels", "plain": "straightforward per-sample DataLoader + OpenCV chain",
                    "webloader": "webdataset.WebLoader over the same tars, OpenCV pixels"},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (args.out / "bench_loader.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    hw = report["hardware"]
+    report["measured_at"] = utc_now()
     fmt = lambda k, f: f(results[k]) if k in results else "–"
     row = "| " + " | ".join([
-        f"{hw['cpu']} ({hw['cores']} cores){', ' + hw['gpu'] if hw['gpu'] else ''}",
+        hardware_line(report["hardware"]),
         f"DALI {report['dali_device'].upper()}",
         *(fmt(k, lambda r: f"{r['images_per_s']:.0f}") for k in ("dali", "torch", "plain", "webloader")),
         fmt("dali", lambda r: f"{r['ratio_vs_plain_dataloader_opencv']:.2f}×" if plain else "–"),
@@ -262,8 +245,7 @@ def main(argv=None) -> dict:
     header = ("| hardware | DALI device | DALI img/s | torch backend img/s | plain DataLoader+OpenCV img/s | "
               "WebLoader img/s | DALI / plain | DALI / torch backend | WebLoader / plain |\n"
               "|---|---|---|---|---|---|---|---|---|")
-    (args.out / "bench_loader.md").write_text(header + "\n" + row + "\n")
-    print(header + "\n" + row)
+    save_result(args.out, "bench_loader", report, header + "\n" + row)
     if tmp is not None:
         tmp.cleanup()
     return report

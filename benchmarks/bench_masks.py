@@ -13,9 +13,7 @@ connected component + hole filling; the JSON says which). Prints and saves JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +24,7 @@ import cv2
 import numba
 import numpy as np
 
+from benchmarks.common import hardware, hardware_line, save_result, utc_now
 from usjepa.kernels import block_masks as bm
 from usjepa.kernels.block_masks import MaskConfig, sample_block_masks, sample_block_masks_reference
 from usjepa.kernels.patch_grid import patch_validity
@@ -134,25 +133,8 @@ def first_call_latency() -> dict:
     return {"import_s": imp, "first_call_s": call}
 
 
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "numba_threads": numba.config.NUMBA_NUM_THREADS,
-            "threading_layer": None, "gpu": gpu, "python": platform.python_version(),
+def numba_hardware() -> dict:
+    return {**hardware(), "numba_threads": numba.config.NUMBA_NUM_THREADS, "threading_layer": numba.threading_layer(),
             "numba": numba.__version__, "numpy": np.__version__}
 
 
@@ -233,23 +215,17 @@ def main(argv=None) -> dict:
         "lengths_by_tau": lengths,
         "targets": {"ms_per_batch_1_thread": 1.0, "speedup": 100.0},
         "meets_targets": bool(t_one * 1e3 <= 1.0 and min(t_ref / t_one, b_ref / b_one) >= 100.0),
-        "hardware": hardware(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hardware": numba_hardware(),
+        "date_utc": utc_now(),
     }
-    result["hardware"]["threading_layer"] = numba.threading_layer()
     row = ("| block masks B={b} | {one:.3f} ms (1 thread) | {par:.3f} ms (prange, {n} threads) | {ref:.1f} ms | "
-           "{sp:.0f}x (best times: {bsp:.0f}x) | {first:.0f} ms | {cpu}, {cores} cores |").format(
+           "{sp:.0f}x (best times: {bsp:.0f}x) | {first:.0f} ms | {hw} |").format(
         b=args.batch, one=t_one * 1e3, par=t_par * 1e3, n=threads, ref=t_ref * 1e3, sp=t_ref / t_one,
         bsp=b_ref / b_one,
-        first=(first["import_s"] + first["first_call_s"]) * 1e3, cpu=result["hardware"]["cpu"],
-        cores=result["hardware"]["cores"])
+        first=(first["import_s"] + first["first_call_s"]) * 1e3, hw=hardware_line(result["hardware"]))
     header = ("| benchmark | kernel (median) | kernel parallel | Python reference | ratio (1 thread) | import + first call "
               "(warm cache) | hardware |\n|---|---|---|---|---|---|---|\n")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_masks.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "bench_masks.md").write_text(header + row + "\n")
-    print(json.dumps(result, indent=2))
-    print(header + row)
+    save_result(args.out, "bench_masks", result, header + row)
     return result
 
 

@@ -12,9 +12,6 @@ far the two sets of kept weights end apart.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import hardware, hardware_line, save_result, utc_now
 from usjepa.probe.linear import ProbeConfig, _init_linear, train_linear_probes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,18 +46,6 @@ def plain_probe(x, y, xv, yv, n_classes: int, seed: int, cfg: ProbeConfig) -> to
         if val < best:
             best, best_w = val, w.detach().clone()
     return best_w
-
-
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main(argv=None) -> dict:
@@ -102,17 +88,12 @@ def main(argv=None) -> dict:
         f"plain_sequential_s_{threads}_threads_estimated_from_one_seed": t_plain_default_threads,
         "batched_ms_per_step": 1e3 * t_ours / steps, "plain_ms_per_step_per_seed": 1e3 * t_plain / steps / len(seeds),
         "max_abs_weight_difference_vs_plain": diff,
-        "hardware": hardware(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "hardware": hardware(), "date_utc": utc_now(),
     }
     row = (f"| linear probe, {args.seeds} seeds × {cfg.max_epochs} epochs, {args.n}×{args.dim} | {t_ours:.2f} s | "
-           f"{t_plain:.2f} s | {t_plain / t_ours:.1f}x | {result['hardware']['cpu']}, {result['hardware']['cores']} "
-           f"cores{', ' + result['hardware']['gpu'] if result['hardware']['gpu'] else ''} |")
+           f"{t_plain:.2f} s | {t_plain / t_ours:.1f}x | {hardware_line(result['hardware'])} |")
     header = "| benchmark | batched seeds | plain, sequential | ratio | hardware |\n|---|---|---|---|---|\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_probe.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "bench_probe.md").write_text(header + row + "\n")
-    print(json.dumps(result, indent=2))
-    print(header + row)
+    save_result(args.out, "bench_probe", result, header + row)
     return result
 
 

@@ -3,7 +3,7 @@
 Two measurements per model, in one run:
   * compute-only: the SALT step (teacher forward, student + predictor forward/backward, AdamW) on one batch
     already on the device, repeated — the ceiling the loop can reach;
-  * the real loop: ``usjepa.train`` on real shards (written by ``usjepa.toy_shards``), read from its
+  * the real loop: ``usjepa.train`` on real shards (written by ``usjepa.shards.synthetic_shards``), read from its
     metrics.jsonl — DALI backend, and the DataLoader + OpenCV backend as the baseline.
 The figures are the loop's images/s as a ratio to the compute-only ceiling (1.0 = the data never stalls)
 and DALI's ratio to the baseline loader.
@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import hardware, save_result, utc_now
 from usjepa.models import (
     Predictor,
     PredictorConfig,
@@ -41,23 +41,14 @@ from usjepa.models import (
     salt_step_flops,
     teacher_targets,
 )
-from usjepa.toy_shards import write_toy_shards
+from usjepa.shards.synthetic_shards import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def hardware() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__}
+def toy_split(n: int) -> dict[str, int]:
+    """``n`` frames over two datasets, so the loop's Eq. 6 sampler mixes sources as on a real corpus."""
+    return {"toy_a": n - n // 2, "toy_b": n // 2}
 
 
 def first_batch(root: Path, batch_size: int, device: torch.device):
@@ -131,7 +122,8 @@ def loop(config: str, out: Path, overrides: list[str]) -> dict:
 def bench_cpu(work: Path, steps: int) -> dict:
     from usjepa.train import measured_matmul_flops
 
-    root = write_toy_shards(work / "shards_cpu", n_train=8 * steps, n_val=16, seed=0)
+    root = write_synthetic_corpus(work / "shards_cpu", toy_split(8 * steps), size=(240, 300), per_shard=32,
+                                  val=toy_split(16))
     torch.manual_seed(1)
     teacher = export_encoder_safetensors(build_vit("vit_test_tiny"), work / "teacher_tiny.safetensors")
     device = torch.device("cpu")
@@ -157,8 +149,8 @@ def bench_gpu(work: Path, steps: int) -> dict:
     name = torch.cuda.get_device_name(0)
     peak = next((f for k, f in GPU_PEAK_BF16.items() if k in name), None)
     batch_size = 128
-    root = write_toy_shards(work / "shards_gpu", n_train=batch_size * (steps + 2), n_val=batch_size,
-                            seed=0, per_shard=512)
+    root = write_synthetic_corpus(work / "shards_gpu", toy_split(batch_size * (steps + 2)), size=(240, 300),
+                                  per_shard=512, val=toy_split(batch_size))
     torch.manual_seed(1)
     teacher = export_encoder_safetensors(build_vit("vit_base_patch16_224"), work / "teacher_vitb.safetensors")
     batch = first_batch(root, batch_size, device)
@@ -210,7 +202,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"benchmark": "train", "hardware": hardware(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res = {"benchmark": "train", "hardware": hardware(), "time": utc_now()}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         if not a.skip_cpu:
             res["cpu"] = bench_cpu(Path(tmp), a.cpu_steps)
@@ -218,10 +210,7 @@ def main(argv=None) -> int:
             res["gpu"] = bench_gpu(Path(tmp), a.gpu_steps)
     rows = markdown_rows(res)
     suffix = "gpu" if torch.cuda.is_available() else "cpu"
-    (out / f"bench_train_{suffix}.json").write_text(json.dumps(res, indent=1))
-    (out / f"bench_train_{suffix}.md").write_text("| benchmark | result |\n|---|---|\n" + "\n".join(rows) + "\n")
-    print(json.dumps(res, indent=1))
-    print("\n".join(rows))
+    save_result(out, f"bench_train_{suffix}", res, "| benchmark | result |\n|---|---|\n" + "\n".join(rows))
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 
 from usjepa.checkpoint import CheckpointError, latest_checkpoint, list_step_checkpoints, load_checkpoint
 from usjepa.models import build_vit, export_encoder_safetensors, load_encoder
-from usjepa.toy_shards import write_toy_shards
+from usjepa.shards.synthetic_shards import write_synthetic_corpus
 from usjepa.train import NonFiniteLossError, main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,8 @@ CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     # 64 train frames over two datasets -> 8 batches of 8 per epoch; 16 val frames -> 2 batches.
-    return write_toy_shards(tmp_path_factory.mktemp("shards"), n_train=64, n_val=16, seed=0)
+    return write_synthetic_corpus(tmp_path_factory.mktemp("shards"), {"toy_a": 32, "toy_b": 32}, size=(240, 300),
+                                  per_shard=32, val={"toy_a": 8, "toy_b": 8})
 
 
 @pytest.fixture(scope="module")
