@@ -75,7 +75,10 @@ def prepare_frame(frame: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray,
     if frame.ndim == 3:
         if frame.shape[2] == 4:
             frame = frame[:, :, :3]
-        spread = frame.max(axis=2).astype(np.int16) - frame.min(axis=2)
+        # max(B,G,R) - min(B,G,R) with OpenCV: NumPy's reduction over a 3-byte innermost axis is ~40x slower
+        # (~11 ms vs ~0.3 ms on 450x450) and was most of the per-frame cost
+        b, g, r = cv2.split(np.ascontiguousarray(frame))
+        spread = cv2.subtract(cv2.max(cv2.max(b, g), r), cv2.min(cv2.min(b, g), r))
         colour = spread > cfg.colour_threshold
         gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         if not colour.any():

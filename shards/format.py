@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-import webdataset as wds
 
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"
@@ -212,6 +211,7 @@ class ShardWriter:
         self._tmp_tar = self.tar_path.with_name(self.name + ".tmp")
         self._file = open(self._tmp_tar, "wb")
         self._hashing = _HashingWriter(self._file)
+        import webdataset as wds  # imported here, not at the top: it imports torch (~1.4 s per ingest worker)
         # mtime fixed and mode/user constant: identical input gives byte-identical shards, and headers
         # stay plain 512-byte ustar blocks (a float mtime would add a PAX header per member).
         self._tw = wds.TarWriter(self._hashing, encoder=False, mtime=0, user="usjepa", group="usjepa")

@@ -1,0 +1,181 @@
+"""Ingest throughput: frames/s of a full ``usjepa-ingest run`` with 1 and 2 workers (the baseline is the
+1-worker run in the same process), on the synthetic "demo" corpus and on ../shared/realdata/pocus when
+present, plus the cost per frame of each stage on one clip (where the time goes).
+
+    python -m benchmarks.bench_ingest --out bench_out
+
+Frames/s are end to end: listing, decoding, preprocessing, encoding, spilling, shuffling, shard writing and
+the manifest, including the start of the (spawned) worker processes, but
+not the start of Python itself; each measurement runs in a fresh process. ``frames_phase_fps`` leaves out the
+shard-writing phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
+
+
+def hardware() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "gpu": gpu, "python": platform.python_version(),
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (the worker pool is joined before return)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_once(inputs: list[str], workers: int, tmp: Path) -> dict:
+    """One measurement in a fresh Python process, as the usjepa-ingest command runs; the parent's imports are
+    done before the clock starts, the workers' are inside it."""
+    out = tmp / f"out_w{workers}_{time.monotonic_ns()}"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.bench_ingest", "--one-run", str(workers), str(out),
+                           *inputs], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_run(inputs: list[str], workers: int, out: Path) -> dict:
+    import webdataset  # noqa: F401  (the shard writer's import, done once per process, outside the clock)
+
+    from usjepa.ingest.pipeline import IngestOptions, run_ingest
+    from usjepa.ingest.sources import datasets_from_args
+
+    cpu0 = _cpu_seconds()
+    t0 = time.perf_counter()
+    m = run_ingest(datasets_from_args(inputs),
+                   IngestOptions(out=out, workers=workers, progress=False))
+    dt = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
+    frames = m["summary"]["frames"]
+    return {"workers": workers, "frames": frames, "seconds": dt, "fps": frames / dt,
+            # fork-server workers are not children of this process, so their CPU time is invisible here:
+            # CPU figures only for the in-process (1 worker) run
+            "cpu_seconds": cpu if workers == 1 else None,
+            "frames_per_cpu_second": frames / cpu if workers == 1 else None,
+            "frames_phase_fps": frames / m["timing"]["frames_phase_seconds"],
+            "decoded": sum(d["decoded_frames"] for d in m["datasets"].values()),
+            "duplicates_dropped": sum(d["duplicate_frames_dropped"] for d in m["datasets"].values())}
+
+
+def stage_costs(path: Path, max_frames: int = 200) -> dict:
+    """Milliseconds per frame of each stage on one file, in this process, one OpenCV thread."""
+    import cv2
+
+    from usjepa.ingest.preprocess import PreprocessConfig, compute_usrc_mask, encode_sample, finish_frame, prepare_frame
+    from usjepa.ingest.readers import open_frames
+
+    cv2.setNumThreads(1)
+    cfg = PreprocessConfig()
+    t = time.perf_counter()
+    frames = []
+    for _, f in open_frames(path):
+        frames.append(f)
+        if len(frames) >= max_frames:
+            break
+    t_read = time.perf_counter() - t
+    t = time.perf_counter()
+    prepared = [prepare_frame(f, cfg) for f in frames]
+    t_prep = time.perf_counter() - t
+    t = time.perf_counter()
+    mask = compute_usrc_mask(np.stack([g for g, _ in prepared]), cfg)
+    t_mask = time.perf_counter() - t
+    t = time.perf_counter()
+    finished = [finish_frame(g, c, mask, cfg) for g, c in prepared]
+    t_fin = time.perf_counter() - t
+    t = time.perf_counter()
+    for g in finished:
+        encode_sample(g, mask, cfg)
+    t_enc = time.perf_counter() - t
+    n = len(frames)
+    return {"file": path.name, "frames": n, "size": list(frames[0].shape),
+            **{k: 1e3 * v / n for k, v in (("read_ms", t_read), ("prepare_ms", t_prep), ("mask_ms", t_mask),
+                                           ("finish_ms", t_fin), ("encode_ms", t_enc))}}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one-run"]:  # child process of run_once
+        print(json.dumps(measure_run(argv[3:], int(argv[1]), Path(argv[2]))))
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench_out", help="folder for bench_ingest.json and bench_ingest.md")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved (the best is reported)")
+    a = ap.parse_args(argv)
+    from usjepa.ingest.synthetic import make_synthetic_corpus
+
+    result = {"benchmark": "ingest frames/s, 1 vs 2 workers", "hardware": hardware(), "corpora": {}}
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        corpora = {"synthetic demo": [str(make_synthetic_corpus(tmp / "raw", preset="demo", seed=0))]}
+        if (REALDATA / "pocus").is_dir():
+            corpora["realdata pocus"] = [str(REALDATA / "pocus")]
+        for name, inputs in corpora.items():
+            runs: dict[int, dict] = {}
+            for _ in range(a.repeats):  # interleaved, best of each: other load on the machine hits both alike
+                for w in (1, 2):
+                    r = run_once(inputs, w, tmp)
+                    print(f"{name}: {w} worker(s): {r['frames']} frames in {r['seconds']:.1f} s = {r['fps']:.0f} "
+                          f"frames/s (frames phase {r['frames_phase_fps']:.0f}/s)", flush=True)
+                    if w not in runs or r["fps"] > runs[w]["fps"]:
+                        runs[w] = r
+            result["corpora"][name] = {"runs": [runs[1], runs[2]], "ratio_2_vs_1": runs[2]["fps"] / runs[1]["fps"]}
+        clip = None
+        if (REALDATA / "pocus").is_dir():
+            clip = next((REALDATA / "pocus").rglob("*.mov"), None)
+        clip = clip or next((tmp / "raw").rglob("*.mp4"))
+        result["stage_costs"] = stage_costs(clip)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_ingest.json").write_text(json.dumps(result, indent=1) + "\n")
+    hw = result["hardware"]
+    rows = ["| benchmark | corpus | frames | 1 worker | 2 workers | ratio 2 vs 1 | frames per CPU-second (1 worker) | hardware |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, c in result["corpora"].items():
+        r1, r2 = c["runs"]
+        rows.append(f"| ingest end to end | {name} | {r1['frames']} | {r1['fps']:.0f} frames/s | {r2['fps']:.0f} frames/s "
+                    f"| {c['ratio_2_vs_1']:.2f}x | {r1['frames_per_cpu_second']:.0f} | {hw['cpu']}, {hw['cores']} cores, load {hw['load_avg_1min']:.1f}"
+                    f"{', ' + hw['gpu'] if hw['gpu'] else ''} |")
+    s = result["stage_costs"]
+    rows.append("")
+    rows.append(f"Stage cost per frame ({s['file']}, {s['size'][1]}x{s['size'][0]}, 1 thread): read {s['read_ms']:.2f} ms, "
+                f"prepare {s['prepare_ms']:.2f} ms, USrc mask {s['mask_ms']:.2f} ms, finish {s['finish_ms']:.2f} ms, "
+                f"encode {s['encode_ms']:.2f} ms")
+    md = "\n".join(rows) + "\n"
+    (out / "bench_ingest.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
