@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,29 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import hardware, hardware_line
+
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
-
-
-def hardware() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "gpu": gpu, "python": platform.python_version(),
-            "load_avg_1min": os.getloadavg()[0]}
 
 
 def _cpu_seconds() -> float:
@@ -134,7 +114,8 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     from usjepa.ingest.synthetic import make_synthetic_corpus
 
-    result = {"benchmark": "ingest frames/s, 1 vs 2 workers", "hardware": hardware(), "corpora": {}}
+    result = {"benchmark": "ingest frames/s, 1 vs 2 workers", "hardware": {**hardware(), "load_avg_1min": os.getloadavg()[0]},
+              "corpora": {}}
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         corpora = {"synthetic demo": [str(make_synthetic_corpus(tmp / "raw", preset="demo", seed=0))]}
@@ -164,8 +145,7 @@ def main(argv=None) -> dict:
     for name, c in result["corpora"].items():
         r1, r2 = c["runs"]
         rows.append(f"| ingest end to end | {name} | {r1['frames']} | {r1['fps']:.0f} frames/s | {r2['fps']:.0f} frames/s "
-                    f"| {c['ratio_2_vs_1']:.2f}x | {r1['frames_per_cpu_second']:.0f} | {hw['cpu']}, {hw['cores']} cores, load {hw['load_avg_1min']:.1f}"
-                    f"{', ' + hw['gpu'] if hw['gpu'] else ''} |")
+                    f"| {c['ratio_2_vs_1']:.2f}x | {r1['frames_per_cpu_second']:.0f} | {hardware_line(hw)}, load {hw['load_avg_1min']:.1f} |")
     s = result["stage_costs"]
     rows.append("")
     rows.append(f"Stage cost per frame ({s['file']}, {s['size'][1]}x{s['size'][0]}, 1 thread): read {s['read_ms']:.2f} ms, "

@@ -28,7 +28,7 @@ def hardware() -> dict:
         dali_version = dali.__version__
     except ImportError:
         dali_version = None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "dali": dali_version}
