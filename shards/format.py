@@ -296,53 +296,65 @@ class ShardIndex:
     keys: list[str]
     offsets: dict[str, np.ndarray]  # ext -> int64 [n_samples]
     sizes: dict[str, np.ndarray]  # ext -> int64 [n_samples]
+    dropped: int = 0  # malformed or incomplete sample lines left out (only with strict=False)
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def read_index(idx_path: str | os.PathLike, tar_size: int | None = None) -> ShardIndex:
+def _parse_index_line(line: str, tar_size: int | None) -> tuple[str, dict[str, tuple[int, int]]]:
+    """One sample line -> (key, {ext: (data_offset, size)}); raises ShardFormatError (or ValueError)."""
+    parts = line.split()
+    if len(parts) % 4 or not parts:
+        raise ShardFormatError("malformed line")
+    key, members = None, {}
+    for j in range(0, len(parts), 4):
+        ext, off, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
+        k, _ = split_member_name(name)
+        if key is None:
+            key = k
+        elif k != key:
+            raise ShardFormatError("members of different samples on one line")
+        if tar_size is not None and off + size > tar_size:
+            raise ShardFormatError(f"member {name} ends at byte {off + size}, past the tar's {tar_size}")
+        members[ext] = (off, size)
+    missing = set(SAMPLE_EXTS) - members.keys()
+    if missing:
+        raise ShardFormatError(f"sample {key} lacks {sorted(missing)}")
+    return key, members
+
+
+def read_index(idx_path: str | os.PathLike, tar_size: int | None = None, strict: bool = True) -> ShardIndex:
     """Parse a DALI v1.2 index. Every sample must have all ``SAMPLE_EXTS``; with ``tar_size`` given, every
-    member must lie inside the tar (a truncated tar is caught here, before any read)."""
+    member must lie inside the tar (a truncated tar is caught here, before any read).
+
+    ``strict=False`` keeps a damaged shard's good samples: a malformed or incomplete sample line is left out
+    and counted in ``ShardIndex.dropped`` instead of raising. A bad header raises either way."""
     idx_path = Path(idx_path)
+    keys: list[str] = []
+    rows: list[list[tuple[int, int]]] = []
+    dropped = 0
     with open(idx_path) as f:
         header = f.readline().split()
         if len(header) != 2 or header[0] != INDEX_VERSION:
             raise ShardFormatError(f"{idx_path}: not a {INDEX_VERSION} index (first line {header!r})")
         n = int(header[1])
-        keys: list[str] = []
-        offsets = {ext: np.empty(n, np.int64) for ext in SAMPLE_EXTS}
-        sizes = {ext: np.empty(n, np.int64) for ext in SAMPLE_EXTS}
-        for i, line in enumerate(f):
-            if i >= n:
-                raise ShardFormatError(f"{idx_path}: more lines than the {n} samples announced")
-            parts = line.split()
-            if len(parts) % 4 or not parts:
-                raise ShardFormatError(f"{idx_path}:{i + 2}: malformed line")
-            seen = set()
-            key = None
-            for j in range(0, len(parts), 4):
-                ext, off, size, name = parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
-                k, _ = split_member_name(name)
-                if key is None:
-                    key = k
-                elif k != key:
-                    raise ShardFormatError(f"{idx_path}:{i + 2}: members of different samples on one line")
-                if tar_size is not None and off + size > tar_size:
-                    raise ShardFormatError(
-                        f"{idx_path}:{i + 2}: member {name} ends at byte {off + size}, past the tar's {tar_size}"
-                    )
-                if ext in offsets:
-                    offsets[ext][i] = off
-                    sizes[ext][i] = size
-                    seen.add(ext)
-            missing = set(SAMPLE_EXTS) - seen
-            if missing:
-                raise ShardFormatError(f"{idx_path}:{i + 2}: sample {key} lacks {sorted(missing)}")
+        for lineno, line in enumerate(f, start=2):
+            try:
+                key, members = _parse_index_line(line, tar_size)
+            except (ShardFormatError, ValueError) as e:
+                if strict:
+                    raise ShardFormatError(f"{idx_path}:{lineno}: {e}") from e
+                dropped += 1
+                continue
             keys.append(key)
-        if len(keys) != n:
-            raise ShardFormatError(f"{idx_path}: {len(keys)} samples listed, {n} announced")
-    return ShardIndex(keys, offsets, sizes)
+            rows.append([members[ext] for ext in SAMPLE_EXTS])
+    if strict and len(keys) != n:
+        raise ShardFormatError(f"{idx_path}: {len(keys)} samples listed, {n} announced")
+    table = np.asarray(rows, dtype=np.int64).reshape(len(keys), len(SAMPLE_EXTS), 2)
+    offsets = {ext: table[:, e, 0].copy() for e, ext in enumerate(SAMPLE_EXTS)}
+    sizes = {ext: table[:, e, 1].copy() for e, ext in enumerate(SAMPLE_EXTS)}
+    return ShardIndex(keys, offsets, sizes, dropped)
 
 
 def read_member(f: BinaryIO | int, offset: int, size: int) -> bytes:

@@ -25,14 +25,12 @@ import numpy as np
 
 from usjepa.shards.format import (
     IMAGE_EXT,
-    INDEX_VERSION,
     MASK_EXT,
     SAMPLE_EXTS,
     ShardFormatError,
     load_manifest,
     read_index,
     read_member,
-    split_member_name,
 )
 
 log = logging.getLogger(__name__)
@@ -76,37 +74,6 @@ class SampleTable:
         return SampleReader(self.shard_paths, self.shard, self.jpg_offset, self.jpg_size, self.mask_offset, self.mask_size)
 
 
-def _lenient_index(idx_path: Path) -> tuple[list[str], np.ndarray, int]:
-    """Parse an index line by line, keeping only complete, well-formed samples.
-
-    Returns (keys, int64 [n, 4] = jpg offset, jpg size, mask offset, mask size, number of dropped lines)."""
-    keys, rows, dropped = [], [], 0
-    with open(idx_path) as f:
-        header = f.readline().split()
-        if len(header) != 2 or header[0] != INDEX_VERSION:
-            raise ShardFormatError(f"{idx_path}: not a {INDEX_VERSION} index")
-        for line in f:
-            parts = line.split()
-            try:
-                if not parts or len(parts) % 4:
-                    raise ShardFormatError("malformed line")
-                members, key = {}, None
-                for j in range(0, len(parts), 4):
-                    k, _ = split_member_name(parts[j + 3])
-                    if key is not None and k != key:
-                        raise ShardFormatError("members of different samples on one line")
-                    key = k
-                    members[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
-                if not set(SAMPLE_EXTS) <= members.keys():
-                    raise ShardFormatError("missing member")
-            except (ShardFormatError, ValueError):
-                dropped += 1
-                continue
-            keys.append(key)
-            rows.append((*members[IMAGE_EXT], *members[MASK_EXT]))
-    return keys, np.asarray(rows, dtype=np.int64).reshape(-1, 4), dropped
-
-
 def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.ndarray] | None:
     try:
         tar_size = tar.stat().st_size
@@ -115,28 +82,22 @@ def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.n
         skipped["missing_shard"] += 1
         return None
     try:
-        ix = read_index(idx)
-        keys = ix.keys
-        rows = np.stack(
-            [ix.offsets[IMAGE_EXT], ix.sizes[IMAGE_EXT], ix.offsets[MASK_EXT], ix.sizes[MASK_EXT]], axis=1
-        )
-        # read_index checks every extension; the metadata member counts too, a sample needs all three
-        ends = np.stack([ix.offsets[e] + ix.sizes[e] for e in SAMPLE_EXTS], axis=1).max(axis=1)
+        ix = read_index(idx, strict=False)
     except FileNotFoundError as e:
         log.warning("skipping shard %s: its index is missing (%s)", tar, e)
         skipped["missing_index"] += 1
         return None
     except (ShardFormatError, ValueError, OSError, UnicodeDecodeError) as e:
-        try:
-            keys, rows, dropped = _lenient_index(idx)
-        except (ShardFormatError, OSError, UnicodeDecodeError) as e2:
-            log.warning("skipping shard %s: unreadable index (%s)", tar, e2)
-            skipped["bad_index"] += 1
-            return None
-        if dropped:
-            log.warning("%s: %d index lines skipped (%s)", idx, dropped, e)
-            skipped["missing_member"] += dropped
-        ends = np.maximum(rows[:, 0] + rows[:, 1], rows[:, 2] + rows[:, 3])
+        log.warning("skipping shard %s: unreadable index (%s)", tar, e)
+        skipped["bad_index"] += 1
+        return None
+    if ix.dropped:
+        log.warning("%s: %d index lines skipped (malformed or missing a member)", idx, ix.dropped)
+        skipped["missing_member"] += ix.dropped
+    keys = ix.keys
+    rows = np.stack([ix.offsets[IMAGE_EXT], ix.sizes[IMAGE_EXT], ix.offsets[MASK_EXT], ix.sizes[MASK_EXT]], axis=1)
+    # a sample needs all three members inside the tar, the metadata too
+    ends = np.stack([ix.offsets[e] + ix.sizes[e] for e in SAMPLE_EXTS], axis=1).max(axis=1)
     inside = ends <= tar_size
     n_out = int((~inside).sum())
     if n_out:

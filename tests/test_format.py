@@ -84,3 +84,19 @@ def test_manifest_paths_resolved_inside_root(tmp_path):
     F.write_json_atomic(tmp_path / F.MANIFEST_NAME, {"format_version": 99, "datasets": {}, "shards": []})
     with pytest.raises(F.ShardFormatError, match="format_version"):
         F.load_manifest(tmp_path)
+
+
+def test_lenient_index_drops_and_counts_bad_lines_strict_names_them(tmp_path):
+    tar = _write_shard(tmp_path, n=4)
+    idx_path = F.index_path_for(tar)
+    lines = idx_path.read_text().splitlines()
+    lines[2] = " ".join(lines[2].split()[:8])  # sample 2 loses its third member
+    lines[3] = lines[3].replace("jpg ", "jpg x", 1)  # sample 3: an offset that is not a number
+    idx_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(F.ShardFormatError, match=r":3: sample .* lacks"):
+        F.read_index(idx_path)
+    ix = F.read_index(idx_path, strict=False)
+    assert ix.dropped == 2 and len(ix) == 2
+    with open(tar, "rb") as f:  # the kept samples still read correctly by offset
+        meta = F.SampleMeta.from_json(F.read_member(f, ix.offsets["json"][1], ix.sizes["json"][1]))
+    assert meta.dataset == "ds one"
