@@ -18,7 +18,7 @@ from usjepa.shards.readers import open_sample_table
 from usjepa.shards.sampler import epoch_order
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
 
-MEAN, STD = 0.449, 0.226
+MEAN, STD = DataConfig.mean, DataConfig.std
 NO_PHOTO = {"blur_p": 0.0, "speckle_p": 0.0, "contrast_p": 0.0}
 
 

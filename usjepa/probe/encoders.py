@@ -36,12 +36,13 @@ from usjepa.models.loading import (
     read_weights_file,
 )
 from usjepa.models.vit import VisionTransformer, build_vit
+from usjepa.shards.augment import DataConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ARCH = "vit_base_patch16_224"  # the paper's backbone; used when a file records no architecture
 RANDOM_INIT_SEED = 0
-GRAY_MEAN, GRAY_STD = 0.449, 0.226  # ImageNet's channel means / stds averaged (training's normalisation)
+GRAY_MEAN, GRAY_STD = DataConfig.mean, DataConfig.std  # exactly what the training loader normalises with
 POOLINGS = ("mean", "cls")
 
 
