@@ -46,7 +46,7 @@ from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_u
 from usjepa.ingest.readers import SourceUnreadable, open_frames
 from usjepa.ingest.sources import DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, list_sources, part_of
 from usjepa.shards.format import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SampleMeta,
-                                  ShardWriter, dataset_slug, sample_key, split_of_group,
+                                  ShardWriter, dataset_slug, fsync_dir, sample_key, split_of_group,
                                   write_json_atomic)
 
 STILLS_PER_TASK = 32  # stills per task: few enough files per spill, many enough to amortise its fsync
@@ -117,14 +117,6 @@ def _worker_init() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from worker processes; OpenCV threads would oversubscribe
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _SourceStats:
@@ -239,7 +231,7 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
         shutil.rmtree(tmp, ignore_errors=True)
         if not final.is_dir():
             raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return _light(summary)
 
 
@@ -471,7 +463,7 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
         shards.sort(key=lambda s: s["path"])
         manifest = _manifest(listing, opts, summaries, shards, fp)
         write_json_atomic(man_path, manifest)
-        _fsync_dir(out)
+        fsync_dir(out)
     shutil.rmtree(work)
     with contextlib.suppress(OSError):
         (out / WORK_DIR / f"{_part_tag(opts.part)}.lock").unlink()

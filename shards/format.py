@@ -402,6 +402,20 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     return p
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable. Best effort: some filesystems refuse fsync on a directory."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

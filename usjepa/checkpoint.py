@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from usjepa.shards.format import fsync_dir
+
 FORMAT = "usjepa-checkpoint"
 VERSION = 1
 log = logging.getLogger(__name__)
@@ -61,19 +63,6 @@ def latest_checkpoint(out_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(state: dict, path: str | os.PathLike) -> Path:
     """torch.save to ``<path>.tmp``, fsync, rename over ``path``."""
     path = Path(path)
@@ -84,7 +73,7 @@ def save_atomic(state: dict, path: str | os.PathLike) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -101,7 +90,7 @@ def save_checkpoint(state: dict, out_dir, keep_last: int, is_best: bool = False)
         except OSError:  # file systems without hard links
             save_atomic(state, tmp)
         os.replace(tmp, best)
-        _fsync_dir(best.parent)
+        fsync_dir(best.parent)
     for old in list_step_checkpoints(out_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
