@@ -14,6 +14,7 @@ DALI runs on the GPU (mixed decode) when CUDA is available, else on its CPU back
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -67,8 +68,11 @@ def webloader(root: Path, batch_size: int, cfg, mask_cfg, seed: int):
         rng = np.random.default_rng([seed, int(stable_unit_hash(key) * 2**32)])
         p = draw_params(rng, mask.shape, cfg, True)
         if p.alpha != 1.0:
-            p.mu = median_in_mask(sample["jpg"], mask)
-        return render_opencv(sample["jpg"], p, cfg)[None], validity_grid(mask, p, cfg), key
+            mu = json.loads(sample["json"]).get("median")  # stored at ingest; older corpora lack it
+            p.mu = median_in_mask(sample["jpg"], mask) if mu is None else mu
+        scale, bias = p.affine(cfg)
+        x = render_opencv(sample["jpg"], p, cfg).astype(np.float32) * np.float32(scale) + np.float32(bias)
+        return x[None], validity_grid(mask, p, cfg), key
 
     def collate(batch):
         imgs, valid, keys = batch
@@ -84,7 +88,7 @@ def webloader(root: Path, batch_size: int, cfg, mask_cfg, seed: int):
 class _PlainDataset:
     """The straightforward per-sample DataLoader + OpenCV/NumPy chain (the way SPEC §9's "naive" chain is
     written): decode image and mask every time, crop/flip/resize both at full resolution, full-resolution
-    speckle noise smoothed with σ_K, exact median, grid from the 224² mask. Same crop windows, flips and
+    speckle noise smoothed with σ_K, the stored median (exact median without one), grid from the 224² mask. Same crop windows, flips and
     severities as the loaders (``draw_params``)."""
 
     def __init__(self, table, ids, cfg, seed):
@@ -122,7 +126,9 @@ class _PlainDataset:
             eta *= sp.sigma_noise / eta.std()
             x = np.clip(x * (1.0 + eta), 0, 255)
         if p.alpha != 1.0:
-            mu = float(np.median(img[mask > 0])) if (mask > 0).any() else float(np.median(img))
+            mu = self.reader.median(sid)  # stored at ingest; older corpora lack it
+            if mu is None:
+                mu = float(np.median(img[mask > 0])) if (mask > 0).any() else float(np.median(img))
             x = mu + p.alpha * (x - mu)
         x = (x / 255.0 - cfg.mean) / cfg.std
         g = cfg.grid
@@ -181,6 +187,9 @@ def main(argv=None) -> dict:
         # runs of 8 frames share a mask, like the frames of a video (80 % of the paper's corpus)
         root = write_synthetic_corpus(tmp.name, {"synthetic": args.frames}, size=(args.side, args.side),
                                       per_shard=500, seed=0, masks_per_video=8)
+    # This process only consumes batches (and, for our loaders, applies the per-sample affine); intra-op
+    # threads here would spin against the loader workers for the same cores.
+    torch.set_num_threads(1)
     cfg = DataConfig(num_workers=args.workers, cap=None)
     mask_cfg = MaskConfig()
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -45,6 +45,7 @@ from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_u
                                       finish_frame, prepare_frame)
 from usjepa.ingest.readers import SourceUnreadable, open_frames
 from usjepa.ingest.sources import DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, list_sources, part_of
+from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SampleMeta,
                                   ShardWriter, dataset_slug, fsync_dir, sample_key, split_of_group,
                                   write_json_atomic)
@@ -184,7 +185,7 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                         jpg, png = encode_sample(gray, mask, cfg)
                         meta = SampleMeta(dataset=task.dataset, anatomy=task.anatomy, source=src.rel,
                                           frame=index, group=src.group, orig_size=orig, split=split,
-                                          label=src.label).to_json()
+                                          label=src.label, median=masked_median(gray, mask)).to_json()
                         spill.write(jpg)
                         spill.write(png)
                         spill.write(meta)

@@ -11,6 +11,12 @@ frames of one video share their mask), mapped through the crop and flips with ne
 the 224² output pixel centres (the exact mapping DALI's and OpenCV's resize use), and reduced to the 14×14
 validity grid (a patch is valid if any of its pixels is). The block masks are sampled from those grids
 (``usjepa.kernels.block_masks``) in the same worker, off the GPU's critical path.
+
+Pixels: the backends render uint8 frames (decode, crop + flips + resize, blur, speckle, each rounded to gray
+levels like the source JPEG); contrast and normalisation are one affine ``x·scale + bias`` per sample
+(``PreparedBatch.scale/bias``) that the loader applies on the training device. A uint8 batch is a quarter of
+the bytes to copy between processes and to the GPU, and an affine is free on any device but costly in DALI's
+CPU arithmetic (SPEC §9).
 """
 
 from __future__ import annotations
@@ -212,6 +218,15 @@ def median_in_mask(jpeg: bytes, mask: np.ndarray) -> float:
     return C.masked_median(small, m)
 
 
+def contrast_centre(reader: SampleReader, i: int, jpeg: bytes, mask: np.ndarray) -> float:
+    """μ of sample ``i``: the median stored at ingest, else (older corpora) measured from a 1/4-scale decode,
+    which costs as much as a full decode's entropy pass (~0.35 ms)."""
+    if i < 0:  # the black placeholder
+        return 0.0
+    mu = reader.median(i)
+    return median_in_mask(jpeg, mask) if mu is None else mu
+
+
 class MaskDecoder:
     """Decodes 1-bit PNG masks to bool arrays, caching by the PNG bytes (a video's frames share one mask)."""
 
@@ -256,6 +271,8 @@ class PreparedBatch:
     valid: np.ndarray  # bool [B, G, G]
     ctx_idx: np.ndarray  # int64 [B, Kc]
     tgt_idx: np.ndarray  # int64 [T, B, Kt]
+    scale: np.ndarray  # float32 [B] contrast + normalisation as x·scale + bias on the uint8 pixels
+    bias: np.ndarray  # float32 [B]
     errors: list[str] = field(default_factory=list)
 
 
@@ -308,9 +325,11 @@ def prepare_batch(
         rng = sample_rng(seed, epoch if train else 0, int(used[k]))
         p = draw_params(rng, mask.shape, cfg, train)
         if p.alpha != 1.0:
-            p.mu = median_in_mask(jpg, mask) if used[k] >= 0 else 0.0
+            p.mu = contrast_centre(reader, int(used[k]), jpg, mask)
         valid[k] = validity_grid(mask, p, cfg)
         jpegs.append(jpg)
         params.append(p)
     ctx, tgt = sample_block_masks(valid, mask_cfg, batch_seed)
-    return PreparedBatch(used, replaced, jpegs, params, valid, np.asarray(ctx, np.int64), np.asarray(tgt, np.int64), errors)
+    scale, bias = np.array([p.affine(cfg) for p in params], np.float32).reshape(n, 2).T.copy()
+    return PreparedBatch(used, replaced, jpegs, params, valid, np.asarray(ctx, np.int64), np.asarray(tgt, np.int64),
+                         scale, bias, errors)

@@ -18,7 +18,8 @@ from usjepa.shards.readers import BadSample, SampleReader
 
 
 def render_opencv(jpeg: bytes, p: SampleParams, cfg: DataConfig) -> np.ndarray:
-    """Decode + crop + flips + blur + speckle + contrast/normalise with OpenCV: float32 [S, S]."""
+    """Decode + crop + flips + resize + blur + speckle with OpenCV: uint8 [S, S] (contrast and normalisation
+    are the batch's ``scale``/``bias``, applied by the loader)."""
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise BadSample("image member does not decode")
@@ -27,26 +28,21 @@ def render_opencv(jpeg: bytes, p: SampleParams, cfg: DataConfig) -> np.ndarray:
     crop = img[y0 : y0 + h, x0 : x0 + w]
     # INTER_AREA is OpenCV's antialiased downscale (DALI's resize antialiases when shrinking too)
     interp = cv2.INTER_AREA if h >= s and w >= s else cv2.INTER_LINEAR
-    x = cv2.resize(crop, (s, s), interpolation=interp).astype(np.float32)
-    if p.vflip and p.hflip:
-        x = cv2.flip(x, -1)
-    elif p.vflip:
-        x = cv2.flip(x, 0)
-    elif p.hflip:
-        x = cv2.flip(x, 1)
+    x = cv2.resize(crop, (s, s), interpolation=interp)
+    if p.vflip or p.hflip:
+        x = cv2.flip(x, -1 if p.vflip and p.hflip else 0 if p.vflip else 1)
     if p.blur_eps > 0:
         x = C.apply_blur(x, p.blur_eps)
     if p.speckle_field is not None:
-        x = C.apply_speckle(x, p.speckle_field, upper=255.0)
-    scale, bias = p.affine(cfg)
-    return x * np.float32(scale) + np.float32(bias)
+        x = C.apply_speckle_u8(x, p.speckle_field)
+    return x
 
 
 def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
     """Render a prepared batch with OpenCV. A JPEG that passed the marker checks but does not decode is
-    replaced, with its grid and mask rows, by a decodable sample of the same batch (black if none is)."""
+    replaced, with its grid, mask rows and affine, by a decodable sample of the same batch (black if none is)."""
     s = cfg.image_size
-    images = np.empty((len(pb.jpegs), 1, s, s), np.float32)
+    images = np.empty((len(pb.jpegs), 1, s, s), np.uint8)
     bad = []
     for k, (jpg, p) in enumerate(zip(pb.jpegs, pb.params)):
         try:
@@ -61,12 +57,16 @@ def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
                 src = good[k % len(good)]
                 images[k], pb.valid[k], pb.ids[k] = images[src], pb.valid[src], pb.ids[src]
                 pb.ctx_idx[k], pb.tgt_idx[:, k] = pb.ctx_idx[src], pb.tgt_idx[:, src]
+                pb.scale[k], pb.bias[k] = pb.scale[src], pb.bias[src]
             else:
-                images[k] = -cfg.mean / cfg.std
+                images[k] = 0
+                pb.scale[k], pb.bias[k] = SampleParams((0, 0, 1, 1)).affine(cfg)
                 pb.ids[k] = -1
             pb.replaced[k] = True
     return {
         "image": torch.from_numpy(images),
+        "scale": torch.from_numpy(pb.scale),
+        "bias": torch.from_numpy(pb.bias),
         "valid": torch.from_numpy(pb.valid),
         "ctx": torch.from_numpy(pb.ctx_idx),
         "tgt": torch.from_numpy(pb.tgt_idx),

@@ -65,6 +65,13 @@ def blur_params(eps: float) -> BlurParams:
     return BlurParams(sigma=eps, ksize=2 * int(math.floor(2 * eps)) + 1)
 
 
+def blur_kernel(eps: float) -> np.ndarray:
+    """The 2-D Gaussian of ``blur_params(eps)`` (float32 [k, k], sums to 1): what ``cv2.GaussianBlur`` applies."""
+    p = blur_params(eps)
+    k = cv2.getGaussianKernel(p.ksize, p.sigma, cv2.CV_32F)
+    return k @ k.T
+
+
 def contrast_alpha(eps: float) -> float:
     if eps < 0:
         raise ValueError(f"contrast severity must be >= 0, got {eps}")
@@ -92,24 +99,33 @@ def speckle_field(out_hw: tuple[int, int], eps: float, rng: np.random.Generator)
 
     ``corrupt`` and both training pipelines draw speckle through this function."""
     p = speckle_params(eps, max(out_hw))
-    white = rng.standard_normal(out_hw, dtype=np.float32)
-    white *= np.float32(p.sigma_noise)
+    # OpenCV's generator draws 224² normals 3.4x faster than numpy's Philox (0.19 vs 0.64 ms), and training
+    # draws a field for half of all samples. Seeded from ``rng``, the field stays a pure function of it.
+    white = np.empty(out_hw, np.float32)
+    cv2.setRNGSeed(int(rng.integers(1, 2**31)))  # OpenCV's generator is per thread
+    cv2.randn(white, 0.0, float(p.sigma_noise))
     k = speckle_kernel(p.grain_px)
     return cv2.sepFilter2D(white, cv2.CV_32F, k, k, borderType=cv2.BORDER_REFLECT_101)
 
 
 def apply_blur(x: np.ndarray, eps: float) -> np.ndarray:
-    """Blur of severity ``eps`` on a float32 image (the OpenCV pipelines' and ``corrupt``'s blur)."""
+    """Blur of severity ``eps`` (the OpenCV pipelines' and ``corrupt``'s blur); uint8 in → uint8 out, rounded."""
     p = blur_params(eps)
     if p.ksize == 1:
         return x
     return cv2.GaussianBlur(x, (p.ksize, p.ksize), p.sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
-def apply_speckle(x: np.ndarray, field: np.ndarray, upper: float | None = None) -> np.ndarray:
-    """I·(1 + η_corr) on a float32 image; clipped at 0 (and at ``upper``)."""
+def apply_speckle(x: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """I·(1 + η_corr) on a float32 image, clipped at 0."""
     out = x * (1.0 + field)
-    return np.clip(out, 0.0, upper, out=out) if upper is not None else np.maximum(out, 0.0, out=out)
+    return np.maximum(out, 0.0, out=out)
+
+
+def apply_speckle_u8(x: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """I·(1 + η_corr) on a uint8 image, rounded and saturated to 0..255 (the training pipelines' speckle:
+    DALI casts ``img * (1 + η)`` to uint8 the same way, up to the rounding of exact halves)."""
+    return cv2.multiply(x, 1.0 + field, dtype=cv2.CV_8U)
 
 
 def masked_median(img: np.ndarray, mask: np.ndarray | None) -> float:

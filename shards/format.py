@@ -129,6 +129,7 @@ class SampleMeta:
     orig_size: tuple[int, int]  # (height, width) of the source frame before resizing
     split: str
     label: str | None = None
+    median: float | None = None  # gray-level median inside the USrc mask: the contrast augmentation's centre μ
 
     def to_json(self) -> bytes:
         d = dict(self.__dict__)
@@ -148,6 +149,7 @@ class SampleMeta:
                 orig_size=(int(d["orig_size"][0]), int(d["orig_size"][1])),
                 split=str(d["split"]),
                 label=None if d.get("label") is None else str(d["label"]),
+                median=None if d.get("median") is None else float(d["median"]),
             )
         except (KeyError, TypeError, IndexError, ValueError) as e:
             raise ShardFormatError(f"sample metadata is missing or has a bad field: {e}") from e

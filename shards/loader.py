@@ -129,23 +129,18 @@ class _DaliBackend:
     def _to_torch(self, outs) -> dict:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        img_tl = outs[0]
-        n = self.batch_size
-        s = self.cfg.image_size
+        n, s = self.batch_size, self.cfg.image_size
+        # one copy out of DALI's buffers, which the next run() reuses
         if self.device_id is not None:
-            images = torch.empty((n, s, s, 1), dtype=torch.float32, device=self.device)
-            feed_ndarray(img_tl.as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device))
+            images = torch.empty((n, s, s, 1), dtype=torch.uint8, device=self.device)
+            feed_ndarray(outs[0].as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device))
         else:
-            images = torch.from_numpy(np.array(img_tl.as_tensor()))
-        cpu = [torch.from_numpy(np.array(o.as_tensor())) for o in outs[1:]]
-        return {
-            "image": images.view(n, 1, s, s),  # HWC with one channel has CHW's memory layout
-            "valid": cpu[0].bool(),
-            "ctx": cpu[1],
-            "tgt": cpu[2].permute(1, 0, 2).contiguous(),
-            "sid": cpu[3].reshape(n),
-            "replaced": cpu[4].reshape(n).bool(),
-        }
+            images = torch.empty((n, s, s, 1), dtype=torch.uint8)
+            feed_ndarray(outs[0].as_tensor(), images)
+        from usjepa.shards.dali_pipeline import records_to_torch
+
+        return {"image": images.view(n, 1, s, s),  # HWC with one channel has CHW's memory layout
+                **records_to_torch(np.array(outs[1].as_tensor()), self.cfg.grid)}
 
     def close_pipeline(self):
         if self._pipe is not None:
@@ -238,7 +233,8 @@ class ShardLoader:
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
         dev, nb = self.device, self.device.type == "cuda"
         return Batch(
-            images=raw["image"].to(dev, non_blocking=nb),
+            images=normalise(raw["image"].to(dev, non_blocking=nb), raw["scale"].to(dev, non_blocking=nb),
+                             raw["bias"].to(dev, non_blocking=nb)),
             valid=raw["valid"].to(dev, non_blocking=nb),
             ctx_idx=raw["ctx"].to(dev, non_blocking=nb),
             tgt_idx=raw["tgt"].to(dev, non_blocking=nb),
@@ -255,6 +251,11 @@ class ShardLoader:
             self.close()
         except Exception:
             pass
+
+
+def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op."""
+    return images.float().mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))  # one allocation
 
 
 def dali_available() -> bool:

@@ -26,7 +26,9 @@ import numpy as np
 from usjepa.shards.format import (
     IMAGE_EXT,
     MASK_EXT,
+    META_EXT,
     SAMPLE_EXTS,
+    SampleMeta,
     ShardFormatError,
     load_manifest,
     read_index,
@@ -61,6 +63,8 @@ class SampleTable:
     jpg_size: np.ndarray  # int64 [N]
     mask_offset: np.ndarray  # int64 [N]
     mask_size: np.ndarray  # int64 [N]
+    meta_offset: np.ndarray  # int64 [N]
+    meta_size: np.ndarray  # int64 [N]
     keys: np.ndarray  # bytes 'S' [N]
     skipped: Counter = field(default_factory=Counter)  # reason -> samples (or shards) dropped at build time
 
@@ -71,7 +75,8 @@ class SampleTable:
         return self.keys[i].decode()
 
     def reader_view(self) -> "SampleReader":
-        return SampleReader(self.shard_paths, self.shard, self.jpg_offset, self.jpg_size, self.mask_offset, self.mask_size)
+        return SampleReader(self.shard_paths, self.shard, self.jpg_offset, self.jpg_size, self.mask_offset,
+                            self.mask_size, self.meta_offset, self.meta_size)
 
 
 def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.ndarray] | None:
@@ -95,7 +100,8 @@ def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.n
         log.warning("%s: %d index lines skipped (malformed or missing a member)", idx, ix.dropped)
         skipped["missing_member"] += ix.dropped
     keys = ix.keys
-    rows = np.stack([ix.offsets[IMAGE_EXT], ix.sizes[IMAGE_EXT], ix.offsets[MASK_EXT], ix.sizes[MASK_EXT]], axis=1)
+    rows = np.stack([ix.offsets[IMAGE_EXT], ix.sizes[IMAGE_EXT], ix.offsets[MASK_EXT], ix.sizes[MASK_EXT],
+                     ix.offsets[META_EXT], ix.sizes[META_EXT]], axis=1)
     # a sample needs all three members inside the tar, the metadata too
     ends = np.stack([ix.offsets[e] + ix.sizes[e] for e in SAMPLE_EXTS], axis=1).max(axis=1)
     inside = ends <= tar_size
@@ -143,6 +149,8 @@ def open_sample_table(root: str | os.PathLike, split: str) -> SampleTable:
         jpg_size=rows[:, 1].copy(),
         mask_offset=rows[:, 2].copy(),
         mask_size=rows[:, 3].copy(),
+        meta_offset=rows[:, 4].copy(),
+        meta_size=rows[:, 5].copy(),
         keys=np.concatenate(key_blocks),
         skipped=skipped,
     )
@@ -154,11 +162,12 @@ class SampleReader:
     Picklable (descriptors are opened lazily in whatever process uses it), so it travels into DALI's and
     PyTorch's worker processes."""
 
-    def __init__(self, shard_paths, shard, jpg_offset, jpg_size, mask_offset, mask_size):
+    def __init__(self, shard_paths, shard, jpg_offset, jpg_size, mask_offset, mask_size, meta_offset, meta_size):
         self.shard_paths = list(shard_paths)
         self.shard = shard
         self.jpg_offset, self.jpg_size = jpg_offset, jpg_size
         self.mask_offset, self.mask_size = mask_offset, mask_size
+        self.meta_offset, self.meta_size = meta_offset, meta_size
         self._fds: dict[int, int] = {}
 
     def __getstate__(self):
@@ -189,6 +198,15 @@ class SampleReader:
         if not mask.startswith(PNG_SIGNATURE):
             raise BadSample(f"{self.shard_paths[s]} sample {i}: mask member is not a PNG")
         return jpg, mask
+
+    def median(self, i: int) -> float | None:
+        """The masked median stored at ingest (``SampleMeta.median``); None when the corpus predates it or the
+        metadata member is unreadable (the caller then computes it from the pixels)."""
+        try:
+            return SampleMeta.from_json(read_member(self._fd(int(self.shard[i])), self.meta_offset[i],
+                                                    self.meta_size[i])).median
+        except (OSError, ShardFormatError, UnicodeDecodeError, ValueError):
+            return None
 
     def close(self) -> None:
         for fd in self._fds.values():

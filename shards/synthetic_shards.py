@@ -19,6 +19,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
+from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import FORMAT_VERSION, MANIFEST_NAME, SampleMeta, ShardWriter, sample_key, write_json_atomic
 
 
@@ -79,7 +80,8 @@ def _write_split(root: Path, name: str, split: str, n: int, size: tuple[int, int
             jpg, png = encode_frame(img, mask)
             source = f"{split}/{name}/{i // masks_per_video}.mp4"
             meta = SampleMeta(dataset=name, anatomy="synthetic", source=source, frame=i,
-                              group=f"{name}-{split}-{i // masks_per_video}", orig_size=(h, w), split=split)
+                              group=f"{name}-{split}-{i // masks_per_video}", orig_size=(h, w), split=split,
+                              median=masked_median(img, mask))
             writer.write(sample_key(name, source, i), jpg, png, meta)
             i += 1
             if writer.samples == per_shard or i == n:

@@ -80,3 +80,21 @@ def test_speckle_is_seeded_and_keeps_uint8_range():
     assert a.dtype == np.uint8 and np.array_equal(a, b)
     assert not np.array_equal(a, corrupt(img, "speckle", 2, rng=8))
     assert corrupt(img, "speckle", 0).tolist() == img.tolist()
+
+
+def test_training_blur_kernel_and_uint8_speckle_match_the_evaluation_functions():
+    """The pixel pipelines take the blur as a kernel (DALI's ``fn.filter``) and speckle in uint8: both must be
+    the evaluation corruption on a uint8 image (up to one gray level of rounding)."""
+    img = texture(seed=4)
+    for eps in (0.6, 1.3, 1.9):
+        k = C.blur_kernel(eps)
+        assert k.dtype == np.float32 and k.shape == (C.blur_params(eps).ksize,) * 2
+        assert abs(float(k.sum()) - 1.0) < 1e-5
+        conv = cv2.filter2D(img, -1, k, borderType=cv2.BORDER_REFLECT_101)
+        assert np.abs(conv.astype(int) - corrupt(img, "blur", eps).astype(int)).max() <= 1
+    field = C.speckle_field(img.shape, 2.0, np.random.default_rng(5))
+    via_u8 = C.apply_speckle_u8(img, field)
+    assert via_u8.dtype == np.uint8
+    assert np.array_equal(via_u8, corrupt(img, "speckle", 2.0, rng=np.random.default_rng(5)))
+    bright = np.full((8, 8), 250, np.uint8)
+    assert C.apply_speckle_u8(bright, np.full((8, 8), 0.5, np.float32)).max() == 255  # saturates, no wrap

@@ -1,5 +1,6 @@
 """The shard format: writer-made DALI index, atomic shards, safe paths, metadata round trip."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -100,3 +101,11 @@ def test_lenient_index_drops_and_counts_bad_lines_strict_names_them(tmp_path):
     with open(tar, "rb") as f:  # the kept samples still read correctly by offset
         meta = F.SampleMeta.from_json(F.read_member(f, ix.offsets["json"][1], ix.sizes["json"][1]))
     assert meta.dataset == "ds one"
+
+
+def test_sample_meta_median_round_trips_and_is_optional():
+    m = F.SampleMeta("d", "a", "s", 0, "g", (4, 5), "train", median=87.5)
+    assert F.SampleMeta.from_json(m.to_json()).median == 87.5
+    old = json.loads(F.SampleMeta("d", "a", "s", 0, "g", (4, 5), "train").to_json())
+    old.pop("median")  # a corpus written before the field existed
+    assert F.SampleMeta.from_json(json.dumps(old).encode()).median is None

@@ -15,6 +15,7 @@ from usjepa.ingest.cli import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, build_parser, 
 from usjepa.ingest.readers import open_frames
 from usjepa.ingest.synthetic import make_synthetic_corpus
 from usjepa.ingest.verify import verify_corpus
+from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import SampleMeta, iter_tar_samples, load_manifest
 
 BAD = {  # file (inside syn_lung/alines) -> words its manifest reason must contain
@@ -111,6 +112,17 @@ def test_manifest_shards_are_homogeneous_and_verify(ingested):
         assert {x.dataset for x in metas} == {s["dataset"]} and {x.split for x in metas} == {s["split"]}
     assert verify_corpus(out) == []
     assert main(["verify", str(out)]) == EXIT_OK
+
+
+def test_each_sample_stores_its_masked_median(ingested):
+    """The contrast augmentation's centre μ is measured once, at ingest, on the frame inside its USrc mask."""
+    _, out = ingested
+    for s in load_manifest(out)["shards"][:3]:
+        for _, m in iter_tar_samples(s["abs_path"]):
+            img = cv2.imdecode(np.frombuffer(m["jpg"], np.uint8), cv2.IMREAD_GRAYSCALE)
+            mask = cv2.imdecode(np.frombuffer(m["mask.png"], np.uint8), cv2.IMREAD_GRAYSCALE) > 0
+            median = SampleMeta.from_json(m["json"]).median
+            assert median is not None and abs(median - masked_median(img, mask)) <= 2.0  # JPEG: a level or two
 
 
 def test_verify_catches_tampering(ingested, tmp_path):

@@ -285,3 +285,57 @@ def test_jpeg_corrupt_inside_its_markers_is_replaced_without_losing_the_batch(tm
     assert table.key(bad) not in keys  # replaced by another sample of its batch
     assert sum(int(b.replaced.sum()) for b in batches) == 1
     assert loader.read_errors == 1
+
+
+def test_worker_output_packing_round_trips(corpus):
+    """What a DALI worker sends (``batch_to_dali``) and what the loader unpacks (``records_to_torch``) carry the
+    prepared batch unchanged; the pixel parameters match the sample parameters."""
+    from usjepa.kernels.block_masks import MaskConfig
+    from usjepa.shards.augment import MaskDecoder, prepare_batch
+    from usjepa.shards.dali_pipeline import PARAMS, batch_to_dali, records_to_torch
+
+    cfg = DataConfig(num_workers=1, blur_p=0.5, speckle_p=0.5, contrast_p=0.5)
+    reader = open_sample_table(corpus, "train").reader_view()
+    pb = prepare_batch(np.arange(8), reader, MaskDecoder(), cfg, MaskConfig(), 0, 1, 123, True)
+    jpg, gain, kernel, params, records = batch_to_dali(pb)
+    assert len(jpg) == len(gain) == len(kernel) == len(params) == len(records) == 8
+    got = records_to_torch(np.stack(records), cfg.grid)
+    assert torch.equal(got["valid"], torch.from_numpy(pb.valid))
+    assert torch.equal(got["ctx"], torch.from_numpy(pb.ctx_idx)) and torch.equal(got["tgt"], torch.from_numpy(pb.tgt_idx))
+    assert torch.equal(got["sid"], torch.from_numpy(pb.ids)) and torch.equal(got["replaced"], torch.from_numpy(pb.replaced))
+    assert torch.equal(got["scale"], torch.from_numpy(pb.scale)) and torch.equal(got["bias"], torch.from_numpy(pb.bias))
+    at = {n: i for i, n in enumerate(PARAMS)}
+    for k, p in enumerate(pb.params):
+        start, end = p.roi()
+        np.testing.assert_array_equal(params[k][[at["roi_y0"], at["roi_x0"]]], start)
+        np.testing.assert_array_equal(params[k][[at["roi_y1"], at["roi_x1"]]], end)
+        assert bool(params[k][at["do_speckle"]]) == (p.speckle_field is not None)
+        if p.speckle_field is not None:
+            np.testing.assert_array_equal(gain[k][:, :, 0], 1.0 + p.speckle_field)
+        assert bool(params[k][at["do_blur"]]) == (kernel[k].shape[0] > 1)
+
+
+def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
+    """μ comes from the metadata written at ingest; a corpus without it gets μ from the pixels instead."""
+    from usjepa.shards import format as F
+    from usjepa.shards.augment import MaskDecoder, contrast_centre, median_in_mask
+    from usjepa.shards.corruptions import masked_median
+    from usjepa.shards.readers import SampleReader
+
+    reader = open_sample_table(corpus, "train").reader_view()
+    jpg, png = reader.read(3)
+    mask = MaskDecoder()(png)
+    stored = reader.median(3)
+    assert stored is not None and contrast_centre(reader, 3, jpg, mask) == stored
+    decoded = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert abs(stored - masked_median(decoded, mask)) <= 2.0  # JPEG moves the median by a gray level or two
+    with F.ShardWriter(tmp_path, "old", "train", 0) as w:  # a shard written before the median existed
+        w.write("old_k0", jpg, png, F.SampleMeta("old", "a", "s", 0, "g", mask.shape, "train"))
+    tar = tmp_path / F.shard_name("old", "train", 0)
+    ix = F.read_index(F.index_path_for(tar))
+    cols = [ix.offsets[F.IMAGE_EXT], ix.sizes[F.IMAGE_EXT], ix.offsets[F.MASK_EXT], ix.sizes[F.MASK_EXT],
+            ix.offsets[F.META_EXT], ix.sizes[F.META_EXT]]
+    old = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
+    assert old.median(0) is None
+    assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
+    old.close()
