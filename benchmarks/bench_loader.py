@@ -5,7 +5,7 @@ DataConfig probabilities; validity grids and block masks included), same worker 
 The figure is images/s and each loader's ratio to the plain DataLoader + OpenCV chain and to our own
 OpenCV backend (``backend="torch"``, the same worker design as the DALI path), measured in this run.
 
-    python -m benchmarks.bench_loader --out benchmarks/results            # 2000 synthetic 320-px frames
+    python -m benchmarks.bench_loader --out benchmarks/results            # 4000 synthetic 320-px frames
     python -m benchmarks.bench_loader --root /path/to/corpus --out DIR    # an ingested corpus
 
 DALI runs on the GPU (mixed decode) when CUDA is available, else on its CPU backend.
@@ -166,13 +166,13 @@ def _one_thread(_):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--root", type=Path, help="corpus root (manifest.json); default: synthetic frames")
-    ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--frames", type=int, default=4000)
     ap.add_argument("--side", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--only", default="dali,torch,plain,webloader")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
     args = ap.parse_args(argv)
 
     from usjepa.kernels.block_masks import MaskConfig
