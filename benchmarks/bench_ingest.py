@@ -1,6 +1,7 @@
 """Ingest throughput: frames/s of a full ``usjepa-ingest run`` with 1 and 2 workers (the baseline is the
 1-worker run in the same process), on the synthetic "demo" corpus and on ../shared/realdata/pocus when
-present, plus the cost per frame of each stage on one clip (where the time goes).
+present (once as it is and once as five copies, long enough for the worker scaling to show), plus the cost
+per frame of each stage on one clip (where the time goes).
 
     python -m benchmarks.bench_ingest --out bench_out
 
@@ -68,6 +69,25 @@ def measure_run(inputs: list[str], workers: int, out: Path) -> dict:
             "duplicates_dropped": sum(d["duplicate_frames_dropped"] for d in m["datasets"].values())}
 
 
+def repeated_corpus(src: Path, copies: int, dst: Path) -> Path:
+    """``copies`` hard-linked (else copied) replicas of a dataset folder side by side: a corpus long enough that
+    the fixed costs of a run (worker start, the serial shard phase) stop hiding how the frames phase scales."""
+    import shutil
+
+    for k in range(copies):
+        shutil.copytree(src, dst / f"copy{k}", copy_function=_link_or_copy)
+    return dst
+
+
+def _link_or_copy(a, b):
+    import shutil
+
+    try:
+        os.link(a, b)
+    except OSError:
+        shutil.copy2(a, b)
+
+
 def stage_costs(path: Path, max_frames: int = 200) -> dict:
     """Milliseconds per frame of each stage on one file, in this process, one OpenCV thread."""
     import cv2
@@ -103,6 +123,24 @@ def stage_costs(path: Path, max_frames: int = 200) -> dict:
                                            ("finish_ms", t_fin), ("encode_ms", t_enc))}}
 
 
+def markdown(result: dict) -> str:
+    hw = result["hardware"]
+    rows = ["| benchmark | corpus | frames | 1 worker | 2 workers | ratio 2 vs 1 | frames phase 2 vs 1 | "
+            "frames per CPU-second (1 worker) | hardware |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, c in result["corpora"].items():
+        r1, r2 = c["runs"]
+        rows.append(f"| ingest end to end | {name} | {r1['frames']} | {r1['fps']:.0f} frames/s | {r2['fps']:.0f} frames/s "
+                    f"| {c['ratio_2_vs_1']:.2f}x | {r2['frames_phase_fps'] / r1['frames_phase_fps']:.2f}x "
+                    f"| {r1['frames_per_cpu_second']:.0f} | {hardware_line(hw)}, load {hw['load_avg_1min']:.1f} |")
+    s = result["stage_costs"]
+    rows.append("")
+    rows.append(f"Stage cost per frame ({s['file']}, {s['size'][1]}x{s['size'][0]}, 1 thread): read {s['read_ms']:.2f} ms, "
+                f"prepare {s['prepare_ms']:.2f} ms, USrc mask {s['mask_ms']:.2f} ms, finish {s['finish_ms']:.2f} ms, "
+                f"encode {s['encode_ms']:.2f} ms")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one-run"]:  # child process of run_once
@@ -111,6 +149,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out", help="folder for bench_ingest.json and bench_ingest.md")
     ap.add_argument("--repeats", type=int, default=2, help="runs per setting, interleaved (the best is reported)")
+    ap.add_argument("--long-copies", type=int, default=5,
+                    help="also ingest this many copies of the POCUS folder as one long corpus (worker scaling)")
     a = ap.parse_args(argv)
     from usjepa.ingest.synthetic import make_synthetic_corpus
 
@@ -121,6 +161,9 @@ def main(argv=None) -> dict:
         corpora = {"synthetic demo": [str(make_synthetic_corpus(tmp / "raw", preset="demo", seed=0))]}
         if (REALDATA / "pocus").is_dir():
             corpora["realdata pocus"] = [str(REALDATA / "pocus")]
+            if a.long_copies > 1:
+                corpora[f"realdata pocus x{a.long_copies}"] = [str(repeated_corpus(REALDATA / "pocus", a.long_copies,
+                                                                                   tmp / "long"))]
         for name, inputs in corpora.items():
             runs: dict[int, dict] = {}
             for _ in range(a.repeats):  # interleaved, best of each: other load on the machine hits both alike
@@ -139,19 +182,7 @@ def main(argv=None) -> dict:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_ingest.json").write_text(json.dumps(result, indent=1) + "\n")
-    hw = result["hardware"]
-    rows = ["| benchmark | corpus | frames | 1 worker | 2 workers | ratio 2 vs 1 | frames per CPU-second (1 worker) | hardware |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name, c in result["corpora"].items():
-        r1, r2 = c["runs"]
-        rows.append(f"| ingest end to end | {name} | {r1['frames']} | {r1['fps']:.0f} frames/s | {r2['fps']:.0f} frames/s "
-                    f"| {c['ratio_2_vs_1']:.2f}x | {r1['frames_per_cpu_second']:.0f} | {hardware_line(hw)}, load {hw['load_avg_1min']:.1f} |")
-    s = result["stage_costs"]
-    rows.append("")
-    rows.append(f"Stage cost per frame ({s['file']}, {s['size'][1]}x{s['size'][0]}, 1 thread): read {s['read_ms']:.2f} ms, "
-                f"prepare {s['prepare_ms']:.2f} ms, USrc mask {s['mask_ms']:.2f} ms, finish {s['finish_ms']:.2f} ms, "
-                f"encode {s['encode_ms']:.2f} ms")
-    md = "\n".join(rows) + "\n"
+    md = markdown(result)
     (out / "bench_ingest.md").write_text(md)
     print(md)
     return result

@@ -23,7 +23,7 @@ REPO = HERE.parent
 # Each benchmark's small-size options. The train loop needs two log intervals (the first is dropped), so
 # 16 CPU steps (log every 8) and 10 GPU steps (log every 5) are its minimum.
 QUICK = {
-    "bench_ingest": ["--repeats", "1"],
+    "bench_ingest": ["--repeats", "1", "--long-copies", "1"],
     "bench_loader": ["--frames", "256", "--side", "224", "--rounds", "1"],
     "bench_masks": ["--rounds", "4", "--calls", "10"],
     "bench_probe": ["--n", "288", "--seeds", "3"],
