@@ -339,3 +339,10 @@ def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
     assert old.median(0) is None
     assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
     old.close()
+    with open(tar, "r+b") as f:  # metadata damaged in place: still a fallback, never an exception
+        f.seek(int(ix.offsets[F.META_EXT][0]))
+        f.write(b"\xff{" * (int(ix.sizes[F.META_EXT][0]) // 2))
+    damaged = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
+    assert damaged.median(0) is None
+    assert contrast_centre(damaged, 0, jpg, mask) == median_in_mask(jpg, mask)
+    damaged.close()
