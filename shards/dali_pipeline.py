@@ -116,7 +116,8 @@ def batch_to_dali(pb: PreparedBatch) -> tuple[list[np.ndarray], ...]:
         jpg.append(np.frombuffer(b, np.uint8))
         blur = blur_params(p.blur_eps).ksize > 1
         f = p.speckle_field
-        params[k] = (*p.roi()[0], *p.roi()[1], blur, f is not None)
+        start, end = p.roi()
+        params[k] = (*start, *end, blur, f is not None)
         gain.append(one[:, :, None] if f is None else (f + np.float32(1.0))[:, :, None])
         kernel.append(blur_kernel(p.blur_eps) if blur else one)
     return jpg, gain, kernel, list(params), list(rec_bytes)

@@ -129,6 +129,8 @@ class _DaliBackend:
     def _to_torch(self, outs) -> dict:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        from usjepa.shards.dali_pipeline import records_to_torch
+
         n, s = self.batch_size, self.cfg.image_size
         # one copy out of DALI's buffers, which the next run() reuses
         if self.device_id is not None:
@@ -137,8 +139,6 @@ class _DaliBackend:
         else:
             images = torch.empty((n, s, s, 1), dtype=torch.uint8)
             feed_ndarray(outs[0].as_tensor(), images)
-        from usjepa.shards.dali_pipeline import records_to_torch
-
         return {"image": images.view(n, 1, s, s),  # HWC with one channel has CHW's memory layout
                 **records_to_torch(np.array(outs[1].as_tensor()), self.cfg.grid)}
 
