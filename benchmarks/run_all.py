@@ -24,7 +24,7 @@ REPO = HERE.parent
 # 16 CPU steps (log every 8) and 10 GPU steps (log every 5) are its minimum.
 QUICK = {
     "bench_ingest": ["--repeats", "1", "--long-copies", "1"],
-    "bench_loader": ["--frames", "256", "--side", "224", "--rounds", "1"],
+    "bench_loader": ["--frames", "256", "--side", "224", "--rounds", "1", "--min-images", "0"],
     "bench_masks": ["--rounds", "4", "--calls", "10"],
     "bench_probe": ["--n", "288", "--seeds", "3"],
     "bench_train": ["--cpu-steps", "16", "--gpu-steps", "10"],
