@@ -12,11 +12,12 @@ import os
 import re
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED as EXIT_FAILED, OK as EXIT_OK, SKIPPED as EXIT_SKIPPED
+from usjepa.exit_codes import USAGE as EXIT_USAGE
+
 COMMANDS = ("run", "merge", "verify", "contact-sheet")
 
-_EPILOG = """exit status: 0 = finished, nothing skipped; 3 = finished, some files skipped (see the
-manifest's "skipped" list); 1 = failed, or verify found problems; 2 = bad command line.
+_EPILOG = EXIT_STATUS_HELP + """
 A bare `usjepa-ingest SRC... --out DIR` means `usjepa-ingest run SRC... --out DIR`."""
 
 

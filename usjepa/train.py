@@ -44,6 +44,7 @@ from usjepa.checkpoint import (
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config
+from usjepa.exit_codes import EXIT_STATUS_HELP, USAGE
 from usjepa.models import (
     CheckpointFormatError,
     DecoderConfig,
@@ -73,7 +74,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="usjepa-train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="usjepa-train", description=__doc__.split("\n\n")[0], epilog=EXIT_STATUS_HELP)
     p.add_argument("config", help="YAML config (configs/usjepa_vitb16.yaml, configs/tiny_cpu.yaml)")
     p.add_argument("--out", help="output folder (overrides out_dir)")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --out, or a fresh start if none) or a path")
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, CheckpointFormatError, NonFiniteLossError, FileNotFoundError) as e:
         log.error("%s: %s", type(e).__name__, e)
         print(f"usjepa-train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return USAGE
 
 
 def train(argv=None) -> int:

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from usjepa.exit_codes import EXIT_STATUS_HELP, OK, USAGE
 from usjepa.probe.data import DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, LabelledDataError
 from usjepa.probe.encoders import EncoderSpecError
 from usjepa.probe.features import ImageReadError
@@ -47,7 +48,7 @@ def _floats(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     d = ProbeConfig()
     p = argparse.ArgumentParser(prog="usjepa-probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                epilog=EXIT_STATUS_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
                    help="labelled data: folder-per-class, a CSV (path,label[,split][,group]) or UltraBench JSON; "
                         "repeat for several datasets (table columns)")
@@ -98,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet)
     except (LabelledDataError, EncoderSpecError, ImageReadError, FileNotFoundError) as e:
         print(f"usjepa-probe: error: {e}", file=sys.stderr)
-        return 2
+        return USAGE
     print(Path(res["files"]["markdown"]).read_text())
     print(f"wrote {res['files']['json']}, {res['files']['markdown']}"
           + "".join(f", {p}" for p in res["files"]["plots"]))
-    return 0
+    return OK
 
 
 if __name__ == "__main__":
