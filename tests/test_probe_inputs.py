@@ -171,6 +171,11 @@ def test_labelled_shards_from_ingest(tmp_path):
     res = probe_encoders({"r": f"random:{ARCH}"}, {"shards": tmp_path / "shards"}, tmp_path / "out", seeds=1,
                          probe=QUICK, device="cpu", frames_per_video=3, plots=False)
     assert sum(sum(c.values()) for c in res["results"]["shards"]["r"]["frames"].values()) == 12 + 3 * 3
+    # two datasets in one manifest: the same folder name is two classes, named by dataset
+    other = write_stills(tmp_path / "other", 3, rng)
+    assert ingest_main([str(raw), str(other), "--out", str(tmp_path / "two")]) in (0, 3)
+    two = load_labelled(tmp_path / "two", frames_per_video=3)
+    assert set(two.classes) == {f"{d}/{c}" for d in ("labelled", "other") for c in CLASSES}
 
 
 def test_ultrabench_layout_keeps_test_and_carves_val_by_source(tmp_path):

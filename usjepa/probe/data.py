@@ -12,7 +12,7 @@ two splits. Layouts read (``load_labelled`` picks by what it finds):
   that do not match are left out (counted in the log);
 * CSV (``ROOT/labels.csv`` or a ``.csv`` path): ``path,label[,split][,group][,frame]`` (``labels.py``);
 * ingest's shards (``ROOT/manifest.json``): the samples whose metadata carries a label; group and source
-  from the metadata;
+  from the metadata; with several datasets in one manifest the classes are ``<dataset>/<label>``;
 * UltraBench's processed layout (``train_val.json`` / ``train.json`` / ``validation.json`` / ``test.json``,
   at ROOT or in its one ``<task>_v<version>/`` folder): records with ``image``, ``label``, ``source`` or
   ``patient``, ``scan_mask``; the test split is kept, validation is carved from ``train_val`` by group.
@@ -272,6 +272,7 @@ def read_labelled_shards(root: Path, frames_per_video: int) -> list[LabelledItem
     from usjepa.shards.format import IMAGE_EXT, MASK_EXT, META_EXT, SampleMeta, load_manifest, read_index, read_member
 
     manifest = load_manifest(root)
+    several = len(manifest["datasets"]) > 1  # "normal" of two anatomies are two classes: name them by dataset
     frames: dict[tuple[str, str, str], list] = defaultdict(list)
     groups: dict[tuple[str, str, str], str] = {}
     unlabelled = 0
@@ -283,7 +284,7 @@ def read_labelled_shards(root: Path, frames_per_video: int) -> list[LabelledItem
                 if meta.label is None:
                     unlabelled += 1
                     continue
-                key = (meta.dataset, meta.source, meta.label)
+                key = (meta.dataset, meta.source, f"{meta.dataset}/{meta.label}" if several else meta.label)
                 groups[key] = f"{meta.dataset}/{meta.group}"
                 frames[key].append(ShardFrame(
                     tar=shard["abs_path"], frame=meta.frame,
