@@ -9,11 +9,11 @@
    apart (fp32 must match the old path; bf16 is compared by cosine), and a cached re-run.
 2. Linear-probe training: five seeds side by side (usjepa.probe.linear) vs five plain runs, one after another.
 
-Baseline, measured in the same process on one thread (as ours runs): the textbook loop per seed — ``nn.Linear``-style parameters,
-autograd cross-entropy, ``torch.optim.AdamW``, cosine annealing, minibatches of 32 by index. Both train
-the same features for the full 150 epochs (patience off, so the work is equal; both keep the epoch with
-the lowest validation loss), from the same initialisation and sample order; the benchmark also reports how
-far the two sets of kept weights end apart.
+Baseline of 2., measured in the same process on one thread (as ours runs): the textbook loop per seed —
+our probe's initialisation, autograd cross-entropy, ``torch.optim.AdamW``, cosine annealing, minibatches of
+32 by index. Both train the same features for the full 150 epochs (patience off, so the work is equal;
+both keep the epoch with the lowest validation loss), from the same initialisation and sample order; the
+benchmark also reports how far the two sets of kept weights end apart.
 
     python -m benchmarks.bench_probe --out benchmarks/results
 """

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from usjepa.exit_codes import EXIT_STATUS_HELP, OK, SKIPPED, USAGE
+from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, OK, SKIPPED, USAGE
 from usjepa.probe.data import DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, DEFAULT_FRAMES_PER_VIDEO, LabelledDataError
 from usjepa.probe.encoders import EncoderSpecError
 from usjepa.probe.features import PRECISIONS
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "one file are always grouped, this groups files (videos of one patient) too. "
                         "NAME= limits it to one --data")
     p.add_argument("--exclude", default=DEFAULT_EXCLUDE, metavar="REGEX",
-                   help="folder-per-class: skip files whose stem matches (lesion masks); '' keeps all")
+                   help="class folders and --label-pattern: skip files whose stem matches (lesion masks); '' keeps all")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="probe epochs at most (Table 6)")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience on val loss")
     p.add_argument("--cache-dir", default=None, help="feature cache; None means OUT/feature_cache")
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError, PermissionError) as e:
         print(f"usjepa-probe: error: {e}", file=sys.stderr)
         return USAGE
+    except FloatingPointError as e:  # an encoder that yields NaN/inf features: the run failed, say why
+        print(f"usjepa-probe: failed: {e}", file=sys.stderr)
+        return FAILED
     print(Path(res["files"]["markdown"]).read_text())
     print(f"wrote {res['files']['json']}, {res['files']['markdown']}"
           + "".join(f", {p}" for p in res["files"]["plots"]))

@@ -175,7 +175,8 @@ def file_encoder(spec: str, arch: str | None = None) -> ProbeEncoder:
     except EncoderSpecError:
         raise
     except (ValueError, KeyError, RuntimeError, OSError) as e:  # wrong shapes, foreign file, unreadable
-        raise EncoderSpecError(f"cannot load encoder {spec!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EncoderSpecError(f"cannot load encoder {spec!r}: {first_line}") from e
     identity = f"file:{file_sha256(path)}" + (f"#{key}" if key else "")
     return _ours(model, spec, identity, f"{path.name}{'#' + key if key else ''}, {_arch_name(model)}")
 

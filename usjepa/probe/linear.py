@@ -14,8 +14,8 @@ AdamW and weight decay act element-wise and the summed loss separates by seed, s
 computation as S independent runs — a seed's result does not depend on which other seeds run beside it —
 done with S times fewer Python-level steps. The feature matrix is one tensor; minibatches are index
 gathers; the cross-entropy gradient is taken in closed form (no autograd graph) and AdamW is the fused
-kernel, on one CPU thread. ``benchmarks/bench_probe.py`` measures it against five plain autograd runs (same weights to 1e-7,
-about 5x faster on a 2-core CPU).
+kernel, on one CPU thread. ``benchmarks/bench_probe.py`` measures it against five plain autograd runs
+(same weights to 1e-7, about 4x faster on a 2-core CPU).
 """
 
 from __future__ import annotations

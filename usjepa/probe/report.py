@@ -85,7 +85,7 @@ def _footnotes(res: dict) -> list[str]:
     notes = []
     if EQUAL_MARK in text:
         notes.append(f"{EQUAL_MARK}: every seed gave the same score, so the spread over seeds is not measured "
-                     f"(L-BFGS logistic regression is deterministic on a fixed training set).")
+                     f"(always so for logreg on the full training set: L-BFGS is deterministic).")
     if FLAG_MARK in text:
         notes.append(f"{FLAG_MARK}k/n: k of the n seeds predicted one class for ≥ "
                      f"{100 * res['protocol'].get('degenerate_share', 0.95):.0f} % of the test set — a collapsed "
