@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--feature-data", type=Path, default=REALDATA_BUSI,
                     help="stills to extract features from (default: the shared BUSI sample; synthetic if absent)")
     ap.add_argument("--feature-images", type=int, default=24)
-    ap.add_argument("--feature-rounds", type=int, default=2)
+    ap.add_argument("--feature-rounds", type=int, default=3)
     ap.add_argument("--feature-arch", default="vit_base_patch16_224")
     args = ap.parse_args(argv)
     feat = bench_features(args.feature_data, args.feature_images, args.feature_rounds, args.feature_arch)

@@ -162,23 +162,18 @@ def _item(root: Path, path: Path, label: str, **kw) -> LabelledItem:
                         frames=frames, **kw)
 
 
-def _probe_files(files: list[Path], exclude: str | None) -> tuple[list[Path], int]:
+def _probe_files(files: list[Path], exclude: str | None) -> list[Path]:
+    """The stills, videos and volumes among ``files`` whose stem does not match ``exclude``."""
     exclude_re = re.compile(exclude, re.IGNORECASE) if exclude else None
-    keep, other = [], 0
-    for p in files:
-        if kind_of(p) is None:
-            other += 1
-        elif exclude_re is None or not exclude_re.search(p.name[:-len(file_ext(p))]):
-            keep.append(p)
-    return keep, other
+    return [p for p in files if kind_of(p) is not None
+            and (exclude_re is None or not exclude_re.search(p.name[:-len(file_ext(p))]))]
 
 
 def read_folder_per_class(root: Path, exclude: str | None = DEFAULT_EXCLUDE) -> list[LabelledItem]:
     items = []
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for cdir in class_dirs:
-        files, _ = _probe_files(walk_files(cdir), exclude)
-        items += [_item(root, p, cdir.name) for p in files]
+        items += [_item(root, p, cdir.name) for p in _probe_files(walk_files(cdir), exclude)]
     if not items:
         raise LabelledDataError(f"no labelled images, videos or volumes under {root}: expected ROOT/<class>/<file>, "
                                 f"a labels.csv, a manifest.json of labelled shards, UltraBench JSON files, "
@@ -188,9 +183,8 @@ def read_folder_per_class(root: Path, exclude: str | None = DEFAULT_EXCLUDE) -> 
 
 def read_pattern_labels(root: Path, pattern: str, exclude: str | None = DEFAULT_EXCLUDE) -> list[LabelledItem]:
     rx = compile_label_pattern(pattern)
-    files, _ = _probe_files(walk_files(root), exclude)
     items, unmatched = [], []
-    for p in files:
+    for p in _probe_files(walk_files(root), exclude):
         label = label_from_name(p.name, rx)
         if label is None:
             unmatched.append(p.name)
@@ -460,6 +454,8 @@ def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: s
         items, base = _read_any(root, label_pattern, exclude, frames_per_video)
     except LabelError as e:
         raise LabelledDataError(str(e)) from e
+    except re.error as e:
+        raise LabelledDataError(f"exclude pattern {exclude!r} is not a valid regular expression: {e}") from e
     if group_pattern:
         items = group_by_pattern(items, group_pattern)
     check_sources_in_one_split(items)
