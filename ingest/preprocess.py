@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from usjepa.ingest.sector import candidate_region, fit_sector, scan_evidence
+
 
 class FrameRejected(ValueError):
     """A frame that carries no usable image (all black, flat): skipped and reported, never written."""
@@ -49,6 +51,7 @@ class PreprocessConfig:
     high_percentile: float = 98.0
     mask_threshold: int = 12  # gray level separating echo from the black border
     min_region_fraction: float = 0.05
+    min_fit_agreement: float = 0.95  # share of the evidence the fitted sector must hold to be used
     blank_max_level: int = 8  # a frame whose 99th percentile is below this is "all black"
 
     def to_dict(self) -> dict:
@@ -108,33 +111,27 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[None]
-    signal = frames.max(axis=0)
-    n = frames.shape[0]
-    if n >= 8:
-        step = max(1, n // 32)  # the std over ≤ 32 frames is enough to tell static overlays from echo
-        std = frames[::step].astype(np.float32).std(axis=0)
-        static_bright = (std < 1.0) & (signal > 3 * cfg.mask_threshold)
-        if static_bright.mean() < 0.5:
-            signal = np.where(static_bright, 0, signal).astype(np.uint8)
-    h, w = signal.shape
-    fg = (signal > cfg.mask_threshold).astype(np.uint8)
-    opened = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disc(round(0.02 * min(h, w))))
-    n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
-    if n_lab > 1:
-        areas = stats[1:, cv2.CC_STAT_AREA]
-        keep = 1 + np.flatnonzero(areas >= 0.15 * areas.max())
-        region = np.isin(labels, keep).astype(np.uint8)
-    else:
-        region = np.zeros_like(fg)
+    h, w = frames.shape[1:]
+    evidence, overlay = scan_evidence(frames)
+    region = candidate_region(evidence)
     if region.sum() < cfg.min_region_fraction * h * w:
-        mask = fg.astype(bool)
-        return mask if mask.any() else np.ones((h, w), bool)
-    region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disc(round(0.03 * min(h, w))))
-    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.concatenate(contours))
-    mask = np.zeros((h, w), np.uint8)
-    cv2.fillConvexPoly(mask, hull, 1)
-    return mask.astype(bool)
+        # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
+        fg = frames.max(axis=0) > cfg.mask_threshold
+        return fg if fg.any() else np.ones((h, w), bool)
+    fitted = fit_sector(region)
+    if fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= 0.6:
+        mask = fitted[0]
+    else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        hull = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
+        hull = hull.astype(bool)
+        mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
+    # burned-in text, markers and calipers inside the sector are no ultrasound signal
+    overlay = cv2.dilate(overlay.astype(np.uint8), _disc(1)).astype(bool) & mask
+    if overlay.sum() < 0.05 * mask.sum():
+        mask = mask & ~overlay
+    return mask
 
 
 def _percentiles_in_mask(gray: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
