@@ -52,6 +52,7 @@ class PreprocessConfig:
     mask_threshold: int = 12  # gray level separating echo from the black border
     min_region_fraction: float = 0.05
     min_fit_agreement: float = 0.95  # share of the evidence the fitted sector must hold to be used
+    min_fit_fill: float = 0.5  # evidence area / fitted area below this: the fit is mostly empty, not used
     blank_max_level: int = 8  # a frame whose 99th percentile is below this is "all black"
 
     def to_dict(self) -> dict:
@@ -119,7 +120,7 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         fg = frames.max(axis=0) > cfg.mask_threshold
         return fg if fg.any() else np.ones((h, w), bool)
     fitted = fit_sector(region)
-    if fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= 0.6:
+    if fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
         mask = fitted[0]
     else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)

@@ -171,16 +171,14 @@ area / fit area) tell the caller whether the fit explains the region.
         edges.append(line if line is not None and line[2] >= 0.2 * len(rows) else None)
     left, right = edges
     if left is not None and right is not None and abs(left[1] + right[1]) > 0.25 * max(abs(left[1]), abs(right[1])):
-        # Asymmetric edges: one follows a ragged dark boundary inside the sector. Sectors are symmetric
-        # about the middle of their (bright) near field, so mirror the better-supported edge there,
-        # unless the mirror is narrower (then the ragged edge was the wider one and is kept).
+        # Asymmetric edges: the narrower one follows a dark boundary inside the sector (dark tissue only
+        # ever narrows the evidence). Sectors are symmetric about the middle of their bright near field,
+        # so the narrower edge is replaced by the mirror image of the wider one about that middle.
         x_mid = float(np.median((first[:3] + last[:3] + 1) / 2.0))
-        if left[2] >= right[2]:
-            mirror = (2 * x_mid - left[0], -left[1], 0)
-            right = mirror if mirror[0] + mirror[1] * ys[-1] > right[0] + right[1] * ys[-1] else right
+        if -left[1] > right[1]:
+            right = (2 * x_mid - left[0], -left[1], 0)
         else:
-            mirror = (2 * x_mid - right[0], -right[1], 0)
-            left = mirror if mirror[0] + mirror[1] * ys[-1] < left[0] + left[1] * ys[-1] else left
+            left = (2 * x_mid - right[0], -right[1], 0)
     left, right = (e[:2] if e is not None else None for e in (left, right))
     apex = None
     if left is not None and right is not None and right[1] - left[1] > 0.02:
