@@ -6,8 +6,9 @@ Sets:
 * ``pocus``, ``busi``: every file of ../shared/realdata/{pocus,busi} (lesion masks excluded), truth from
   ``benchmarks/usrc_truth/<set>/<file>.json`` (see ``benchmarks/usrc_truth.py``). A video is scored on its
   clip mask (one mask per clip, as ingest computes it), against the clip's sector outline.
-* ``ddti``: the thyroid crops; their truth is the whole frame (see docs/ingest.md for why), scored as a
-  rule, not per hand-checked file.
+* ``ddti``: the thyroid crops; their truth is the whole frame (the crops were cut inside the scan, see
+  docs/ingest.md), except for the files with a JSON under ``usrc_truth/ddti/`` (crops that kept part of
+  the scanner's display, found by looking at the lowest-scoring files).
 * ``synthetic``: frames with known geometry, one per failure class of issue 12 (``synthetic_cases``).
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus with one worker, frames/s with the new mask
@@ -164,10 +165,13 @@ def score_ddti(cfg, limit: int | None = None) -> list[dict]:
     from usjepa.ingest.preprocess import compute_usrc_mask
 
     files = sorted((REALDATA / "ddti" / "cropped").glob("*.png"))[:limit]
+    exceptions = {r["file"]: r for r in load_truth("ddti")}
     rows = []
     for p in files:
         frames = clip_frames(p, cfg)
-        truth = np.ones(frames.shape[1:], bool)
+        rec = exceptions.get("cropped/" + p.name)
+        truth = (rasterize(rec["polygon"], rec["width"], rec["height"], frames.shape[1:]) if rec
+                 else np.ones(frames.shape[1:], bool))
         rows.append({"set": "ddti", "file": "cropped/" + p.name, "frames": 1,
                      "old": iou(usrc_mask_baseline(frames), truth), "new": iou(compute_usrc_mask(frames, cfg), truth)})
     return rows

@@ -54,6 +54,7 @@ class PreprocessConfig:
     min_fit_agreement: float = 0.95  # share of the evidence the fitted sector must hold to be used
     min_fit_fill: float = 0.5  # evidence area / fitted area below this: the fit is mostly empty, not used
     blank_max_level: int = 8  # a frame whose 99th percentile is below this is "all black"
+    max_pixels: int = 64_000_000  # stills above this are decoded reduced (JPEG) or skipped, never whole
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
