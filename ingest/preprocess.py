@@ -4,23 +4,28 @@ The order is chosen for speed: frames are converted to grayscale and resized fir
 runs on at most ``max_side``² pixels), the USrc mask is computed once per clip from all its frames, and
 inpainting and percentile rescaling finish each frame.
 
-USrc mask algorithm (``compute_usrc_mask``), on the resized grayscale frames of one clip (or one still):
+USrc mask algorithm (``compute_usrc_mask``), on the resized grayscale frames of one clip (or one still); it
+models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
 
-1. Signal map: the per-pixel maximum over the clip (a pixel that ever shows echo belongs to the scan).
-   Where the clip has enough frames, pixels that never change (temporal std ≈ 0) but are bright are burned-in
-   overlays (text, rulers, logos): they are removed from the signal map, unless that would remove nearly
-   everything (a clip of identical frames).
-2. Threshold: signal > ``mask_threshold`` (dark borders are ~0 after compression, echo is well above).
-3. Opening with a disc of ~2 % of the image size cuts thin bridges between the sector and text or rulers
-   and deletes thin overlays; then the largest connected component is kept, with any other component of at
-   least 15 % of its area (a dark effusion or shadow can split one sector in two); text, logos and colour
-   bars are separate, much smaller components.
-4. Closing restores anechoic areas inside the sector (cysts, vessels, the dark lung
-   interior), and the convex hull of the kept components gives the final region: scan sectors, linear and
-   convex, are convex, so the hull also repairs dark shadows that touch the sector's edge.
-5. A component smaller than ``min_region_fraction`` of the image means the heuristics failed (e.g. a
-   very dark frame); the mask then falls back to all pixels above the threshold, and to the whole frame if
-   that is empty too, so a mask is never empty.
+1. Evidence of live ultrasound (``scan_evidence``). A clip (≥ 8 frames): pixels whose temporal std over
+   ≤ 32 sampled frames exceeds 0.8 gray levels — the live image changes, background and burned-in overlays
+   do not, and even dark deep tissue flickers. A still: pixels that are textured (5×5 local std) or clearly
+   away from the background level (the most common gray on the frame's outer ring: black or grey).
+2. Candidate region (``candidate_region``): evidence density over a small window (sparse flicker in dark
+   tissue counts, isolated noise does not), an opening, the largest component plus any of ≥ 15 % of it
+   (a dark band can split a sector), a closing and hole filling.
+3. Sector fit (``fit_sector``): robust lines through the region's row-wise left and right ends give the
+   side edges (the frame border where the display crops the scan; an asymmetric pair is made symmetric
+   about the near field's middle with the wider edge, since dark tissue only narrows the evidence); where
+   they meet above the region is the apex; near and far boundaries are arcs around the apex or flat cuts,
+   at the extreme percentiles of the region — whichever agrees better with it. Curvilinear fans, phased
+   sectors, trapezoids and linear rectangles are all this one model.
+4. The fit is used when it holds ≥ ``min_fit_agreement`` of the region and the region fills ≥
+   ``min_fit_fill`` of it; otherwise (a crop with an irregular border) the region's convex hull, or the
+   region itself when the hull would add more than that.
+5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
+   taken out of the mask. Fallback: a region below ``min_region_fraction`` of the image means nothing
+   was found (a nearly black clip): every pixel above ``mask_threshold``, or the whole frame.
 """
 
 from __future__ import annotations
@@ -130,7 +135,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         hull = hull.astype(bool)
         mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
     # burned-in text, markers and calipers inside the sector are no ultrasound signal
-    overlay = cv2.dilate(overlay.astype(np.uint8), _disc(1)).astype(bool) & mask
+    # dilated by ~0.6 % of the side: anti-aliased and compressed edges of the strokes flicker with the tissue
+    overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
     if overlay.sum() < 0.05 * mask.sum():
         mask = mask & ~overlay
     return mask
