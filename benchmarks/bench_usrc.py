@@ -12,7 +12,8 @@ Sets:
 * ``synthetic``: frames with known geometry, one per failure class of issue 12 (``synthetic_cases``).
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus with one worker, frames/s with the new mask
-vs the old one (monkeypatched into the pipeline), alternated and repeated in this process.
+vs the old one (monkeypatched into the pipeline), alternated and repeated in this process; and the time of
+one mask computation per real file, old vs new (one thread).
 
 ``usrc_mask_baseline`` is the previous algorithm, kept here as the baseline only (not a user option).
 """
@@ -156,8 +157,13 @@ def score_set(name: str, cfg) -> list[dict]:
             continue
         frames = clip_frames(path, cfg)
         truth = rasterize(rec["polygon"], rec["width"], rec["height"], frames.shape[1:])
-        rows.append({"set": name, "file": rec["file"], "frames": len(frames),
-                     "old": iou(usrc_mask_baseline(frames), truth), "new": iou(compute_usrc_mask(frames, cfg), truth)})
+        t0 = time.perf_counter()
+        old = usrc_mask_baseline(frames)
+        t1 = time.perf_counter()
+        new = compute_usrc_mask(frames, cfg)
+        t2 = time.perf_counter()
+        rows.append({"set": name, "file": rec["file"], "frames": len(frames), "old": iou(old, truth),
+                     "new": iou(new, truth), "old_ms": 1e3 * (t1 - t0), "new_ms": 1e3 * (t2 - t1)})
     return rows
 
 
@@ -210,6 +216,71 @@ def ingest_fps(rounds: int = 2) -> dict:
     return {"frames_per_s": fps, "ratio_new_vs_old": [n / o for n, o in zip(fps["new"], fps["old"])]}
 
 
+# ------------------------------------------------------------------------------------------ figures
+
+FAILING = ["pocus_videos/convex/Reg_Avi_Video_001.mp4", "pocus_videos/convex/Pneu_Pneumonia-LITFL-Ultrasound_crop.mp4",
+           "pocus_videos/convex/Reg_pat4Image_140606.mpeg", "pocus_videos/convex/Pneu_northumbria_0409_set1_vid1.avi",
+           "pocus_videos/convex/Reg_recommendations_alines_mov1.mov", "pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg"]
+
+
+def _outline(bgr: np.ndarray, mask: np.ndarray, colour, width: int = 1) -> None:
+    cs, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(bgr, cs, -1, colour, width)
+
+
+def _panel(gray: np.ndarray, cell: int = 240, caption: str = "") -> np.ndarray:
+    s = cell / max(gray.shape)
+    img = cv2.resize(gray, (round(gray.shape[1] * s), round(gray.shape[0] * s)), interpolation=cv2.INTER_AREA)
+    out = np.zeros((cell + 16, cell, 3), np.uint8)
+    out[: img.shape[0], : img.shape[1]] = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    cv2.putText(out, caption[:40], (2, cell + 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
+    return out
+
+
+def _brighten(gray: np.ndarray) -> np.ndarray:
+    return (255 * (gray / 255.0) ** 0.5).astype(np.uint8)  # so that dark tissue and the sector edge show
+
+
+def make_figures(out_dir: Path, cfg) -> list[Path]:
+    """docs figures: the algorithm's steps on three real files, and old vs new masks on the files the old
+    mask got wrong (truth blue, old red, new green)."""
+    from usjepa.ingest.preprocess import compute_usrc_mask
+    from usjepa.ingest.sector import candidate_region, scan_evidence
+
+    truth = {r["file"]: r for r in load_truth("pocus")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rel in FAILING[:2] + ["pocus_images/convex/Cov_Oliviera_2020_Fig4A.jpg"]:
+        frames = clip_frames(REALDATA / "pocus" / rel, cfg)
+        t = rasterize(truth[rel]["polygon"], truth[rel]["width"], truth[rel]["height"], frames.shape[1:])
+        evidence, _ = scan_evidence(frames)
+        region = candidate_region(evidence)
+        mask = compute_usrc_mask(frames, cfg)
+        proj = _brighten(frames.max(axis=0))
+        fit = cv2.cvtColor(proj, cv2.COLOR_GRAY2BGR)
+        _outline(fit, t, (255, 128, 0), 2)
+        _outline(fit, mask, (0, 255, 0), 1)
+        name = Path(rel).name
+        rows.append(np.hstack([_panel(proj, caption=f"{name[:28]}: max"), _panel(evidence.astype(np.uint8) * 255, caption="1 evidence"),
+                               _panel(region.astype(np.uint8) * 255, caption="2 candidate region"),
+                               _panel(fit, caption=f"3 fit (green), truth (blue) {iou(mask, t):.2f}")]))
+    paths = [out_dir / "usrc_algorithm.png"]
+    cv2.imwrite(str(paths[0]), np.vstack(rows))
+    tiles = []
+    for rel in FAILING:
+        frames = clip_frames(REALDATA / "pocus" / rel, cfg)
+        t = rasterize(truth[rel]["polygon"], truth[rel]["width"], truth[rel]["height"], frames.shape[1:])
+        old, new = usrc_mask_baseline(frames), compute_usrc_mask(frames, cfg)
+        bgr = cv2.cvtColor(_brighten(frames[len(frames) // 2]), cv2.COLOR_GRAY2BGR)
+        _outline(bgr, t, (255, 128, 0), 3)
+        _outline(bgr, old, (0, 0, 255), 2)
+        _outline(bgr, new, (0, 255, 0), 1)
+        tiles.append(_panel(bgr, 300, f"{Path(rel).name[:22]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
+    paths.append(out_dir / "usrc_failing_files.png")
+    cv2.imwrite(str(paths[1]), np.vstack([np.hstack(tiles[:3]), np.hstack(tiles[3:6])]))
+    return paths
+
+
 def _summary(rows: list[dict]) -> dict:
     out = {}
     for s in sorted({r["set"] for r in rows}):
@@ -227,9 +298,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ddti-limit", type=int, default=None, help="score only the first N DDTI crops")
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (old and new alternated)")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--figures", metavar="DIR", default=None, help="only write the docs figures into DIR")
     a = ap.parse_args(argv)
     cfg = PreprocessConfig()
     cv2.setNumThreads(1)
+    if a.figures:
+        print("\n".join(str(p) for p in make_figures(Path(a.figures), cfg)))
+        return 0
     rows = score_synthetic(cfg)
     if (REALDATA / "pocus").is_dir():
         rows += score_set("pocus", cfg) + score_set("busi", cfg)
@@ -238,9 +313,9 @@ def main(argv=None) -> int:
     speed = ingest_fps(a.rounds) if (REALDATA / "pocus").is_dir() and not a.no_throughput else None
     hw = hardware()
     summary = _summary(rows)
-    md = ["| set | file | frames | IoU old | IoU new |", "|---|---|---|---|---|"]
-    md += [f"| {r['set']} | {r['file']} | {r['frames']} | {r['old']:.3f} | {r['new']:.3f} |"
-           for r in rows if r["set"] != "ddti"]
+    md = ["| set | file | frames | IoU old | IoU new | mask ms old / new |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['set']} | {r['file']} | {r['frames']} | {r['old']:.3f} | {r['new']:.3f} | "
+           + (f"{r['old_ms']:.1f} / {r['new_ms']:.1f} |" if "old_ms" in r else "|") for r in rows if r["set"] != "ddti"]
     md += ["", "| set | files | mean IoU old | min IoU old | mean IoU new | min IoU new |", "|---|---|---|---|---|---|"]
     md += [f"| {s} | {v['files']} | {v['old']['mean']:.3f} | {v['old']['min']:.3f} | {v['new']['mean']:.3f} | "
            f"{v['new']['min']:.3f} |" for s, v in summary.items()]

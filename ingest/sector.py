@@ -61,10 +61,10 @@ def scan_evidence(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     img = mx
     textured = _local_std(img) > _TEXTURE_STD
     away = np.abs(img.astype(np.int16) - bg) > _LEVEL_STEP
-    # White strokes on a still (text, calipers) are not told apart from saturated speckle by a top-hat
-    # (tried: it removed speckle of bright tissue); coloured marks are inpainted by finish_frame instead.
-    overlay = np.zeros_like(textured)
-    return textured | away, overlay
+    # Text and marks printed beside the scan are separate components that candidate_region drops. White
+    # strokes over the tissue of a still are not removed: a top-hat that finds them also removed the
+    # saturated speckle of bright tissue. Coloured marks are inpainted by finish_frame.
+    return textured | away, np.zeros_like(textured)
 
 
 def _disc(radius: int) -> np.ndarray:
