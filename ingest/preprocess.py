@@ -125,8 +125,10 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
         fg = frames.max(axis=0) > cfg.mask_threshold
         return fg if fg.any() else np.ones((h, w), bool)
-    fitted = fit_sector(region)
-    if fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
+    fitted = None if region.all() else fit_sector(region)
+    if fitted is None and region.all():  # an image cropped to the scan: nothing to fit
+        mask = region
+    elif fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
         mask = fitted[0]
     else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -134,8 +136,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
         hull = hull.astype(bool)
         mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
-    # burned-in text, markers and calipers inside the sector are no ultrasound signal
-    # dilated by ~0.6 % of the side: anti-aliased and compressed edges of the strokes flicker with the tissue
+    # burned-in text, markers and calipers inside the sector are no ultrasound signal; dilated by ~0.6 % of
+    # the side, since the anti-aliased and compressed edges of the strokes flicker with the tissue
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
     if overlay.sum() < 0.05 * mask.sum():
         mask = mask & ~overlay

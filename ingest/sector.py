@@ -14,6 +14,8 @@ Both run on frames already resized to ``max_side`` (≤ 320²), a few millisecon
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
@@ -22,6 +24,7 @@ _TEXTURE_STD = 2.5  # local std (5×5) above which a still's pixel is textured: 
 _LEVEL_STEP = 10  # a still's pixel this far from the background level is signal even where it is smooth
 _MIN_VIDEO_FRAMES = 8
 _DENSITY_WINDOW = 0.025  # side of the window (share of the image side) over which evidence is counted
+_FULL_FRAME = 0.995  # evidence this dense everywhere: the scan is the whole frame (nothing to fit)
 _DENSITY_MIN = 0.15  # share of evidence pixels in that window that makes it part of the scan
 
 
@@ -84,11 +87,15 @@ def candidate_region(evidence: np.ndarray) -> np.ndarray:
     # the window grows a fully covered region by (0.5 - _DENSITY_MIN)·k: take that back
     dense = cv2.erode(dense.astype(np.uint8), _disc(round((0.5 - _DENSITY_MIN) * k))) > 0
     fg = cv2.morphologyEx(dense.astype(np.uint8), cv2.MORPH_OPEN, _disc(round(0.01 * min(h, w)) or 1))
+    if cv2.countNonZero(fg) >= _FULL_FRAME * h * w:  # an image cropped to the scan (most still datasets)
+        return np.ones((h, w), bool)
     n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
     if n_lab <= 1:
         return np.zeros((h, w), bool)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    region = np.isin(labels, 1 + np.flatnonzero(areas >= 0.15 * areas.max())).astype(np.uint8)
+    keep = np.zeros(n_lab, np.uint8)
+    keep[1:] = areas >= 0.15 * areas.max()
+    region = keep[labels]
     region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disc(round(0.03 * min(h, w))))
     # fill holes: everything not reachable from the border through background is inside
     pad = np.pad(region, 1)
@@ -120,24 +127,18 @@ def _ransac_line(ys: np.ndarray, xs: np.ndarray, tol: float, seed: int = 0) -> t
     return float(a), float(b), int(inl.sum())
 
 
-def _render(h: int, w: int, left, right, apex, near, far) -> np.ndarray:
-    """The model as a mask. ``left``/``right``: (a, b) of x = a + b·y, or None for the frame border.
-    ``near``/``far``: ("arc", r) around ``apex`` or ("flat", y)."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    yy += 0.5
-    xx += 0.5
-    m = np.ones((h, w), bool)
-    if left is not None:
-        m &= xx >= left[0] + left[1] * yy
-    if right is not None:
-        m &= xx <= right[0] + right[1] * yy
-    d = np.hypot(xx - apex[0], yy - apex[1]) if apex is not None else None
-    for kind, v, is_near in (near + (True,), far + (False,)):
-        if kind == "arc":
-            m &= (d >= v) if is_near else (d <= v)
-        elif kind == "flat":
-            m &= (yy >= v) if is_near else (yy <= v)
-    return m
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + np.float32(0.5)
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
+def _boundary_mask(kind: str, v: float, is_near: bool, yy, d) -> np.ndarray:
+    """Pixels on the inner side of a near/far boundary: ("arc", r) around the apex or ("flat", y)."""
+    if kind == "arc":
+        return (d >= v) if is_near else (d <= v)
+    return (yy >= v) if is_near else (yy <= v)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -185,23 +186,34 @@ area / fit area) tell the caller whether the fit explains the region.
         ay = (left[0] - right[0]) / (right[1] - left[1])
         if ay < rows[0] + 0.05 * h:  # the edges converge above the scan: a sector
             apex = (left[0] + left[1] * ay, ay)
+    yy, xx = _pixel_centres(h, w)
+    sides = np.ones((h, w), bool)
+    if left is not None:
+        sides &= xx >= left[0] + left[1] * yy
+    if right is not None:
+        sides &= xx <= right[0] + right[1] * yy
     ry, rx = np.nonzero(region)
-    fy, fx = ry + 0.5, rx + 0.5
-    flats = (("flat", float(np.percentile(fy, 0.5)) - 0.5), ("flat", float(np.percentile(fy, 99.5)) + 0.5))
-    options_near, options_far = [flats[0]], [flats[1]]
+    n_region = len(ry)
+    step = max(1, n_region // 20000)  # percentiles of a regular subsample: same to a fraction of a pixel
+    fy, fx = ry[::step] + 0.5, rx[::step] + 0.5
+    near_opts = [("flat", float(np.percentile(fy, 0.5)) - 0.5)]
+    far_opts = [("flat", float(np.percentile(fy, 99.5)) + 0.5)]
+    d = None
     if apex is not None:
-        d = np.hypot(fx - apex[0], fy - apex[1])
-        options_near.append(("arc", float(np.percentile(d, 0.5)) - 0.5))
-        options_far.append(("arc", float(np.percentile(d, 99.5)) + 0.5))
+        r = np.hypot(fx - apex[0], fy - apex[1])
+        near_opts.append(("arc", float(np.percentile(r, 0.5)) - 0.5))
+        far_opts.append(("arc", float(np.percentile(r, 99.5)) + 0.5))
+        d = np.hypot(xx - np.float32(apex[0]), yy - np.float32(apex[1]))
+    near_masks = [(o, sides & _boundary_mask(*o, True, yy, d)) for o in near_opts]
+    far_masks = [(o, _boundary_mask(*o, False, yy, d)) for o in far_opts]
     best = None
-    for near in options_near:
-        for far in options_far:
-            m = _render(h, w, left, right, apex, near, far)
+    for near, nm in near_masks:
+        for far, fm in far_masks:
+            m = nm & fm
             score = _iou(m, region)
             if best is None or score > best[0] + 1e-3:
                 best = (score, m, near, far)
     score, mask, near, far = best
-    n_region = len(ry)
     covered = np.count_nonzero(mask & region) / n_region  # the fit must hold the evidence ...
     filled = n_region / max(1, np.count_nonzero(mask))  # ... and not be mostly empty
     return mask, {"left": left, "right": right, "apex": apex, "near": near, "far": far, "iou_region": score,
