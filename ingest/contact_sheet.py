@@ -137,10 +137,10 @@ def make_contact_sheet(root: str | Path, out: str | Path, n: int = 24, cols: int
                     old = cv2.resize(old.astype(np.uint8), valid.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
                 union = np.count_nonzero(old | valid)
                 score = 1.0 - (np.count_nonzero(old & valid) / union if union else 1.0)  # larger = worse
-                caption = f"{Path(meta.source).name}#{meta.frame} IoU {1 - score:.2f}"
+                caption = f"IoU {1 - score:.2f} {Path(meta.source).name}#{meta.frame}"
             else:
                 old, score = None, 1.0 - valid.mean()  # lower coverage = worse
-                caption = f"{Path(meta.source).name}#{meta.frame} {valid.mean():.0%}"
+                caption = f"{valid.mean():.0%} {Path(meta.source).name}#{meta.frame}"
             src = (meta.dataset, meta.source)
             if src not in ranked or score > ranked[src][0]:
                 ranked[src] = (score, img, mask, old, caption)
