@@ -241,7 +241,7 @@ def _panel(gray: np.ndarray, cell: int = 240, caption: str = "") -> np.ndarray:
     img = cv2.resize(gray, (round(gray.shape[1] * s), round(gray.shape[0] * s)), interpolation=cv2.INTER_AREA)
     out = np.zeros((cell + 16, cell, 3), np.uint8)
     out[: img.shape[0], : img.shape[1]] = img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    cv2.putText(out, caption[:40], (2, cell + 12), cv2.FONT_HERSHEY_PLAIN, 0.9, (255, 255, 255), 1)
+    cv2.putText(out, caption[:44], (2, cell + 12), cv2.FONT_HERSHEY_PLAIN, 0.85, (255, 255, 255), 1)
     return out
 
 
@@ -283,7 +283,7 @@ def make_figures(out_dir: Path, cfg) -> list[Path]:
         _outline(bgr, t, (255, 128, 0), 3)
         _outline(bgr, old, (0, 0, 255), 2)
         _outline(bgr, new, (0, 255, 0), 1)
-        tiles.append(_panel(bgr, 300, f"{Path(rel).name[:22]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
+        tiles.append(_panel(bgr, 300, f"{Path(rel).name[:17]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
     paths.append(out_dir / "usrc_failing_files.png")
     cv2.imwrite(str(paths[1]), np.vstack([np.hstack(tiles[:3]), np.hstack(tiles[3:6])]))
     return paths
