@@ -104,7 +104,7 @@ def _still(item: LabelledItem, cfg, out: ItemFrames) -> None:
     from usjepa.ingest.preprocess import FrameRejected, preprocess_frame
     from usjepa.ingest.readers import open_frames
 
-    for index, frame in open_frames(item.path):
+    for index, frame in open_frames(item.path, max_pixels=cfg.max_pixels):
         usrc = None
         if item.scan_mask is not None:  # preprocess_frame resizes it to the prepared frame
             usrc = _read_mask_file(item.scan_mask)
@@ -139,7 +139,7 @@ def _clip(item: LabelledItem, cfg, frames_per_video: int, out: ItemFrames) -> No
     wanted = set(item.frames) if item.frames is not None else None
     kept: dict[int, tuple] = {}  # frames to finish: index -> (gray, colour)
     spread = _EvenBuffer(max(MASK_FRAMES, frames_per_video))  # evenly spaced prepared frames (mask, selection)
-    for index, frame in open_frames(item.path):
+    for index, frame in open_frames(item.path, max_pixels=cfg.max_pixels):
         try:
             gray, colour = prepare_frame(frame, cfg)
         except FrameRejected as e:
