@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 2
 PRECISIONS = ("auto", "fp32", "bf16")
 MASK_FRAMES = 256  # a clip's USrc mask is computed over at most ~2x this many evenly spaced frames (bounds RAM)
+# ingest's video reader captures FFmpeg's messages by pointing file descriptor 2 at a temporary file around
+# each frame: a process-wide switch, so two clips decoding in two threads would swap each other's messages
+# (and skip reasons). Clips decode one at a time; stills and shard samples still run in parallel.
+_CLIP_DECODE = threading.Lock()
 
 
 class ImageReadError(ValueError):
@@ -191,7 +196,8 @@ def frames_of_item(item: LabelledItem, preprocess_cfg, frames_per_video: int = D
         elif item.kind == "still":
             _still(item, preprocess_cfg, out)
         else:
-            _clip(item, preprocess_cfg, frames_per_video, out)
+            with _CLIP_DECODE:
+                _clip(item, preprocess_cfg, frames_per_video, out)
     except SourceUnreadable as e:
         out.skipped.append((None, e.reason))
     except (ImageReadError, ShardFormatError, OSError) as e:
