@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import warnings
 import weakref
 from collections import Counter
@@ -28,10 +27,12 @@ import torch
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.readers import SampleTable, open_sample_table
 from usjepa.shards.sampler import EpochSampler
+from usjepa.shards.worker_guard import LoaderWorkerError, WorkerDied, dead_workers, make_plan_dir, run_watchdog
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "torch")
+MAX_WORKER_RESTARTS = 3  # per pass: a worker that keeps dying (e.g. every batch OOMs) stops the run instead
 
 
 @dataclass
@@ -54,7 +55,7 @@ class _DaliBackend:
         from usjepa.shards.dali_pipeline import DaliBatchSource
 
         self.cfg, self.batch_size, self.device = cfg, batch_size, device
-        self.plan_dir = tempfile.mkdtemp(prefix="usjepa-dali-")
+        self.plan_dir = make_plan_dir()
         # removed at close() or, for a loader never closed, when it is collected or the interpreter exits
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.plan_dir, True)
         self.source = DaliBatchSource(table.reader_view(), self.plan_dir, cfg, mask_cfg, seed, train)
@@ -78,7 +79,7 @@ class _DaliBackend:
     def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
         from usjepa.shards.dali_pipeline import write_pass
 
-        t = 0
+        t, restarts, watchdog = 0, 0, run_watchdog()
         while True:
             fresh = self._pipe is None or not self._clean
             if fresh:
@@ -90,10 +91,23 @@ class _DaliBackend:
             pipe = self._pipe
             try:
                 while t < len(ids):
-                    outs = pipe.run()
+                    with watchdog.guard(pipe):
+                        outs = pipe.run()
                     t += 1
                     yield self._to_torch(outs)
             except RuntimeError as e:
+                dead = e.dead if isinstance(e, WorkerDied) else dead_workers(pipe)
+                if dead:
+                    # A dead worker (OOM kill, crash): a fresh pipeline renders the same batch t and the rest of
+                    # the pass from the same plan, so the batches, and an exact resume, are unchanged.
+                    self.close_pipeline()
+                    restarts += 1
+                    if restarts > MAX_WORKER_RESTARTS:
+                        raise LoaderWorkerError(f"DALI {WorkerDied(dead)}; gave up after {MAX_WORKER_RESTARTS} "
+                                                f"pipeline restarts in this pass") from None
+                    log.warning("DALI %s; restarting the pipeline at batch %d of the pass (restart %d of %d)",
+                                WorkerDied(dead), t, restarts, MAX_WORKER_RESTARTS)
+                    continue
                 # DALI stops on a JPEG its decoder rejects (one that passed the workers' marker checks). Render
                 # this batch with OpenCV in this process instead — same parameters, so the same batch, with the
                 # bad sample replaced — and restart the pipeline on the rest of the pass.
@@ -107,7 +121,8 @@ class _DaliBackend:
                 continue
             break
         try:  # the source stops at the planned length; DALI then needs a reset to start the next pass
-            pipe.run()
+            with watchdog.guard(pipe):
+                pipe.run()
             raise RuntimeError("DALI pipeline produced more batches than planned")
         except StopIteration:
             pass
