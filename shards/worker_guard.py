@@ -184,8 +184,8 @@ def remove_stale_plan_dirs(tmp: str | os.PathLike | None = None) -> list[Path]:
     return removed
 
 
-def make_plan_dir() -> str:
+def make_plan_dir(tmp: str | os.PathLike | None = None) -> str:
     """A fresh plan folder named after this process (so a later run can tell it is stale), after removing the
     stale ones."""
-    remove_stale_plan_dirs()
-    return tempfile.mkdtemp(prefix=f"{PLAN_PREFIX}{os.getpid()}-")
+    remove_stale_plan_dirs(tmp)
+    return tempfile.mkdtemp(prefix=f"{PLAN_PREFIX}{os.getpid()}-", dir=tmp)
