@@ -88,15 +88,16 @@ class _DaliBackend:
             if fresh:
                 self._pipe.build()
             self._clean = False
-            pipe = self._pipe
+            # no local reference to the pipeline: a pass abandoned mid-way (max_steps) must not keep it alive
+            # in this suspended generator after close(), to be torn down during interpreter shutdown
             try:
                 while t < len(ids):
-                    with watchdog.guard(pipe):
-                        outs = pipe.run()
+                    with watchdog.guard(self._pipe):
+                        outs = self._pipe.run()
                     t += 1
                     yield self._to_torch(outs)
             except RuntimeError as e:
-                dead = e.dead if isinstance(e, WorkerDied) else dead_workers(pipe)
+                dead = e.dead if isinstance(e, WorkerDied) else dead_workers(self._pipe)
                 if dead:
                     # A dead worker (OOM kill, crash): a fresh pipeline renders the same batch t and the rest of
                     # the pass from the same plan, so the batches, and an exact resume, are unchanged.
@@ -121,12 +122,12 @@ class _DaliBackend:
                 continue
             break
         try:  # the source stops at the planned length; DALI then needs a reset to start the next pass
-            with watchdog.guard(pipe):
-                pipe.run()
+            with watchdog.guard(self._pipe):
+                self._pipe.run()
             raise RuntimeError("DALI pipeline produced more batches than planned")
         except StopIteration:
             pass
-        pipe.reset()
+        self._pipe.reset()
         self._k += 1
         self._clean = True
 

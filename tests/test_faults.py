@@ -24,27 +24,17 @@ from usjepa.models import build_vit, export_encoder_safetensors
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
 from usjepa.train import main, setup_logging, train
 
+# 64 train frames (8 batches of 8 per epoch on one rank, 4 on two), 16 val frames; a tiny random teacher
+from test_train import shards, teacher  # noqa: F401  (fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    # 64 train frames -> 8 batches of 8 per epoch on one rank, 4 on two; 16 val frames.
-    return write_synthetic_corpus(tmp_path_factory.mktemp("shards"), {"toy_a": 32, "toy_b": 32}, size=(240, 300),
-                                  per_shard=32, val={"toy_a": 8, "toy_b": 8})
-
-
-@pytest.fixture(scope="module")
 def no_val_shards(tmp_path_factory) -> Path:
     return write_synthetic_corpus(tmp_path_factory.mktemp("noval"), {"toy_a": 24}, size=(240, 300), per_shard=24)
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(123)
-    return export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path_factory.mktemp("teacher") / "t.safetensors")
 
 
 def args(shards: Path, out: Path, teacher: Path, *extra: str) -> list[str]:

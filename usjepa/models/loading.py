@@ -54,7 +54,7 @@ def read_weights_file(path: str | os.PathLike) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch's own text suggests weights_only=False: never repeat that
-        raise CheckpointFormatError(f"{path} was refused: {refused_pickle_reason(e)}") from None
+        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint (refused: {refused_pickle_reason(e)})") from None
     except Exception as e:
         raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
