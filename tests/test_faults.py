@@ -229,6 +229,55 @@ def test_sigkilled_trainer_leaves_no_workers_and_its_plan_folder_is_cleaned(shar
     assert not any(p.exists() for p in plan_dirs) and Path(mine).is_dir()
 
 
+def start_torchrun(argv: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "usjepa.train",
+           *argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_torchrun_rank_loses_its_loader_workers_and_the_job_still_finishes(shards, teacher, tmp_path):
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=2"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 5 or proc.poll() is not None, 120, "epoch 1 to start")
+        ranks = children(proc.pid)
+        victims = children(max(ranks))  # one rank's train (mid-pass) and val (idle) workers
+        assert len(ranks) == 2 and len(victims) == 2, (ranks, victims)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "killed by SIGKILL; restarting the pipeline" in stdout
+    finished = [line for line in stdout.splitlines() if "finished at step 8" in line]
+    assert len(finished) == 2 and len({line.split("digest ")[1] for line in finished}) == 1, stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards, teacher, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50"), {**ENV, "TMPDIR": str(tmp)})
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = children(proc.pid)
+        everyone = ranks + [w for r in ranks for w in children(r)]
+        assert len(everyone) == 4, everyone  # 2 ranks x 1 train worker (val pipelines start at validation)
+        killed = max(ranks)
+        os.kill(killed, signal.SIGKILL)
+        proc.communicate(timeout=60)  # the other rank is stopped too, not left waiting in a collective
+        wait_for(lambda: not any(alive(p) for p in everyone), 10, "every rank and worker to exit")
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0
+    left = sorted(p.name.split("-")[2] for p in tmp.glob("usjepa-dali-*"))
+    assert left == [str(killed)] * 2  # the surviving rank removed its plan folders on the way out
+
+
 # ------------------------------------------------------------------ 4. elastic resume keeps the schedule
 
 
