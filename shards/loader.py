@@ -294,12 +294,14 @@ def build_loader(
     device: str | torch.device = "cpu",
     seed: int = 0,
     backend: str = "dali",
+    val_from_train: float = 0.0,
 ) -> ShardLoader:
     """Loader over ``split`` of the corpus at ``root`` (contract in docs/architecture.md).
 
     Training (``split="train"``): Eq. 6 with ``data_cfg.cap``, fresh shuffle per epoch, random augmentation,
     tail dropped. Any other split: every sample in id order, padded to whole global batches, full-frame
-    resize without random augmentation, block masks from a fixed seed.
+    resize without random augmentation, block masks from a fixed seed. ``val_from_train`` > 0: the "val" split
+    is that slice of the training split's groups instead, and "train" is the rest (``shards.holdout``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -315,7 +317,12 @@ def build_loader(
         warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
         backend = "torch"
     train = split == "train"
-    table = open_sample_table(root, split)
+    if val_from_train:
+        from usjepa.shards.holdout import split_off_validation
+
+        table = split_off_validation(open_sample_table(root, "train"), val_from_train)[0 if train else 1]
+    else:
+        table = open_sample_table(root, split)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})\.pt$")
 
 # Config sections that must match for a resume to continue the same run (train.* may change freely).
-RESUME_MUST_MATCH = ("stage", "seed", "model", "optim", "masks", "data.batch_size")
+RESUME_MUST_MATCH = ("stage", "seed", "model", "optim", "masks", "data.batch_size", "data.val_from_train")
 # ...except file locations, which move between machines (a changed teacher *path* is logged, not refused).
 RESUME_MAY_MOVE = ("model.teacher",)
 

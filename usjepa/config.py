@@ -41,6 +41,7 @@ class DataSection:
     batch_size: int = 128  # per device
     backend: str = "dali"  # "dali" or "torch" (the DataLoader + OpenCV baseline)
     loader: dict = field(default_factory=dict)  # the data layer's own config (augmentations, workers, ...)
+    val_from_train: float = 0.0  # > 0: validate on this deterministic slice of the train split's groups instead
 
 
 @dataclass
@@ -223,6 +224,7 @@ _MODEL_SIZES = {"embed_dim": _AT_LEAST_1, "depth": _AT_LEAST_1, "num_heads": _AT
 RANGES = {
     "seed": _NON_NEGATIVE,
     "data.batch_size": _AT_LEAST_1,
+    "data.val_from_train": _range(lambda v: 0 <= v < 1, "in [0, 1)"),
     **{f"optim.{k}": r for k, r in {
         "epochs": _AT_LEAST_1, "warmup_epochs": _NON_NEGATIVE, "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
         "lr_final": _NON_NEGATIVE, "wd_start": _NON_NEGATIVE, "wd_final": _NON_NEGATIVE, "eps": _POSITIVE,

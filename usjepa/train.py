@@ -397,6 +397,7 @@ def train(argv=None) -> int:
 
 def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.device):
     from usjepa.kernels.block_masks import MaskConfig
+    from usjepa.shards.holdout import HoldoutError
     from usjepa.shards.loader import build_loader
 
     if not cfg.data.root:
@@ -405,18 +406,24 @@ def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.de
         mask_cfg = MaskConfig.from_dict(cfg.masks)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"masks: {e}") from e
-    return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
-                        mask_cfg, rank=rank, world_size=world, device=device,
-                        seed=cfg.seed, backend=cfg.data.backend)
+    try:
+        return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
+                            mask_cfg, rank=rank, world_size=world, device=device,
+                            seed=cfg.seed, backend=cfg.data.backend, val_from_train=cfg.data.val_from_train)
+    except HoldoutError as e:
+        raise ConfigError(f"data.val_from_train: {e}") from None
 
 
 def make_val_loader(cfg: Config, rank: int, world: int, device: torch.device):
     """The validation loader, or None (with one warning) for a corpus ingested without a validation split."""
     from usjepa.shards.format import load_manifest
 
-    if not any(s["split"] == "val" for s in load_manifest(cfg.data.root)["shards"]):
+    if cfg.data.val_from_train:
+        log.info("validating on %.1f%% of the training split's groups (data.val_from_train), not trained on",
+                 100 * cfg.data.val_from_train)
+    elif not any(s["split"] == "val" for s in load_manifest(cfg.data.root)["shards"]):
         log.warning("%s has no validation split: training without validation; best.pt is the latest epoch "
-                    "checkpoint (ingest with a validation fraction to select by validation loss)", cfg.data.root)
+                    "checkpoint (or set data.val_from_train: 0.05 to hold out a slice of train)", cfg.data.root)
         return None
     return make_loader(cfg, "val", rank, world, device)
 
