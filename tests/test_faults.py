@@ -296,6 +296,26 @@ def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards
     assert left == [str(killed)] * 2  # the surviving rank removed its plan folders on the way out
 
 
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_others_after_the_configured_collective_timeout(shards, teacher, tmp_path):
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50", "train.collective_timeout_s=3"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = sorted(children(proc.pid))
+        os.kill(ranks[1], signal.SIGSTOP)  # hung, not dead: only a timeout can tell
+        t = time.time()
+        wait_for(lambda: not alive(ranks[0]), 30, "rank 0 to give up on the hung rank")
+        waited = time.time() - t
+        os.kill(ranks[1], signal.SIGCONT)  # let it take torchrun's SIGTERM now rather than after 30 s
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert 2 <= waited < 20, waited  # the configured 3 s, not NCCL's 10 minutes
+    assert proc.returncode != 0
+    assert "another rank did not answer within train.collective_timeout_s" in stdout, stdout[-3000:]
+
+
 # ------------------------------------------------------------------ 4. elastic resume keeps the schedule
 
 

@@ -104,6 +104,14 @@ def main(argv=None) -> int:
         log.error("%s: %s", type(e).__name__, message)
         print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
         return status
+    except RuntimeError as e:  # gloo/NCCL: "Timed out waiting ... for recv operation" and the like
+        if not (dist.is_available() and dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        message = (f"rank {dist.get_rank()}: another rank did not answer within train.collective_timeout_s (it "
+                   f"stopped, hung or died); stopping. Its last checkpoint is kept: rerun with --resume auto")
+        log.error("%s (%s)", message, str(e).splitlines()[0][:200])
+        print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
+        return FAILED
 
 
 def train(argv=None) -> int:
