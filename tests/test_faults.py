@@ -405,12 +405,12 @@ def test_nan_message_gives_a_resume_command_that_works(shards, tmp_path, capsys)
     export_encoder_safetensors(poisoned, teacher_path)
     err = _one_line_exit_2(capsys, args(shards, out, teacher_path, "train.max_steps=8", "train.log_every=2")
                            + ["--resume", "auto"])
-    command = err.split("resume from it: ", 1)[1]
-    argv = shlex.split(command.replace("LOWER", "1e-4"))
-    assert argv[0] == "usjepa-train" and "--allow-changed" in argv
-    export_encoder_safetensors(good, teacher_path)  # the data is fixed; the suggested command must now run
+    argv = shlex.split(err.split("half the peak learning rate: ", 1)[1])
+    assert argv[0] == "usjepa-train" and "--allow-changed" in argv and "--resume" in argv
+    export_encoder_safetensors(good, teacher_path)  # the data is fixed; the suggested command, as printed, runs
     assert main(argv[1:]) == 0
-    assert load_checkpoint(latest_checkpoint(out))["config"]["optim"]["lr_peak"] == 1e-4
+    resumed = load_checkpoint(latest_checkpoint(out))
+    assert resumed["step"] == 8 and resumed["config"]["optim"]["lr_peak"] == 5e-4  # tiny_cpu's 1e-3, halved
 
 
 def test_refused_pickle_never_suggests_weights_only_false(shards, teacher, tmp_path, capsys):

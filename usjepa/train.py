@@ -272,8 +272,8 @@ def train(argv=None) -> int:
             if last is None:
                 advice = "no checkpoint was written yet: lower optim.lr_peak or check the data and start again"
             else:
-                advice = ("lower the learning rate or check the data, then resume from it: "
-                          + resume_command(args, out_dir, last, world))
+                advice = ("check the data, or resume from it with half the peak learning rate: "
+                          + resume_command(args, out_dir, last, world, lr_peak=cfg.optim.lr_peak / 2))
             raise NonFiniteLossError(f"non-finite loss or gradient norm before step {step}; stopping. "
                                      f"The last good checkpoint is {last if last else '(none)'}; {advice}")
 
@@ -436,14 +436,14 @@ def make_val_loader(cfg: Config, rank: int, world: int, device: torch.device):
     return make_loader(cfg, "val", rank, world, device)
 
 
-def resume_command(args: argparse.Namespace, out_dir: Path, checkpoint: Path, world: int) -> str:
-    """The command that resumes this run from ``checkpoint`` with a lower peak learning rate: the changed
+def resume_command(args: argparse.Namespace, out_dir: Path, checkpoint: Path, world: int, lr_peak: float) -> str:
+    """The command that resumes this run from ``checkpoint`` with peak learning rate ``lr_peak``: the changed
     optimiser setting has to be allowed explicitly (``--allow-changed``), or the resume is refused."""
     cmd = ["usjepa-train", args.config, "--out", str(out_dir), "--resume", str(checkpoint)]
     for s in args.set:
         if not s.startswith("optim.lr_peak="):
             cmd += ["--set", s]
-    cmd += ["--set", "optim.lr_peak=LOWER", "--allow-changed", "optim.lr_peak"]
+    cmd += ["--set", f"optim.lr_peak={lr_peak:g}", "--allow-changed", "optim.lr_peak"]
     text = shlex.join(cmd)
     return text if world == 1 else f"{text} (under torchrun, as this run was started)"
 
