@@ -79,16 +79,18 @@ def dead_workers(pipe) -> list[tuple[int, int]]:
 class RunWatchdog:
     """While a thread is inside a pipeline call, a watchdog thread polls the workers every ``poll_s``; when one
     is dead and the call is still blocked ``grace_s`` later, the call is interrupted with ``WorkerDied`` (a real
-    signal, SIGUSR1, breaks the blocked semaphore wait). Off the main thread, where Python takes no signals, the
-    process stops with a clear message instead of hanging. One per process (``run_watchdog()``)."""
+    signal, SIGUSR1, breaks the blocked semaphore wait). Off the main thread, where Python takes no signals, or
+    when the call is still blocked ``hard_s`` after the signal, the process stops with a clear message instead
+    of hanging (its checkpoints are intact). One per process (``run_watchdog()``)."""
 
-    def __init__(self, poll_s: float = 0.2, grace_s: float = 2.0):
-        self.poll_s, self.grace_s = poll_s, grace_s
+    def __init__(self, poll_s: float = 0.2, grace_s: float = 2.0, hard_s: float = 10.0):
+        self.poll_s, self.grace_s, self.hard_s = poll_s, grace_s, hard_s
         self._pipe = None
+        self._signalled = 0.0
         self._caller = None
         self._since = 0.0
         self._dead: list[tuple[int, int]] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: the signal handler runs on the main thread, maybe inside _leave
         self._previous = None
         self._handler = threading.current_thread() is threading.main_thread()
         if self._handler:
@@ -108,11 +110,11 @@ class RunWatchdog:
 
     def _leave(self) -> None:
         with self._lock:
-            self._pipe = None
+            self._pipe, self._dead = None, []
 
     def _on_signal(self, signum, frame):
-        with self._lock:
-            dead, self._dead = self._dead, []
+        with self._lock:  # only while the call is still guarded: it may have returned since the watchdog looked
+            dead = self._dead if self._pipe is not None else []
         if dead:
             raise WorkerDied(dead)
         if callable(self._previous):
@@ -123,17 +125,20 @@ class RunWatchdog:
         while True:
             time.sleep(self.poll_s)
             with self._lock:
-                pipe, caller = self._pipe, self._caller
-                if pipe is None or self._dead or time.monotonic() - self._since < self.grace_s:
+                pipe, caller, now = self._pipe, self._caller, time.monotonic()
+                if pipe is None or now - self._since < self.grace_s:
                     continue
-                dead = dead_workers(pipe)
+                if self._dead and now - self._signalled < self.hard_s:
+                    continue
+                dead = self._dead or dead_workers(pipe)
                 if not dead:
                     continue
-                self._dead = dead
-            if self._handler and caller == main:
+                first, self._dead, self._signalled = not self._dead, dead, now
+            if first and self._handler and caller == main:
                 signal.pthread_kill(main, signal.SIGUSR1)
-            else:
+            else:  # not interruptible (another thread, or the signal did not break the wait): never hang
                 log.error("loader %s while the pipeline waited on it; stopping this process", WorkerDied(dead))
+                logging.shutdown()
                 os._exit(1)
 
 

@@ -195,6 +195,30 @@ def test_watchdog_interrupts_a_call_blocked_on_a_dead_worker():
     assert "interrupted after" in proc.stdout and "killed by SIGKILL" in proc.stdout, proc.stdout
 
 
+def test_watchdog_stops_the_process_when_the_blocked_call_cannot_be_interrupted():
+    """Off the main thread no signal can break the wait: the process ends with a clear message, not a hang."""
+    code = textwrap.dedent("""
+    import logging, multiprocessing as mp, os, signal, sys, threading, time, types
+    logging.basicConfig(stream=sys.stdout)
+    from usjepa.shards.worker_guard import run_watchdog
+    run_watchdog()
+    worker = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    pipe = types.SimpleNamespace(_py_pool=types.SimpleNamespace(pool=types.SimpleNamespace(_processes=[worker])))
+    blocked = mp.get_context("fork").Semaphore(0)
+    def loader_thread():
+        with run_watchdog().guard(pipe):
+            blocked.acquire()
+    threading.Thread(target=loader_thread).start()
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGKILL)
+    time.sleep(60)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "killed by SIGKILL while the pipeline waited on it; stopping this process" in proc.stdout, proc.stdout
+
+
 def test_training_survives_its_loader_workers_being_killed(shards, teacher, tmp_path):
     common = ("optim.epochs=2", "train.ckpt_every_steps=0")
     ref = tmp_path / "ref"
