@@ -219,6 +219,16 @@ def test_watchdog_stops_the_process_when_the_blocked_call_cannot_be_interrupted(
     assert "killed by SIGKILL while the pipeline waited on it; stopping this process" in proc.stdout, proc.stdout
 
 
+def kill_workers_and_finish(proc: subprocess.Popen, workers: list[int]) -> str:
+    """SIGKILL the trainer's loader workers by PID; the run must recover and finish with status 0."""
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "killed by SIGKILL; restarting the pipeline" in stdout
+    return stdout
+
+
 def test_training_survives_its_loader_workers_being_killed(shards, teacher, tmp_path):
     common = ("optim.epochs=2", "train.ckpt_every_steps=0")
     ref = tmp_path / "ref"
@@ -233,13 +243,9 @@ def test_training_survives_its_loader_workers_being_killed(shards, teacher, tmp_
         wait_for(lambda: train_lines(out) >= 10 or proc.poll() is not None, 120, "epoch 1 to start")
         victims = children(proc.pid)
         assert len(victims) == 2, victims
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        stdout, _ = proc.communicate(timeout=120)
+        kill_workers_and_finish(proc, victims)
     finally:
         kill_group(proc)
-    assert proc.returncode == 0, stdout[-3000:]
-    assert "killed by SIGKILL; restarting the pipeline" in stdout
     assert {r["step"]: r["loss"] for r in records(out)} == expected  # the same batches: an exact run
 
 
@@ -287,13 +293,9 @@ def test_torchrun_rank_loses_its_loader_workers_and_the_job_still_finishes(shard
         ranks = children(proc.pid)
         victims = children(max(ranks))  # one rank's train (mid-pass) and val (idle) workers
         assert len(ranks) == 2 and len(victims) == 2, (ranks, victims)
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        stdout, _ = proc.communicate(timeout=120)
+        stdout = kill_workers_and_finish(proc, victims)
     finally:
         kill_group(proc)
-    assert proc.returncode == 0, stdout[-3000:]
-    assert "killed by SIGKILL; restarting the pipeline" in stdout
     finished = [line for line in stdout.splitlines() if "finished at step 8" in line]
     assert len(finished) == 2 and len({line.split("digest ")[1] for line in finished}) == 1, stdout[-2000:]
 
