@@ -58,9 +58,11 @@ def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
                 images[k], pb.valid[k], pb.ids[k] = images[src], pb.valid[src], pb.ids[src]
                 pb.ctx_idx[k], pb.tgt_idx[:, k] = pb.ctx_idx[src], pb.tgt_idx[:, src]
                 pb.scale[k], pb.bias[k] = pb.scale[src], pb.bias[src]
+                pb.speckle_eps[k], pb.speckle_seed[k] = pb.speckle_eps[src], pb.speckle_seed[src]
             else:
                 images[k] = 0
                 pb.scale[k], pb.bias[k] = SampleParams((0, 0, 1, 1)).affine(cfg)
+                pb.speckle_eps[k] = 0.0
                 pb.ids[k] = -1
             pb.replaced[k] = True
     return {
@@ -72,6 +74,8 @@ def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
         "tgt": torch.from_numpy(pb.tgt_idx),
         "sid": torch.from_numpy(pb.ids),
         "replaced": torch.from_numpy(pb.replaced),
+        "speckle_eps": torch.from_numpy(pb.speckle_eps),
+        "speckle_seed": torch.from_numpy(pb.speckle_seed),
     }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from usjepa.shards.augment import DataConfig
+from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import SampleTable, open_sample_table
 from usjepa.shards.sampler import EpochSampler
 
@@ -180,6 +181,7 @@ class ShardLoader:
         cls = _DaliBackend if backend == "dali" else _TorchBackend
         self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
         self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._speckle_gen: torch.Generator | None = None  # re-seeded per batch (device speckle)
         self._warned = 0
 
     # ------------------------------------------------------------------------------- contract
@@ -231,13 +233,19 @@ class ShardLoader:
                 log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
-        dev, nb = self.device, self.device.type == "cuda"
+        dev = self.device
+        gain = None
+        eps = raw["speckle_eps"].numpy()
+        if eps.any():  # speckle_on="device": drawn here, on the device (device_speckle.py)
+            if self._speckle_gen is None:
+                self._speckle_gen = torch.Generator(dev)
+            gain = speckle_gain(eps, raw["speckle_seed"].numpy(), raw["image"].shape[-2:], dev, self._speckle_gen)
         return Batch(
-            images=normalise(raw["image"].to(dev, non_blocking=nb), raw["scale"].to(dev, non_blocking=nb),
-                             raw["bias"].to(dev, non_blocking=nb)),
-            valid=raw["valid"].to(dev, non_blocking=nb),
-            ctx_idx=raw["ctx"].to(dev, non_blocking=nb),
-            tgt_idx=raw["tgt"].to(dev, non_blocking=nb),
+            images=normalise(to_device(raw["image"], dev), to_device(raw["scale"], dev), to_device(raw["bias"], dev),
+                             gain),
+            valid=to_device(raw["valid"], dev),
+            ctx_idx=to_device(raw["ctx"], dev),
+            tgt_idx=to_device(raw["tgt"], dev),
             keys=keys,
             sample_ids=sid,
             replaced=replaced,
@@ -253,9 +261,22 @@ class ShardLoader:
             pass
 
 
-def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op."""
-    return images.float().mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))  # one allocation
+def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op,
+    after the device speckle ``gain`` (rounded and saturated to gray levels as in the pipelines) when given."""
+    x = images.float()  # one allocation
+    if gain is not None:
+        apply_gain_u8(x, gain)
+    return x.mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor → ``device`` without making the host wait on a GPU: through pinned memory (the DataLoader
+    already pins its batches; DALI's records are pinned here) and a ``non_blocking`` copy."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def dali_available() -> bool:
@@ -295,6 +316,7 @@ def build_loader(
     if mask_cfg.grid != cfg.grid:
         raise ValueError(f"mask grid {mask_cfg.grid} != image_size/patch_size = {cfg.grid}")
     device = torch.device(device)
+    cfg = cfg.for_device(device.type)
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
         backend = "torch"
