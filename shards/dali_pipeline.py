@@ -13,8 +13,8 @@ resolution and is handled in the worker); crop and flips are one ``resize`` with
 the photometric ops run under DALI conditionals, i.e. only on the samples that drew them; speckle noise is
 drawn in the worker by the same function ``corrupt`` uses (``speckle_field``: one-pixel grains, so at output
 resolution), or, with ``speckle_on="device"`` (the default on a GPU), after the pipeline on the device
-(``device_speckle.py``; the record carries its ε and seed); pixels stay uint8, and contrast + normalisation (one affine per sample) are left to the loader,
-on the training device. Every per-sample tensor that crosses from a worker into DALI costs ~7 µs in the
+(``device_speckle.py``; the record carries its ε and seed); pixels stay uint8, and contrast + normalisation
+(one affine per sample) are left to the loader, on the training device. Every per-sample tensor that crosses from a worker into DALI costs ~7 µs in the
 worker and ~10 µs in the pipeline (measured), so a sample travels as five: its JPEG, its speckle gain, its blur
 kernel, one float vector of pixel parameters (``PARAMS``) and one byte record of everything DALI only passes
 through (``record_dtype``: validity grid, block masks, sample id, affine).

@@ -261,8 +261,8 @@ class ShardLoader:
             pass
 
 
-def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor | None = None
-              ) -> torch.Tensor:
+def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+              gain: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op,
     after the device speckle ``gain`` (rounded and saturated to gray levels as in the pipelines) when given."""
     x = images.float()  # one allocation
