@@ -13,7 +13,9 @@ says so):
   a synthetic corpus (written here, in parallel) and on ``--real-root``: DALI ``mixed`` (only where DALI is
   importable), our torch backend, and the plain per-sample DataLoader + OpenCV chain; DALI and torch
   also with speckle drawn in the workers (``speckle_on="worker"``) against on the device (the default on a
-  GPU). Steady-state img/s inside passes; start-up and pass restarts apart.
+  GPU); the torch backend's GPU path (``decode_on="device"``: nvJPEG + roi_align) where torchvision imports.
+  Steady-state img/s inside passes; start-up and pass restarts apart; a loader that fails is recorded as
+  such and the others still run.
 * ``salt``    — the SALT step, ViT-B/16 student + teacher, bf16, batch 128, eager and ``torch.compile``:
   compute-only (one batch on the device, repeated) and the real loop (``usjepa.train`` fed by the real
   loader): img/s, data-wait fraction (CUDA events), MFU, peak memory.
@@ -179,7 +181,8 @@ def time_batches(make, device: torch.device, seconds: float) -> dict:
             "passes": passes, "startup_s": startup, "restart_s_total": restarts}
 
 
-def loader_variants(root: Path, sz: dict, device: torch.device, dali: bool, with_worker_speckle: bool) -> dict:
+def loader_variants(root: Path, sz: dict, device: torch.device, dali: bool, with_worker_speckle: bool,
+                    gpu_decode: bool) -> dict:
     """name -> zero-argument maker of a loader over ``root``'s train split."""
     from benchmarks.bench_loader import plain_loader
     from usjepa.kernels.block_masks import MaskConfig
@@ -188,23 +191,32 @@ def loader_variants(root: Path, sz: dict, device: torch.device, dali: bool, with
 
     mask_cfg = MaskConfig()
     makers = {}
-    for backend in (("dali",) if dali else ()) + ("torch",):
-        for speckle in ("auto",) + (("worker",) if with_worker_speckle else ()):
-            cfg = DataConfig(num_workers=sz["workers"], cap=None, speckle_on=speckle)
-            name = backend + ("" if speckle == "auto" else "_worker_speckle")
-            makers[name] = functools.partial(build_loader, root, "train", sz["batch"], cfg, mask_cfg, 0, 1, device,
-                                             0, backend)
+    variants = [(b, "auto", "worker") for b in (("dali",) if dali else ()) + ("torch",)]
+    if with_worker_speckle:
+        variants += [(b, "worker", "worker") for b in (("dali",) if dali else ()) + ("torch",)]
+    if gpu_decode:
+        variants.append(("torch", "auto", "device"))
+    for backend, speckle, decode in variants:
+        cfg = DataConfig(num_workers=sz["workers"], cap=None, speckle_on=speckle, decode_on=decode)
+        name = backend + ("_worker_speckle" if speckle == "worker" else "") + ("_gpu_decode" if decode == "device" else "")
+        makers[name] = functools.partial(build_loader, root, "train", sz["batch"], cfg, mask_cfg, 0, 1, device, 0,
+                                         backend)
     plain_cfg = DataConfig(num_workers=sz["workers"], cap=None)
     makers["plain_dataloader_opencv"] = functools.partial(plain_loader, root, sz["batch"], plain_cfg, mask_cfg, 0)
     return makers
 
 
-def bench_loaders(corpora: dict, sz: dict, device: torch.device, dali: bool) -> dict:
+def bench_loaders(corpora: dict, sz: dict, device: torch.device, dali: bool, gpu_decode: bool) -> dict:
     out = {}
     for label, root in corpora.items():
         res = {}
-        for name, make in loader_variants(root, sz, device, dali, with_worker_speckle=label == "synthetic").items():
-            res[name] = time_batches(make, device, sz["loader_s"])
+        for name, make in loader_variants(root, sz, device, dali, label == "synthetic", gpu_decode).items():
+            try:
+                res[name] = time_batches(make, device, sz["loader_s"])
+            except Exception as e:  # one loader failing on a new machine must not cost the other numbers
+                res[name] = {"error": f"{type(e).__name__}: {e}"[:500], "images_per_s": None}
+                print(f"loader {label:9s} {name:26s} FAILED: {res[name]['error']}", flush=True)
+                continue
             print(f"loader {label:9s} {name:26s} {res[name]['images_per_s'] or 0:9.0f} img/s "
                   f"(start-up {res[name]['startup_s'] or 0:.1f} s, {res[name]['passes']} pass(es))", flush=True)
         base = res["plain_dataloader_opencv"]["images_per_s"]
@@ -391,6 +403,9 @@ def markdown(report: dict) -> str:
              "| section | what | result |", "|---|---|---|"]
     for label, res in (report.get("loader") or {}).items():
         for name, r in res.items():
+            if "error" in r:
+                lines.append(f"| loader, {label} | {name} | FAILED: {r['error'][:200]} |")
+                continue
             ratio = f" = {r['ratio_vs_plain']:.2f}× plain" if r.get("ratio_vs_plain") else ""
             lines.append(f"| loader, {label} | {name} | {r['images_per_s'] or 0:.0f} img/s{ratio} "
                          f"(start-up {r['startup_s'] or 0:.1f} s) |")
@@ -460,12 +475,17 @@ def main(argv=None) -> int:
     from usjepa.shards.loader import dali_available
     from usjepa.train import peak_flops_per_device
 
+    from usjepa.shards.gpu_decode import available as gpu_decode_available
+
     dali = dali_available()
+    gpu_decode = device.type == "cuda" and gpu_decode_available()
     backend = "dali" if dali else "torch"
     report = {"benchmark": NAME, "dry_run": a.dry_run, "measured_at": utc_now(), "env": environment(device),
               "sizes": sz, "skipped": {}}
     if not dali:
         report["skipped"]["dali"] = "nvidia.dali is not importable here (bring it: tools/stage-gpu-wheels.sh)"
+    if not gpu_decode:
+        report["skipped"]["torch_gpu_decode"] = "needs CUDA and torchvision (nvJPEG decode, roi_align)"
 
     def save(final: bool = False):
         report["elapsed_s"] = a.budget_s - budget.left()
@@ -495,7 +515,7 @@ def main(argv=None) -> int:
             peak, peak_source = peak_flops_per_device(_PeakCfg(), device)
             report["peak_flops"] = {"value": peak, "source": peak_source}
             sections = [
-                ("loader", 20 if a.dry_run else 150, lambda: bench_loaders(corpora, sz, device, dali)),
+                ("loader", 20 if a.dry_run else 150, lambda: bench_loaders(corpora, sz, device, dali, gpu_decode)),
                 ("salt", 20 if a.dry_run else 120, lambda: bench_salt(syn, work, sz, device, backend, peak, budget,
                                                                       a.dry_run)),
                 ("sync", 5 if a.dry_run else 30, lambda: bench_sync(syn, sz, device, backend)),

@@ -35,6 +35,7 @@ from usjepa.shards.readers import BadSample, SampleReader
 
 
 SPECKLE_ON = ("auto", "worker", "device")
+DECODE_ON = ("worker", "device")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class DataConfig:
     # device), "device" (torch, on the training device after the pipeline: no CPU time and no 200 KB field
     # per sample to copy), "auto" = "device" when the loader's device is a GPU, else "worker".
     speckle_on: str = "auto"
+    # Where the torch backend decodes, crops, resizes and blurs: "worker" (OpenCV in the CPU workers) or
+    # "device" (nvJPEG + roi_align on the GPU, gpu_decode.py; needs CUDA and torchvision, else the loader
+    # warns and uses "worker"). DALI decodes on the GPU itself ("mixed").
+    decode_on: str = "worker"
 
     def __post_init__(self):
         for name in ("crop_scale", "crop_ratio", "blur_eps", "speckle_eps", "contrast_eps"):
@@ -83,6 +88,8 @@ class DataConfig:
             raise ValueError("DataConfig.std must be > 0")
         if self.speckle_on not in SPECKLE_ON:
             raise ValueError(f"DataConfig.speckle_on must be one of {SPECKLE_ON}, got {self.speckle_on!r}")
+        if self.decode_on not in DECODE_ON:
+            raise ValueError(f"DataConfig.decode_on must be one of {DECODE_ON}, got {self.decode_on!r}")
 
     @property
     def grid(self) -> int:

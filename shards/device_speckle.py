@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from usjepa.shards.corruptions import speckle_kernel, speckle_params
+from usjepa.shards.transfer import to_device
 
 
 def batch_noise_seed(eps: np.ndarray, seeds: np.ndarray) -> int:
@@ -55,9 +56,7 @@ def speckle_gain(eps: np.ndarray, seeds: np.ndarray, hw: tuple[int, int], device
     device = torch.device(device)
     eps = np.asarray(eps, np.float32)
     n, (h, w) = len(eps), hw
-    taps = torch.from_numpy(speckle_taps(eps, max(h, w)))
-    if device.type == "cuda":
-        taps = taps.pin_memory().to(device, non_blocking=True)
+    taps = to_device(torch.from_numpy(speckle_taps(eps, max(h, w))), device)
     k = taps.shape[-1]
     half = k // 2
     if generator is None:

@@ -13,6 +13,7 @@ epoch after ``set_epoch``), identical on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import SampleTable, open_sample_table
 from usjepa.shards.sampler import EpochSampler
+from usjepa.shards.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,12 @@ class _TorchBackend:
         from usjepa.shards.baseline import BatchDataset, make_dataloader
 
         ds = BatchDataset(self.reader, ids, positions, epoch, self.cfg, self.mask_cfg, self.seed, self.train)
-        yield from make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda")
+        for raw in make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"):
+            if "jpeg" in raw:  # decode_on="device"
+                from usjepa.shards.gpu_decode import render_on_device
+
+                raw = render_on_device(raw, self.cfg, self.device)
+            yield raw
 
     def close(self):
         pass
@@ -271,14 +278,6 @@ def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
     return x.mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))
 
 
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor → ``device`` without making the host wait on a GPU: through pinned memory (the DataLoader
-    already pins its batches; DALI's records are pinned here) and a ``non_blocking`` copy."""
-    if device.type != "cuda" or t.device.type == "cuda":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
-
-
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -320,6 +319,13 @@ def build_loader(
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
         backend = "torch"
+    if backend == "torch" and cfg.decode_on == "device":
+        from usjepa.shards.gpu_decode import available
+
+        if device.type != "cuda" or not available():
+            warnings.warn("decode_on='device' needs a CUDA device and torchvision (nvJPEG, roi_align): decoding "
+                          "in the CPU workers instead")
+            cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
     table = open_sample_table(root, split)
     sampler = EpochSampler(

@@ -40,7 +40,7 @@ def run_suite(out, *args, blocked: bool) -> dict:
 
 def test_dry_run_without_webdataset_and_dali(tmp_path):
     r = run_suite(tmp_path, blocked=True)
-    assert r["env"]["dali"] is None and "dali" in r["skipped"]
+    assert r["env"]["dali"] is None and "dali" in r["skipped"] and "torch_gpu_decode" in r["skipped"]
     syn = r["loader"]["synthetic"]
     assert set(syn) == {"torch", "torch_worker_speckle", "plain_dataloader_opencv"}
     for res in syn.values():

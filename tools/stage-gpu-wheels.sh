@@ -3,8 +3,8 @@
 # GPU machine, as few <= 64 MiB device calls as possible. Run from the project root, after `make install`:
 #
 #   bash tools/stage-gpu-wheels.sh               # -> .gpu-parts/NN/part.NN, and prints the calls to make
-#   GPU_PY=3.11 bash tools/stage-gpu-wheels.sh --rehearse   # here: the same set for this Python, then the
-#                                                # device's join + unpack + import + a DALI pipeline run
+#   GPU_PY=3.11 CHECK_PY=/path/to/python-without-dali bash tools/stage-gpu-wheels.sh --rehearse
+#        # here: the same set for this machine's Python, then the device's join + unpack + import + DALI run
 #
 # What travels is not the wheels but their --target install for the device's Python (3.12), done here with
 # pip's --python-version/--platform, trimmed (extension modules of other Python versions, C++ headers) and
@@ -28,7 +28,6 @@ WHEELS=(nvidia-dali-cuda120==2.4.0 nvidia-nvimgcodec-cu12==0.9.0.20 nvidia-nvjpe
 REHEARSE=0
 [[ "${1:-}" == "--rehearse" ]] && REHEARSE=1
 tag=cpython-${PY/./}
-grep -qx '/.gpu-\*' .git/info/exclude 2>/dev/null || echo '/.gpu-*' >> .git/info/exclude
 stage=.gpu-stage
 rm -rf "$stage" .gpu-parts && mkdir -p "$stage/wheels" .gpu-parts
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
@@ -61,7 +60,8 @@ if (( REHEARSE )); then
   # the device's side, here: join + unpack (tools/gpu-call.sh) into a temporary folder, then import + run
   tmp=$(mktemp -d)
   GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
-  PYTHONPATH="$tmp/gpu-site" "$VENV_PY" -c "
+  # CHECK_PY: an interpreter without DALI of its own (else the import could find that one)
+  PYTHONPATH="$tmp/gpu-site" "${CHECK_PY:-$VENV_PY}" -c "
 import sys, tempfile
 import nvidia.dali as dali, nvidia.dali.plugin.pytorch
 assert dali.__file__.startswith('$tmp'), dali.__file__

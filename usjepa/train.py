@@ -66,7 +66,7 @@ from usjepa.models import (
     teacher_targets,
 )
 from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
-from usjepa.shards.loader import to_device
+from usjepa.shards.transfer import to_device
 
 log = logging.getLogger("usjepa.train")
 
