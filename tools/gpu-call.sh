@@ -30,4 +30,4 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | 
 # GPU-only tests first (about a minute): the sync check, the GPU decode path, the speckle statistics
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sync.py tests/test_gpu_decode.py tests/test_device_speckle.py \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-python3 -m benchmarks.gpu_suite --out "$OUT" "${REAL[@]}" --budget-s "${SUITE_BUDGET_S:-400}"
+python3 -m benchmarks.gpu_suite --out "$OUT" "${REAL[@]}" --budget-s "${SUITE_BUDGET_S:-360}"
