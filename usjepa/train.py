@@ -47,6 +47,7 @@ from usjepa.checkpoint import (
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config
+from usjepa.data_wait import DataWaitTimer
 from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, USAGE
 from usjepa.models import (
     CheckpointFormatError,
@@ -69,6 +70,7 @@ from usjepa.models import (
 )
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
+from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import LoaderWorkerError
 
 log = logging.getLogger("usjepa.train")
@@ -220,7 +222,8 @@ def train(argv=None) -> int:
                 return salt_loss(net(batch.images, batch.ctx_idx, batch.tgt_idx), targets)
             g = torch.Generator().manual_seed(mask_seed)
             keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
-                                       head.cfg.mask_ratio, g).to(device)
+                                       head.cfg.mask_ratio, g)
+            keep = to_device(keep, device)  # pinned + non_blocking: the step never waits on the host
             return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size)
 
     def step_flops(batch) -> float:
@@ -282,8 +285,9 @@ def train(argv=None) -> int:
     peak_flops, peak_source = peak_flops_per_device(cfg, device)
     progress = make_progress(master and cfg.train.progress, total=min(total_steps, cfg.train.max_steps or total_steps),
                              initial=step)
-    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0, "wait": 0.0,
+    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0,
               "t0": time.perf_counter(), "gnorm": torch.zeros((), device=device)}
+    data_wait = DataWaitTimer(device)  # CUDA events, read at log time: no per-step device synchronisation
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -296,9 +300,9 @@ def train(argv=None) -> int:
         seen = train_loader.state_dict()["consumed"]  # global samples of this epoch (any world size)
         batches = () if no_batches_left else train_loader
         mid_epoch = no_batches_left = False
-        t_fetch = time.perf_counter()
+        data_wait.step_done()
         for batch in batches:
-            window["wait"] += time.perf_counter() - t_fetch
+            data_wait.batch_ready()
             progress_epochs = epoch_progress(epoch, seen, epoch_samples)
             seen += global_batch
             lr = lr_at(progress_epochs, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr_start,
@@ -335,7 +339,7 @@ def train(argv=None) -> int:
                     "grad_norm": (window["gnorm"] / window["n"]).item(),
                     "lr": lr, "wd": wd, "epoch_progress": progress_epochs,
                     "images_per_s_per_device": window["imgs"] / elapsed,
-                    "data_wait_frac": window["wait"] / elapsed,
+                    "data_wait_frac": data_wait.take() / elapsed,
                     "tflops_per_device": window["flops"] / elapsed / 1e12,
                     "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,
                     "mfu_peak_source": peak_source,
@@ -344,7 +348,7 @@ def train(argv=None) -> int:
                 metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window.update(loss=torch.zeros((), device=device), gnorm=torch.zeros((), device=device), n=0,
-                              imgs=0, flops=0.0, wait=0.0, t0=time.perf_counter())
+                              imgs=0, flops=0.0, t0=time.perf_counter())
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 t_pause = time.perf_counter()
                 checkpoint(epoch_complete=False)
@@ -352,12 +356,7 @@ def train(argv=None) -> int:
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                 stop = True
                 break
-            if cuda:
-                # Finish this step on the GPU before asking for the next batch, so that the time spent in the
-                # loader is the data wait alone (a pageable host->device copy inside the loader would otherwise
-                # wait for this step's kernels and be counted as data wait). Costs only kernel-launch latency.
-                torch.cuda.current_stream(device).synchronize()
-            t_fetch = time.perf_counter()
+            data_wait.step_done()
         if stop:
             break
         # End of epoch: validation on the held-out split, then the epoch checkpoint (best by val loss).
