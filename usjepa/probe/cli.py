@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    # force: this run logs to the stderr it has now (an earlier in-process caller may have left a closed one)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s",
+                        force=True)
     try:
         data = _named(args.data, "dataset")
         res = probe_encoders(
