@@ -124,11 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_to_stderr(level: int) -> None:
+    """This run logs to the stderr it has now. An earlier in-process caller may have left handlers on a stream
+    that is gone (``usjepa.train`` points the ``usjepa`` logger at its stdout and stops propagation): a
+    warning would then print a logging traceback instead of one line."""
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", force=True)
+    pkg = logging.getLogger("usjepa")
+    for h in list(pkg.handlers):
+        pkg.removeHandler(h)
+    pkg.setLevel(logging.NOTSET)
+    pkg.propagate = True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # force: this run logs to the stderr it has now (an earlier in-process caller may have left a closed one)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s",
-                        force=True)
+    _log_to_stderr(logging.WARNING if args.quiet else logging.INFO)
     try:
         data = _named(args.data, "dataset")
         res = probe_encoders(

@@ -175,8 +175,9 @@ def file_encoder(spec: str, arch: str | None = None) -> ProbeEncoder:
     except EncoderSpecError:
         raise
     except (ValueError, KeyError, RuntimeError, OSError) as e:  # wrong shapes, foreign file, unreadable
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise EncoderSpecError(f"cannot load encoder {spec!r}: {first_line}") from e
+        text = " ".join(part.strip() for part in str(e).splitlines()) or type(e).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."  # one readable line, not 200 key names
+        raise EncoderSpecError(f"cannot load encoder {spec!r}: {text}") from e
     identity = f"file:{file_sha256(path)}" + (f"#{key}" if key else "")
     return _ours(model, spec, identity, f"{path.name}{'#' + key if key else ''}, {_arch_name(model)}")
 
