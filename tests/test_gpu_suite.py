@@ -42,7 +42,7 @@ BLOCKED = textwrap.dedent("""
     from benchmarks import gpu_suite
     raise SystemExit(gpu_suite.main(sys.argv[1:]))
 """)
-ON_DEVICE_WITHOUT_DALI = sorted(ABSENT_ON_DEVICE.values())
+MISSING_AFTER_THE_CALL = sorted(ABSENT_ON_DEVICE.values())  # the dry runs block these (DALI not staged)
 
 
 def _project_dependencies() -> set[str]:
@@ -82,7 +82,7 @@ def run_suite(out, *args, blocked: list[str] | None) -> dict:
 
 
 def test_dry_run_with_what_the_device_call_has(tmp_path):
-    r = run_suite(tmp_path, blocked=ON_DEVICE_WITHOUT_DALI)
+    r = run_suite(tmp_path, blocked=MISSING_AFTER_THE_CALL)
     assert r["env"]["webdataset"]  # the shard writer's, brought by the call
     assert r["env"]["dali"] is None and "dali" in r["skipped"] and "torch_gpu_decode" in r["skipped"]
     syn = r["loader"]["synthetic"]
@@ -112,7 +112,7 @@ def test_dry_run_measures_dali_when_it_is_importable(tmp_path):
 
 
 def test_a_section_that_does_not_fit_the_budget_is_skipped_with_its_reason(tmp_path):
-    r = run_suite(tmp_path, "--only", "salt,speckle", "--budget-s", "8", blocked=ON_DEVICE_WITHOUT_DALI)
+    r = run_suite(tmp_path, "--only", "salt,speckle", "--budget-s", "8", blocked=MISSING_AFTER_THE_CALL)
     assert "salt" in r["skipped"] and "budget" in r["skipped"]["salt"]
     assert "speckle" in r  # small enough for what was left
 
@@ -128,7 +128,7 @@ def test_without_cuda_and_without_dry_run_it_is_a_usage_error(tmp_path):
 
 
 def test_without_webdataset_it_says_so_in_one_line(tmp_path):
-    done = dry_run(tmp_path, blocked=ON_DEVICE_WITHOUT_DALI + ["webdataset"])
+    done = dry_run(tmp_path, blocked=MISSING_AFTER_THE_CALL + ["webdataset"])
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "webdataset" in done.stderr and ".gpu-wheels" in done.stderr
     assert not (tmp_path / "gpu_suite.json").exists()
