@@ -10,7 +10,7 @@ two splits. Layouts read (``load_labelled`` picks by what it finds):
   followed); files whose stem matches ``exclude`` (BUSI's ``*_mask.png`` lesion masks) are not probed;
 * file-name labels: ``label_pattern`` searched in every file name under ROOT (``'^(Cov|Pneu|Reg)'``); files
   that do not match are left out (counted in the log);
-* CSV (``ROOT/labels.csv`` or a ``.csv`` path): ``path,label[,split][,group][,frame]`` (``labels.py``);
+* CSV (``ROOT/labels.csv`` or a ``.csv`` path): ``path,label[,split][,group][,frame]`` (``usjepa.ingest.labels``);
 * ingest's shards (``ROOT/manifest.json``): the samples whose metadata carries a label; group and source
   from the metadata; with several datasets in one manifest the classes are ``<dataset>/<label>``;
 * UltraBench's processed layout (``train_val.json`` / ``train.json`` / ``validation.json`` / ``test.json``,
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from usjepa.ingest.readers import file_ext, kind_of
-from usjepa.probe.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows, relative_inside
+from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows, relative_inside
 from usjepa.shards.format import stable_unit_hash
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Where a labelled file's class comes from when no class folder says it: a file-name pattern or a CSV.
 
-Two small functions, kept free of the probe's other types so that ingest's dataset YAML (``labels:
-regex|csv``) can share them:
+One implementation for ingest's dataset list (``labels: regex:<pattern>|csv:<file>``) and the probe's
+``--label-pattern`` / CSV inputs:
 
 * ``label_from_name(name, pattern)``: the first capture group of ``pattern`` searched in the file name
   (or the whole match when the pattern has no group); ``None`` when it does not match. POCUS is labelled
