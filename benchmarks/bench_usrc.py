@@ -9,7 +9,7 @@ Sets:
 * ``ddti``: the thyroid crops; their truth is the whole frame (the crops were cut inside the scan, see
   docs/ingest.md), except for the files with a JSON under ``usrc_truth/ddti/`` (crops that kept part of
   the scanner's display, found by looking at the lowest-scoring files).
-* ``synthetic``: frames with known geometry, one per failure class of issue 12 (``synthetic_cases``).
+* ``synthetic``: frames with known geometry, one per failure class of issue 12 and of the follow-ups (``synthetic_cases``).
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus (videos) and of the DDTI crops (stills)
 with one worker, frames/s with the new mask vs the old one (monkeypatched into the pipeline), alternated and repeated in this process; and the time of
@@ -141,7 +141,26 @@ def synthetic_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
     xx = np.mgrid[0:h, 0:w][1]
     img = np.where(sector, np.where(xx < 110, _speckle(rng, (h, w), 5), _speckle(rng, (h, w), 110)), 0)
     out.append(("rib_shadow_still", img.astype(np.uint8)[None], sector))
+    out.append(("display_panel_crop_still", *display_panel_crop(rng, h, w)))
     return out
+
+
+def display_panel_crop(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A still cropped to the scan that kept part of the scanner's display (DDTI ``338_2(1)``,
+    ``182_1(2)``): a black text panel below the tissue — a white separator line and tall letters that
+    touch the tissue — and a grey side strip with depth-scale ticks. Frames [1,h,w] and the tissue."""
+    tissue = np.zeros((h, w), bool)
+    tissue[: h * 5 // 8, : w - 30] = True
+    img = np.where(tissue, _speckle(rng, (h, w), 90), 0).astype(np.uint8)
+    img[: h * 5 // 8, w - 30 :] = 40
+    for y in range(10, h * 5 // 8, 20):
+        cv2.line(img, (w - 28, y), (w - 18, y), 255, 1)
+    text = np.zeros((32, w), np.uint8)  # letters stretched tall, as the crop's resize does to DDTI's panel
+    cv2.putText(text, "IZQ TIRADS 4", (2, 31), cv2.FONT_HERSHEY_SIMPLEX, 1.25, 255, 2)
+    panel = cv2.resize(text, (w, h - h * 5 // 8), interpolation=cv2.INTER_LINEAR)
+    img[h * 5 // 8 :] = panel
+    img[h * 5 // 8 : h * 5 // 8 + 2] = 255
+    return img[None], tissue
 
 
 # ------------------------------------------------------------------------------------------ quality

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import candidate_region, fit_sector, scan_evidence
+from usjepa.ingest.sector import candidate_region, display_bands, fit_sector, scan_evidence
 
 
 class FrameRejected(ValueError):
@@ -120,6 +120,10 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         frames = frames[None]
     h, w = frames.shape[1:]
     evidence, overlay = scan_evidence(frames)
+    if frames.shape[0] == 1:
+        inner = _crop_inside_display_bands(frames[0], evidence)
+        if inner is not None:
+            return inner
     region = candidate_region(evidence)
     if region.sum() < cfg.min_region_fraction * h * w:
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
@@ -141,6 +145,24 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
     if overlay.sum() < 0.05 * mask.sum():
         mask = mask & ~overlay
+    return mask
+
+
+def _crop_inside_display_bands(img: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
+    """A still cropped to the scan plus flat display bands at its border (a text panel below, a side
+    strip): the rectangle inside the bands, when the evidence there is dense over all of it (the
+    full-frame rule of ``candidate_region`` applied to the inside). None otherwise — a fan on a black
+    background has "bands" at its corners, but the inside is no crop, and the sector fit handles it.
+    Text on the panel joins the tissue's component, so without this the region would keep it."""
+    top, bottom, left, right = display_bands(img)
+    if not (top or bottom or left or right):
+        return None
+    h, w = img.shape
+    rows, cols = slice(top, h - bottom), slice(left, w - right)
+    if not candidate_region(evidence[rows, cols]).all():
+        return None
+    mask = np.zeros((h, w), bool)
+    mask[rows, cols] = True
     return mask
 
 

@@ -107,7 +107,8 @@ def test_real_frames_get_plausible_masks(realdata):
 
 
 @pytest.mark.parametrize("case", ["dark_field_video", "grey_background_video", "black_corners_still",
-                                  "text_over_tissue_still", "split_sector_video", "rib_shadow_still"])
+                                  "text_over_tissue_still", "split_sector_video", "rib_shadow_still",
+                                  "display_panel_crop_still"])
 def test_usrc_mask_on_synthetic_failure_classes(case):
     from benchmarks.bench_usrc import iou, synthetic_cases, usrc_mask_baseline
 
@@ -115,6 +116,22 @@ def test_usrc_mask_on_synthetic_failure_classes(case):
     new = compute_usrc_mask(frames, CFG)
     assert iou(new, truth) >= 0.92, case
     assert iou(new, truth) >= iou(usrc_mask_baseline(frames), truth) - 0.02  # never much worse than before
+
+
+def test_display_bands_beside_a_crop_are_cut_and_a_fan_on_black_is_not():
+    """A crop that kept the scanner's text panel and a side strip: the mask is the tissue rectangle (the
+    letters joined the tissue before); a fan's black corners look like bands but what lies inside them is
+    no crop, so the fan keeps its fitted outline."""
+    from benchmarks.bench_usrc import display_panel_crop, synthetic_cases
+    from usjepa.ingest.sector import display_bands
+
+    frames, tissue = display_panel_crop(np.random.default_rng(1), 300, 300)
+    assert display_bands(frames[0])[1] >= 300 - 187 - 3 and display_bands(frames[0])[3] >= 28
+    assert _iou(compute_usrc_mask(frames, CFG), tissue) > 0.97
+    plain = np.where(tissue, frames[0], 0).astype(np.uint8)  # the same panel without text
+    assert _iou(compute_usrc_mask(plain, CFG), tissue) > 0.97
+    frames, sector = next((f, t) for name, f, t in synthetic_cases() if name == "black_corners_still")
+    assert _iou(compute_usrc_mask(frames, CFG), sector) > 0.92
 
 
 def test_usrc_mask_removes_static_text_inside_a_clip_sector():
