@@ -142,7 +142,30 @@ def synthetic_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
     img = np.where(sector, np.where(xx < 110, _speckle(rng, (h, w), 5), _speckle(rng, (h, w), 110)), 0)
     out.append(("rib_shadow_still", img.astype(np.uint8)[None], sector))
     out.append(("display_panel_crop_still", *display_panel_crop(rng, h, w)))
+    out.append(("text_calipers_over_speckle_still", *text_over_speckle(rng, h, w)))
     return out
+
+
+def text_over_speckle(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A still cropped to the scan (BUSI-like: spatially correlated speckle, a bright skin line, bright
+    saturated echoes) with burned-in labels over the tissue ("RT AXILLA", "LEFT BREAST 2"), caliper crosses
+    and a dotted measurement line. Truth: the frame less every mark (dilated by a pixel)."""
+    field = cv2.GaussianBlur(rng.rayleigh(0.6, (h, w)).astype(np.float32), (0, 0), 1.2)
+    img = np.clip(field * 160 * (1.0 - 0.5 * np.mgrid[0:h, 0:w][0] / h), 0, 255)
+    img[18:21] = 255  # skin line: thin, bright, long — tissue
+    for cx, cy in rng.integers(20, 300, (12, 2)):
+        cv2.circle(img, (int(cx), int(cy)), 2, 255, -1)  # saturated echoes
+    marks = np.zeros((h, w), np.uint8)
+    cv2.putText(marks, "RT AXILLA", (40, 280), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 1)
+    cv2.putText(marks, "LEFT BREAST 2", (150, 60), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1, 1)
+    for cx, cy in ((120, 150), (210, 170)):
+        cv2.line(marks, (cx - 5, cy), (cx + 5, cy), 1, 1)
+        cv2.line(marks, (cx, cy - 5), (cx, cy + 5), 1, 1)
+    for t in np.linspace(0, 1, 12)[1:-1]:
+        cv2.circle(marks, (round(120 + 90 * t), round(150 + 20 * t)), 1, 1, -1)
+    img[marks > 0] = 235
+    truth = ~cv2.dilate(marks, _disc(1)).astype(bool)
+    return img.astype(np.uint8)[None], truth
 
 
 def display_panel_crop(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,10 @@ _DENSITY_MIN = 0.15  # share of evidence pixels in that window that makes it par
 _BAND_FLAT = 0.1  # a row (column) of a display band has at least this share of pixels exactly at its level
 _BAND_MIN = 0.05  # display bands thinner than this share of the side are left in (see display_bands)
 _BAND_MAX = 0.5  # nor can a band be deeper than this: the scan is the larger part of the frame
+_BAND_LEAD = 0.1  # a band's flat part may start this far in: a column of text printed up to the crop's edge
+_GLYPH_CONTRAST = 45  # a glyph's pixels are this much brighter than the mean around them (11×11)
+_GLYPH_HEIGHT = (5, 0.075)  # glyph height: from 5 px to this share of the longer side
+_GLYPHS_IN_A_ROW = 4  # bright blobs of one height on one baseline, this many in a row: a line of text
 
 
 def background_level(img: np.ndarray) -> int:
@@ -73,6 +77,20 @@ def scan_evidence(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return textured | away, np.zeros_like(textured)
 
 
+def _band_depth(flat_rows: np.ndarray, max_lead: int) -> int:
+    """Depth of a band whose flat rows (from the border inwards) start within ``max_lead`` rows of the
+    border (rows before them: a column of text printed up to the crop's edge) and run ≥ 3 rows; 0 if
+    there is none, or if the run does not end within the rows looked at."""
+    starts = np.flatnonzero(flat_rows[: max_lead + 1])
+    if not len(starts):
+        return 0
+    start = int(starts[0])
+    ends = np.flatnonzero(~flat_rows[start:])
+    if not len(ends) or ends[0] < 3:
+        return 0
+    return start + int(ends[0])
+
+
 def display_bands(img: np.ndarray) -> tuple[int, int, int, int]:
     """Depth in pixels of flat display bands along the top, bottom, left and right border of a still — a
     scanner's text panel ("IZQ TIRADS"), a side strip with the depth scale — that a crop kept beside the
@@ -80,7 +98,8 @@ def display_bands(img: np.ndarray) -> tuple[int, int, int, int]:
     common gray of that outermost row / column) with no variation in their 3×3 neighbourhood: drawn
     background, which speckle, even dark or clipped tissue, never is over a tenth of a row (measured
     below 0.3 % on the BUSI and DDTI tissue rows), while text on the panel covers at most ~half of it.
-    The band is the run of such rows from the border; one thinner than ``_BAND_MIN`` of the side is
+    The band is the run of such rows from the border — or from within ``_BAND_LEAD`` of it, where a column
+    of text was printed up to the crop's edge (DDTI's parameter strips "12L6 9.0 31fps …"); one thinner than ``_BAND_MIN`` of the side is
     ignored (it touches only the outermost patches, and DDTI's 10–13 px leftover borders are scored as
     scan); a run that does not end within ``_BAND_MAX`` of the side is no band (flat pixels in every row
     are a margin along a perpendicular side). Bands are taken deepest first, each next one measured
@@ -103,9 +122,7 @@ def display_bands(img: np.ndarray) -> tuple[int, int, int, int]:
             n = vi.shape[0]
             limit = int(_BAND_MAX * n)
             share = ((vh[:limit] == level) & (vl[:limit] == level)).mean(axis=1)
-            short = np.flatnonzero(share < _BAND_FLAT)
-            # no band ends within the limit: flat pixels in every row are a margin along another side
-            depth = int(short[0]) if len(short) else 0
+            depth = _band_depth(share >= _BAND_FLAT, int(_BAND_LEAD * n))
             if depth >= _BAND_MIN * n:
                 found.append((depth * vi.shape[1], side, depth))
         if not found:
@@ -113,6 +130,44 @@ def display_bands(img: np.ndarray) -> tuple[int, int, int, int]:
         _, side, depth = max(found)
         depths[side] = depth
     return tuple(depths)
+
+
+def text_rows(img: np.ndarray) -> np.ndarray:
+    """Pixels of burned-in text over the tissue of a still ("RIGHT BREAST", "LEFT BREAST", a display's
+    parameter column): bright glyph-sized components standing out of their surroundings that sit ≥ 4 in a
+    row, on one baseline, of one height, each close to the next. A single thin bright line — the skin
+    line, a specular tissue echo, the saturated speckle a white top-hat also took — is one long component
+    or a scatter of blobs on no common baseline, so it stays; a caliper cross or a lone digit is no row
+    and stays too (a small hole at most, see docs/ingest.md). Boolean [h,w]."""
+    h, w = img.shape
+    cand = (cv2.subtract(img, cv2.blur(img, (11, 11))) >= _GLYPH_CONTRAST).astype(np.uint8)
+    n, labels, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
+    x, y, gw, gh, area = (st[:, i].astype(np.float32) for i in range(5))
+    top_height = max(_GLYPH_HEIGHT[0], _GLYPH_HEIGHT[1] * max(h, w))
+    # strokes (not filled blobs, or one stroke wide: an I, a 1); up to two glyphs wide (neighbours that touch)
+    glyph = ((gh >= _GLYPH_HEIGHT[0]) & (gh <= top_height) & (gw <= 2.5 * gh) & (area >= 4)
+             & ((area <= 0.8 * gw * gh) | (gw <= 3)))
+    glyph[0] = False
+    idx = np.flatnonzero(glyph)
+    if len(idx) < _GLYPHS_IN_A_ROW or len(idx) > 600:  # hundreds of glyph-sized blobs: speckle, not text
+        return np.zeros((h, w), bool)
+    gx, gb, ghh, gr = x[idx], (y + gh)[idx], gh[idx], (x + gw)[idx]
+    # i and j are neighbours in a line of text: same baseline and height, j starts right after i ends
+    gap = gx[None, :] - gr[:, None]
+    near = ((np.abs(gb[None, :] - gb[:, None]) <= 2) & (np.abs(ghh[None, :] - ghh[:, None]) <= np.maximum(2, 0.25 * ghh[:, None]))
+            & (gap >= -1) & (gap <= 1.5 * ghh[:, None]))
+    near |= near.T
+    group = np.arange(len(idx))
+    for _ in range(64):  # connected groups of the neighbour graph: propagate the smallest index
+        nxt = np.where(near, group[None, :], len(idx)).min(axis=1)
+        nxt = np.minimum(nxt, group)
+        if np.array_equal(nxt, group):
+            break
+        group = nxt
+    sizes = np.bincount(group, minlength=len(idx))
+    keep = np.zeros(n, bool)
+    keep[idx[sizes[group] >= _GLYPHS_IN_A_ROW]] = True
+    return keep[labels]
 
 
 def _disc(radius: int) -> np.ndarray:

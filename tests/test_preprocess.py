@@ -108,7 +108,7 @@ def test_real_frames_get_plausible_masks(realdata):
 
 @pytest.mark.parametrize("case", ["dark_field_video", "grey_background_video", "black_corners_still",
                                   "text_over_tissue_still", "split_sector_video", "rib_shadow_still",
-                                  "display_panel_crop_still"])
+                                  "display_panel_crop_still", "text_calipers_over_speckle_still"])
 def test_usrc_mask_on_synthetic_failure_classes(case):
     from benchmarks.bench_usrc import iou, synthetic_cases, usrc_mask_baseline
 
@@ -132,6 +132,25 @@ def test_display_bands_beside_a_crop_are_cut_and_a_fan_on_black_is_not():
     assert _iou(compute_usrc_mask(plain, CFG), tissue) > 0.97
     frames, sector = next((f, t) for name, f, t in synthetic_cases() if name == "black_corners_still")
     assert _iou(compute_usrc_mask(frames, CFG), sector) > 0.92
+
+
+def test_text_rows_over_a_still_leave_the_mask_and_tissue_lines_stay():
+    """Burned-in labels over a still's tissue leave the mask; the skin line, saturated echoes, caliper
+    crosses and the dotted line are no row of glyphs and stay (the frame's truth excludes every mark)."""
+    from benchmarks.bench_usrc import text_over_speckle
+    from usjepa.ingest.sector import text_rows
+
+    frames, truth = text_over_speckle(np.random.default_rng(2), 320, 320)
+    labels = np.zeros(truth.shape, np.uint8)
+    cv2.putText(labels, "RT AXILLA", (40, 280), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 1)
+    cv2.putText(labels, "LEFT BREAST 2", (150, 60), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1, 1)
+    found = text_rows(frames[0])
+    assert (found & (labels > 0)).sum() >= 0.8 * labels.sum()  # the labels are found ...
+    assert not found[15:24].any()  # ... the skin line is not text
+    assert (found & ~cv2.dilate(labels, np.ones((3, 3), np.uint8)).astype(bool)).sum() < 30
+    mask = compute_usrc_mask(frames, CFG)
+    assert not (mask & (labels > 0)).any()
+    assert _iou(mask, truth) > 0.99
 
 
 def test_usrc_mask_removes_static_text_inside_a_clip_sector():
