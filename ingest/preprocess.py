@@ -25,7 +25,7 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    region itself when the hull would add more than that.
 5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
    taken out of the mask; on a still, lines of burned-in text over the tissue (``text_rows``: glyphs in
-   a row). A still cropped to the scan with flat display bands at its border (a text panel, a side strip;
+   a row) and caliper crosses (``caliper_crosses``). A still cropped to the scan with flat display bands at its border (a text panel, a side strip;
    ``display_bands``) gets the rectangle inside the bands. Fallback: a region below ``min_region_fraction`` of the image means nothing
    was found (a nearly black clip): every pixel above ``mask_threshold``, or the whole frame.
 """
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import candidate_region, display_bands, fit_sector, scan_evidence, text_rows
+from usjepa.ingest.sector import (caliper_crosses, candidate_region, display_bands, fit_sector, scan_evidence,
+                                  text_rows)
 
 
 class FrameRejected(ValueError):
@@ -125,7 +126,7 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     if frames.shape[0] == 1:
         inner = _crop_inside_display_bands(frames[0], evidence)
         if inner is not None:
-            return _without_text(frames, inner)
+            return _without_marks(frames, inner)
     region = candidate_region(evidence)
     if region.sum() < cfg.min_region_fraction * h * w:
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
@@ -147,16 +148,17 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
     if overlay.sum() < 0.05 * mask.sum():
         mask = mask & ~overlay
-    return _without_text(frames, mask)
+    return _without_marks(frames, mask)
 
 
-def _without_text(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """A still's mask less the lines of burned-in text over its tissue (``text_rows``), dilated by a pixel
-    for the anti-aliased glyph edges (a clip's static text is already out: it never changes)."""
+def _without_marks(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A still's mask less the lines of burned-in text and the caliper crosses over its tissue
+    (``text_rows``, ``caliper_crosses``), dilated by a pixel for their anti-aliased edges (a clip's static
+    marks are already out: they never change)."""
     if frames.shape[0] != 1:
         return mask
-    text = text_rows(frames[0])
-    return mask & ~cv2.dilate(text.astype(np.uint8), _disc(1)).astype(bool) if text.any() else mask
+    marks = text_rows(frames[0]) | caliper_crosses(frames[0])
+    return mask & ~cv2.dilate(marks.astype(np.uint8), _disc(1)).astype(bool) if marks.any() else mask
 
 
 def _crop_inside_display_bands(img: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:

@@ -132,16 +132,46 @@ def display_bands(img: np.ndarray) -> tuple[int, int, int, int]:
     return tuple(depths)
 
 
+def _bright_marks(img: np.ndarray):
+    """Connected components (8-connected) of the pixels ``_GLYPH_CONTRAST`` above their 11×11 mean."""
+    cand = (cv2.subtract(img, cv2.blur(img, (11, 11))) >= _GLYPH_CONTRAST).astype(np.uint8)
+    n, labels, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
+    return n, labels, st
+
+
+def caliper_crosses(img: np.ndarray) -> np.ndarray:
+    """Pixels of caliper crosses over the tissue of a still: a bright component of about square extent
+    (7 px to 6 % of the side) with 1–2 px arms whose pixels lie on its middle row and middle column (±1),
+    each arm spanning most of it — a "+" drawn by the scanner. Speckle and tissue lines are not plus-shaped. Boolean [h,w]."""
+    h, w = img.shape
+    n, labels, st = _bright_marks(img)
+    bw, bh, area = st[:, cv2.CC_STAT_WIDTH], st[:, cv2.CC_STAT_HEIGHT], st[:, cv2.CC_STAT_AREA]
+    side = np.maximum(bw, bh)
+    maybe = (np.minimum(bw, bh) >= 7) & (side <= max(7, 0.06 * max(h, w))) & (np.abs(bw - bh) <= 0.35 * side)
+    maybe &= area <= 2 * (bw + bh)  # two arms of 1-2 px, not a blob
+    maybe[0] = False
+    keep = np.zeros(n, bool)
+    for i in np.flatnonzero(maybe)[:200]:
+        x0, y0 = st[i, cv2.CC_STAT_LEFT], st[i, cv2.CC_STAT_TOP]
+        box = labels[y0 : y0 + bh[i], x0 : x0 + bw[i]] == i
+        cy, cx = bh[i] // 2, bw[i] // 2
+        row, col = box[max(0, cy - 1) : cy + 2].any(axis=0), box[:, max(0, cx - 1) : cx + 2].any(axis=1)
+        off_arms = box.copy()
+        off_arms[max(0, cy - 1) : cy + 2] = False
+        off_arms[:, max(0, cx - 1) : cx + 2] = False
+        keep[i] = row.mean() >= 0.7 and col.mean() >= 0.7 and off_arms.sum() <= 0.1 * area[i]
+    return keep[labels]
+
+
 def text_rows(img: np.ndarray) -> np.ndarray:
     """Pixels of burned-in text over the tissue of a still ("RIGHT BREAST", "LEFT BREAST", a display's
     parameter column): bright glyph-sized components standing out of their surroundings that sit ≥ 4 in a
     row, on one baseline, of one height, each close to the next. A single thin bright line — the skin
     line, a specular tissue echo, the saturated speckle a white top-hat also took — is one long component
-    or a scatter of blobs on no common baseline, so it stays; a caliper cross or a lone digit is no row
-    and stays too (a small hole at most, see docs/ingest.md). Boolean [h,w]."""
+    or a scatter of blobs on no common baseline, so it stays; a lone digit is no row and stays too (a
+    small hole at most, see docs/ingest.md; caliper crosses: ``caliper_crosses``). Boolean [h,w]."""
     h, w = img.shape
-    cand = (cv2.subtract(img, cv2.blur(img, (11, 11))) >= _GLYPH_CONTRAST).astype(np.uint8)
-    n, labels, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
+    n, labels, st = _bright_marks(img)
     x, y, gw, gh, area = (st[:, i].astype(np.float32) for i in range(5))
     top_height = max(_GLYPH_HEIGHT[0], _GLYPH_HEIGHT[1] * max(h, w))
     # strokes (not filled blobs, or one stroke wide: an I, a 1); up to two glyphs wide (neighbours that touch)

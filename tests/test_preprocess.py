@@ -134,11 +134,12 @@ def test_display_bands_beside_a_crop_are_cut_and_a_fan_on_black_is_not():
     assert _iou(compute_usrc_mask(frames, CFG), sector) > 0.92
 
 
-def test_text_rows_over_a_still_leave_the_mask_and_tissue_lines_stay():
-    """Burned-in labels over a still's tissue leave the mask; the skin line, saturated echoes, caliper
-    crosses and the dotted line are no row of glyphs and stay (the frame's truth excludes every mark)."""
+def test_text_and_calipers_over_a_still_leave_the_mask_and_tissue_lines_stay():
+    """Burned-in labels and caliper crosses over a still's tissue leave the mask; the skin line and the
+    saturated echoes are neither a row of glyphs nor a "+" and stay (the dotted line stays too; the
+    frame's truth excludes every mark)."""
     from benchmarks.bench_usrc import text_over_speckle
-    from usjepa.ingest.sector import text_rows
+    from usjepa.ingest.sector import caliper_crosses, text_rows
 
     frames, truth = text_over_speckle(np.random.default_rng(2), 320, 320)
     labels = np.zeros(truth.shape, np.uint8)
@@ -148,6 +149,9 @@ def test_text_rows_over_a_still_leave_the_mask_and_tissue_lines_stay():
     assert (found & (labels > 0)).sum() >= 0.8 * labels.sum()  # the labels are found ...
     assert not found[15:24].any()  # ... the skin line is not text
     assert (found & ~cv2.dilate(labels, np.ones((3, 3), np.uint8)).astype(bool)).sum() < 30
+    crosses = caliper_crosses(frames[0])  # both "+" (one touches the dotted line), nothing else
+    assert crosses[144:157, 114:127].sum() >= 15 and crosses[164:177, 204:217].sum() >= 15
+    assert crosses.sum() == crosses[144:157, 114:127].sum() + crosses[164:177, 204:217].sum()
     mask = compute_usrc_mask(frames, CFG)
     assert not (mask & (labels > 0)).any()
     assert _iou(mask, truth) > 0.99
