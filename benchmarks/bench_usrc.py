@@ -328,7 +328,33 @@ def make_figures(out_dir: Path, cfg) -> list[Path]:
         tiles.append(_panel(bgr, 300, f"{Path(rel).name[:17]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
     paths.append(out_dir / "usrc_failing_files.png")
     cv2.imwrite(str(paths[1]), np.vstack([np.hstack(tiles[:3]), np.hstack(tiles[3:6])]))
+    paths.append(out_dir / "usrc_bands_and_marks.png")
+    cv2.imwrite(str(paths[2]), _bands_and_marks_figure(cfg))
     return paths
+
+
+BANDS_AND_MARKS = [("ddti", "cropped/338_2(1).png"), ("ddti", "cropped/104_1(2).png"), ("busi", "benign/benign (1).png"),
+                   ("busi", "benign/benign (6).png")]
+
+
+def _bands_and_marks_figure(cfg) -> np.ndarray:
+    """Display bands beside a crop and marks over a still's tissue: truth blue, old mask red, new green
+    (its holes are the text and calipers taken out)."""
+    from usjepa.ingest.preprocess import compute_usrc_mask
+
+    tiles = []
+    for dataset, rel in BANDS_AND_MARKS:
+        frames = clip_frames(REALDATA / dataset / rel, cfg)
+        rec = {r["file"]: r for r in load_truth(dataset)}.get(rel)
+        t = rasterize(rec["polygon"], rec["width"], rec["height"], frames.shape[1:]) if rec else np.ones(frames.shape[1:], bool)
+        old, new = usrc_mask_baseline(frames), compute_usrc_mask(frames, cfg)
+        bgr = cv2.cvtColor(frames[0], cv2.COLOR_GRAY2BGR)
+        _outline(bgr, t, (255, 128, 0), 3)
+        _outline(bgr, old, (0, 0, 255), 2)
+        cs, _ = cv2.findContours(new.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(bgr, cs, -1, (0, 255, 0), 1)
+        tiles.append(_panel(bgr, 300, f"{Path(rel).name[:17]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
+    return np.hstack(tiles)
 
 
 def _summary(rows: list[dict]) -> dict:

@@ -37,8 +37,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import (caliper_crosses, candidate_region, display_bands, fit_sector, scan_evidence,
-                                  text_rows)
+from usjepa.ingest.sector import burned_in_marks, candidate_region, display_bands, fit_sector, scan_evidence
 
 
 class FrameRejected(ValueError):
@@ -157,7 +156,7 @@ def _without_marks(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
     marks are already out: they never change)."""
     if frames.shape[0] != 1:
         return mask
-    marks = text_rows(frames[0]) | caliper_crosses(frames[0])
+    marks = burned_in_marks(frames[0])
     return mask & ~cv2.dilate(marks.astype(np.uint8), _disc(1)).astype(bool) if marks.any() else mask
 
 

@@ -139,12 +139,19 @@ def _bright_marks(img: np.ndarray):
     return n, labels, st
 
 
-def caliper_crosses(img: np.ndarray) -> np.ndarray:
+def burned_in_marks(img: np.ndarray) -> np.ndarray:
+    """Text lines and caliper crosses drawn over a still (``text_rows`` | ``caliper_crosses``), from one
+    pass of bright components."""
+    marks = _bright_marks(img)
+    return text_rows(img, marks) | caliper_crosses(img, marks)
+
+
+def caliper_crosses(img: np.ndarray, marks=None) -> np.ndarray:
     """Pixels of caliper crosses over the tissue of a still: a bright component of about square extent
     (7 px to 6 % of the side) with 1–2 px arms whose pixels lie on its middle row and middle column (±1),
     each arm spanning most of it — a "+" drawn by the scanner. Speckle and tissue lines are not plus-shaped. Boolean [h,w]."""
     h, w = img.shape
-    n, labels, st = _bright_marks(img)
+    n, labels, st = marks or _bright_marks(img)
     bw, bh, area = st[:, cv2.CC_STAT_WIDTH], st[:, cv2.CC_STAT_HEIGHT], st[:, cv2.CC_STAT_AREA]
     side = np.maximum(bw, bh)
     maybe = (np.minimum(bw, bh) >= 7) & (side <= max(7, 0.06 * max(h, w))) & (np.abs(bw - bh) <= 0.35 * side)
@@ -163,7 +170,7 @@ def caliper_crosses(img: np.ndarray) -> np.ndarray:
     return keep[labels]
 
 
-def text_rows(img: np.ndarray) -> np.ndarray:
+def text_rows(img: np.ndarray, marks=None) -> np.ndarray:
     """Pixels of burned-in text over the tissue of a still ("RIGHT BREAST", "LEFT BREAST", a display's
     parameter column): bright glyph-sized components standing out of their surroundings that sit ≥ 4 in a
     row, on one baseline, of one height, each close to the next. A single thin bright line — the skin
@@ -171,7 +178,7 @@ def text_rows(img: np.ndarray) -> np.ndarray:
     or a scatter of blobs on no common baseline, so it stays; a lone digit is no row and stays too (a
     small hole at most, see docs/ingest.md; caliper crosses: ``caliper_crosses``). Boolean [h,w]."""
     h, w = img.shape
-    n, labels, st = _bright_marks(img)
+    n, labels, st = marks or _bright_marks(img)
     x, y, gw, gh, area = (st[:, i].astype(np.float32) for i in range(5))
     top_height = max(_GLYPH_HEIGHT[0], _GLYPH_HEIGHT[1] * max(h, w))
     # strokes (not filled blobs, or one stroke wide: an I, a 1); up to two glyphs wide (neighbours that touch)
