@@ -209,11 +209,14 @@ def score_set(name: str, cfg) -> list[dict]:
     return rows
 
 
-def score_ddti(cfg, limit: int | None = None) -> list[dict]:
+def score_ddti(cfg, limit: int | None = None, only_own_truth: bool = False) -> list[dict]:
+    """``only_own_truth``: just the crops with their own truth JSON (those that kept part of the display)."""
     from usjepa.ingest.preprocess import compute_usrc_mask
 
     files = sorted((REALDATA / "ddti" / "cropped").glob("*.png"))[:limit]
     exceptions = {r["file"]: r for r in load_truth("ddti")}
+    if only_own_truth:
+        files = [p for p in files if "cropped/" + p.name in exceptions]
     rows = []
     for p in files:
         frames = clip_frames(p, cfg)

@@ -25,9 +25,12 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    region itself when the hull would add more than that.
 5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
    taken out of the mask; on a still, lines of burned-in text over the tissue (``text_rows``: glyphs in
-   a row) and caliper crosses (``caliper_crosses``). A still cropped to the scan with flat display bands at its border (a text panel, a side strip;
-   ``display_bands``) gets the rectangle inside the bands. Fallback: a region below ``min_region_fraction`` of the image means nothing
-   was found (a nearly black clip): every pixel above ``mask_threshold``, or the whole frame.
+   a row) and caliper crosses (``caliper_crosses``). Fallback: a region below ``min_region_fraction`` of
+   the image means nothing was found (a nearly black clip): every pixel above ``mask_threshold``, or the
+   whole frame.
+
+A still cropped to the scan with flat display bands at its border (a text panel, a side strip:
+``display_bands``) gets the rectangle inside the bands (``crop_inside_display_bands``), before step 2.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import burned_in_marks, candidate_region, display_bands, fit_sector, scan_evidence
+from usjepa.ingest.sector import (burned_in_marks, candidate_region, crop_inside_display_bands, fit_sector,
+                                  scan_evidence)
 
 
 class FrameRejected(ValueError):
@@ -123,7 +127,7 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     h, w = frames.shape[1:]
     evidence, overlay = scan_evidence(frames)
     if frames.shape[0] == 1:
-        inner = _crop_inside_display_bands(frames[0], evidence)
+        inner = crop_inside_display_bands(frames[0], evidence)
         if inner is not None:
             return _without_marks(frames, inner)
     region = candidate_region(evidence)
@@ -158,24 +162,6 @@ def _without_marks(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return mask
     marks = burned_in_marks(frames[0])
     return mask & ~cv2.dilate(marks.astype(np.uint8), _disc(1)).astype(bool) if marks.any() else mask
-
-
-def _crop_inside_display_bands(img: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
-    """A still cropped to the scan plus flat display bands at its border (a text panel below, a side
-    strip): the rectangle inside the bands, when the evidence there is dense over all of it (the
-    full-frame rule of ``candidate_region`` applied to the inside). None otherwise — a fan on a black
-    background has "bands" at its corners, but the inside is no crop, and the sector fit handles it.
-    Text on the panel joins the tissue's component, so without this the region would keep it."""
-    top, bottom, left, right = display_bands(img)
-    if not (top or bottom or left or right):
-        return None
-    h, w = img.shape
-    rows, cols = slice(top, h - bottom), slice(left, w - right)
-    if not candidate_region(evidence[rows, cols]).all():
-        return None
-    mask = np.zeros((h, w), bool)
-    mask[rows, cols] = True
-    return mask
 
 
 def _percentiles_in_mask(gray: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> tuple[int, int]:

@@ -207,6 +207,25 @@ def text_rows(img: np.ndarray, marks=None) -> np.ndarray:
     return keep[labels]
 
 
+def crop_inside_display_bands(img: np.ndarray, evidence: np.ndarray) -> np.ndarray | None:
+    """A still cropped to the scan plus flat display bands at its border (a text panel below, a side
+    strip): the rectangle inside the bands, when the candidate region covers ≥ ``_FULL_FRAME`` of the
+    inside (the full-frame rule of ``candidate_region`` applied to the inside; the band's flat part may
+    end a few pixels short of the tissue, where the strip's edge is anti-aliased). None otherwise — a fan on a black
+    background has "bands" at its corners, but the inside is no crop, and the sector fit handles it.
+    Text on the panel joins the tissue's component, so without this the region would keep it."""
+    top, bottom, left, right = display_bands(img)
+    if not (top or bottom or left or right):
+        return None
+    h, w = img.shape
+    rows, cols = slice(top, h - bottom), slice(left, w - right)
+    if candidate_region(evidence[rows, cols]).mean() < _FULL_FRAME:
+        return None
+    mask = np.zeros((h, w), bool)
+    mask[rows, cols] = True
+    return mask
+
+
 def _disc(radius: int) -> np.ndarray:
     r = max(1, int(radius))
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))

@@ -186,3 +186,16 @@ def test_usrc_iou_on_realdata_meets_the_target(realdata):
         assert len(rows) >= 15
         new = [r["new"] for r in rows]
         assert np.mean(new) >= 0.95 and min(new) >= 0.85, (name, sorted((r["new"], r["file"]) for r in rows)[:3])
+
+
+def test_usrc_iou_on_ddti_crops_that_kept_the_display(realdata):
+    """The DDTI crops with a text panel or a parameter strip (their own truth JSON): none below 0.85,
+    never more than noise below the old mask. (All 655 crops are scored by bench_usrc.)"""
+    from benchmarks.bench_usrc import score_ddti
+
+    if not (realdata / "ddti").is_dir():
+        pytest.skip("no ../shared/realdata/ddti")
+    rows = score_ddti(CFG, only_own_truth=True)
+    assert len(rows) >= 9
+    assert min(r["new"] for r in rows) >= 0.85, sorted((r["new"], r["file"]) for r in rows)[:3]
+    assert all(r["new"] >= r["old"] - 0.02 for r in rows), [(r["file"], r["old"], r["new"]) for r in rows]
