@@ -13,7 +13,8 @@ Sets:
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus (videos) and of the DDTI crops (stills)
 with one worker, frames/s with the new mask vs the old one (monkeypatched into the pipeline), alternated and repeated in this process; and the time of
-one mask computation per real file, old vs new (one thread).
+one mask computation per real file, old vs new (one thread); and the mask alone per BUSI / DDTI still and POCUS
+file, old vs new alternated, the minimum over the rounds.
 
 ``usrc_mask_baseline`` is the previous algorithm, kept here as the baseline only (not a user option).
 """
@@ -21,6 +22,7 @@ one mask computation per real file, old vs new (one thread).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -269,6 +271,76 @@ def ingest_fps(rounds: int = 2) -> dict:
     return out
 
 
+def still_mask_ms(cfg, rounds: int = 5) -> dict:
+    """Mask time alone per still or clip (ms), old vs new alternated over all prepared BUSI / DDTI stills
+    and POCUS files, the minimum over ``rounds`` passes (the least disturbed by other processes on a
+    shared machine)."""
+    from usjepa.ingest.preprocess import compute_usrc_mask
+
+    sets = {"busi": sorted((REALDATA / "busi").glob("*/*).png")), "ddti": sorted((REALDATA / "ddti" / "cropped").glob("*.png")),
+            "pocus": [REALDATA / "pocus" / r["file"] for r in load_truth("pocus")]}
+    out = {}
+    for name, files in sets.items():
+        frames = [clip_frames(p, cfg) for p in files if p.is_file()]
+        if not frames:
+            continue
+        ms = {"old": [], "new": []}
+        for _ in range(rounds):
+            for which, fn in (("old", usrc_mask_baseline), ("new", lambda fr: compute_usrc_mask(fr, cfg))):
+                t0 = time.perf_counter()
+                for fr in frames:
+                    fn(fr)
+                ms[which].append(1e3 * (time.perf_counter() - t0) / len(frames))
+        out[name] = {"stills": len(frames), "ms_per_still": ms, "min_old": min(ms["old"]), "min_new": min(ms["new"])}
+    return out
+
+
+def patch_grid(mask: np.ndarray, image_size: int = 224, grid: int = 14) -> np.ndarray:
+    """The loader's patch-validity grid of a whole-frame crop: nearest-neighbour resize, any-pooled."""
+    from shards.augment import output_source_index
+
+    h, w = mask.shape
+    rows = np.minimum(output_source_index(0, h, image_size), h - 1)
+    cols = np.minimum(output_source_index(0, w, image_size), w - 1)
+    p = image_size // grid
+    return mask[np.ix_(rows, cols)].reshape(grid, p, grid, p).any(axis=(1, 3))
+
+
+def marks_downstream(cfg) -> dict:
+    """What taking text and calipers out of still masks changes downstream, over every BUSI / DDTI still:
+    files and pixels affected, patch-grid cells changed, shift of the 98th percentile and of the median
+    inside the mask (the contrast rescale and centre); and the grid cells the display bands invalidate."""
+    from usjepa.ingest import preprocess
+
+    files = sorted((REALDATA / "busi").glob("*/*).png")) + sorted((REALDATA / "ddti" / "cropped").glob("*.png"))
+    real = preprocess._without_marks
+    out = {"stills": 0, "files_with_marks": 0, "pixels": 0, "grid_cells_changed": 0, "p98_shift_max": 0,
+           "median_shift_max": 0.0, "band_invalid_cells": {}}
+    try:
+        for path in files:
+            gray = clip_frames(path, cfg)
+            preprocess._without_marks = real
+            with_marks_out = preprocess.compute_usrc_mask(gray, cfg)
+            preprocess._without_marks = lambda frames, mask: mask
+            kept = preprocess.compute_usrc_mask(gray, cfg)
+            out["stills"] += 1
+            if "ddti" in path.parts and not with_marks_out.all() and (~patch_grid(with_marks_out)).any():
+                out["band_invalid_cells"][path.name] = int((~patch_grid(with_marks_out)).sum())
+            if np.array_equal(kept, with_marks_out):
+                continue
+            out["files_with_marks"] += 1
+            out["pixels"] += int((kept & ~with_marks_out).sum())
+            out["grid_cells_changed"] += int((patch_grid(kept) != patch_grid(with_marks_out)).sum())
+            p0 = preprocess._percentiles_in_mask(gray[0], kept, cfg.low_percentile, cfg.high_percentile)[1]
+            p1 = preprocess._percentiles_in_mask(gray[0], with_marks_out, cfg.low_percentile, cfg.high_percentile)[1]
+            out["p98_shift_max"] = max(out["p98_shift_max"], abs(p0 - p1))
+            out["median_shift_max"] = max(out["median_shift_max"],
+                                          abs(float(np.median(gray[0][kept]) - np.median(gray[0][with_marks_out]))))
+    finally:
+        preprocess._without_marks = real
+    return out
+
+
 # ------------------------------------------------------------------------------------------ figures
 
 FAILING = ["pocus_videos/convex/Reg_Avi_Video_001.mp4", "pocus_videos/convex/Pneu_Pneumonia-LITFL-Ultrasound_crop.mp4",
@@ -378,9 +450,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (old and new alternated)")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--figures", metavar="DIR", default=None, help="only write the docs figures into DIR")
+    ap.add_argument("--marks-downstream", action="store_true",
+                    help="only print what the text/caliper removal changes downstream (JSON)")
     a = ap.parse_args(argv)
     cfg = PreprocessConfig()
     cv2.setNumThreads(1)
+    if a.marks_downstream:
+        print(json.dumps(marks_downstream(cfg), indent=1))
+        return 0
     if a.figures:
         print("\n".join(str(p) for p in make_figures(Path(a.figures), cfg)))
         return 0
@@ -390,6 +467,7 @@ def main(argv=None) -> int:
     if (REALDATA / "ddti").is_dir():
         rows += score_ddti(cfg, a.ddti_limit)
     speed = ingest_fps(a.rounds) if (REALDATA / "pocus").is_dir() and not a.no_throughput else None
+    mask_ms = still_mask_ms(cfg, a.rounds) if (REALDATA / "busi").is_dir() and not a.no_throughput else None
     hw = hardware()
     summary = _summary(rows)
     md = ["| set | file | frames | IoU old | IoU new | mask ms old / new |", "|---|---|---|---|---|---|"]
@@ -405,8 +483,13 @@ def main(argv=None) -> int:
                f"{', '.join(f'{x:.0f}' for x in v['frames_per_s']['new'])} | "
                f"{', '.join(f'{x:.2f}' for x in v['ratio_new_vs_old'])} (median {np.median(v['ratio_new_vs_old']):.2f}) | "
                f"{hardware_line(hw)} |" for name, v in speed.items()]
+    if mask_ms:
+        md += ["", f"| mask alone, 1 thread | files | ms per file old (min of {a.rounds}) | new | ratio old/new |",
+               "|---|---|---|---|---|"]
+        md += [f"| {name} | {v['stills']} | {v['min_old']:.2f} | {v['min_new']:.2f} | {v['min_old'] / v['min_new']:.2f} |"
+               for name, v in mask_ms.items()]
     save_result(a.out, "bench_usrc", {"when": utc_now(), "hardware": hw, "summary": summary, "rows": rows,
-                                      "throughput": speed}, "\n".join(md))
+                                      "throughput": speed, "still_mask_ms": mask_ms}, "\n".join(md))
     return 0
 
 
