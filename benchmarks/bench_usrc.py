@@ -271,13 +271,13 @@ def ingest_fps(rounds: int = 2) -> dict:
     return out
 
 
-def still_mask_ms(cfg, rounds: int = 5) -> dict:
+def still_mask_ms(cfg, rounds: int = 5, ddti_limit: int | None = None) -> dict:
     """Mask time alone per still or clip (ms), old vs new alternated over all prepared BUSI / DDTI stills
     and POCUS files, the minimum over ``rounds`` passes (the least disturbed by other processes on a
     shared machine)."""
     from usjepa.ingest.preprocess import compute_usrc_mask
 
-    sets = {"busi": sorted((REALDATA / "busi").glob("*/*).png")), "ddti": sorted((REALDATA / "ddti" / "cropped").glob("*.png")),
+    sets = {"busi": sorted((REALDATA / "busi").glob("*/*).png")), "ddti": sorted((REALDATA / "ddti" / "cropped").glob("*.png"))[:ddti_limit],
             "pocus": [REALDATA / "pocus" / r["file"] for r in load_truth("pocus")]}
     out = {}
     for name, files in sets.items():
@@ -467,7 +467,7 @@ def main(argv=None) -> int:
     if (REALDATA / "ddti").is_dir():
         rows += score_ddti(cfg, a.ddti_limit)
     speed = ingest_fps(a.rounds) if (REALDATA / "pocus").is_dir() and not a.no_throughput else None
-    mask_ms = still_mask_ms(cfg, a.rounds) if (REALDATA / "busi").is_dir() and not a.no_throughput else None
+    mask_ms = still_mask_ms(cfg, a.rounds, a.ddti_limit) if (REALDATA / "busi").is_dir() and not a.no_throughput else None
     hw = hardware()
     summary = _summary(rows)
     md = ["| set | file | frames | IoU old | IoU new | mask ms old / new |", "|---|---|---|---|---|---|"]
