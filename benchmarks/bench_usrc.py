@@ -9,11 +9,12 @@ Sets:
 * ``ddti``: the thyroid crops; their truth is the whole frame (the crops were cut inside the scan, see
   docs/ingest.md), except for the files with a JSON under ``usrc_truth/ddti/`` (crops that kept part of
   the scanner's display, found by looking at the lowest-scoring files).
-* ``synthetic``: frames with known geometry, one per failure class of issue 12 (``synthetic_cases``).
+* ``synthetic``: frames with known geometry, one per failure class of issue 12 and of the follow-ups (``synthetic_cases``).
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus (videos) and of the DDTI crops (stills)
 with one worker, frames/s with the new mask vs the old one (monkeypatched into the pipeline), alternated and repeated in this process; and the time of
-one mask computation per real file, old vs new (one thread).
+one mask computation per real file, old vs new (one thread); and the mask alone per BUSI / DDTI still and POCUS
+file, old vs new alternated, the minimum over the rounds.
 
 ``usrc_mask_baseline`` is the previous algorithm, kept here as the baseline only (not a user option).
 """
@@ -21,6 +22,7 @@ one mask computation per real file, old vs new (one thread).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -141,7 +143,49 @@ def synthetic_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
     xx = np.mgrid[0:h, 0:w][1]
     img = np.where(sector, np.where(xx < 110, _speckle(rng, (h, w), 5), _speckle(rng, (h, w), 110)), 0)
     out.append(("rib_shadow_still", img.astype(np.uint8)[None], sector))
+    out.append(("display_panel_crop_still", *display_panel_crop(rng, h, w)))
+    out.append(("text_calipers_over_speckle_still", *text_over_speckle(rng, h, w)))
     return out
+
+
+def text_over_speckle(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A still cropped to the scan (BUSI-like: spatially correlated speckle, a bright skin line, bright
+    saturated echoes) with burned-in labels over the tissue ("RT AXILLA", "LEFT BREAST 2"), caliper crosses
+    and a dotted measurement line. Truth: the frame less every mark (dilated by a pixel)."""
+    field = cv2.GaussianBlur(rng.rayleigh(0.6, (h, w)).astype(np.float32), (0, 0), 1.2)
+    img = np.clip(field * 160 * (1.0 - 0.5 * np.mgrid[0:h, 0:w][0] / h), 0, 255)
+    img[18:21] = 255  # skin line: thin, bright, long — tissue
+    for cx, cy in rng.integers(20, 300, (12, 2)):
+        cv2.circle(img, (int(cx), int(cy)), 2, 255, -1)  # saturated echoes
+    marks = np.zeros((h, w), np.uint8)
+    cv2.putText(marks, "RT AXILLA", (40, 280), cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1, 1)
+    cv2.putText(marks, "LEFT BREAST 2", (150, 60), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1, 1)
+    for cx, cy in ((120, 150), (210, 170)):
+        cv2.line(marks, (cx - 5, cy), (cx + 5, cy), 1, 1)
+        cv2.line(marks, (cx, cy - 5), (cx, cy + 5), 1, 1)
+    for t in np.linspace(0, 1, 12)[1:-1]:
+        cv2.circle(marks, (round(120 + 90 * t), round(150 + 20 * t)), 1, 1, -1)
+    img[marks > 0] = 235
+    truth = ~cv2.dilate(marks, _disc(1)).astype(bool)
+    return img.astype(np.uint8)[None], truth
+
+
+def display_panel_crop(rng, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """A still cropped to the scan that kept part of the scanner's display (DDTI ``338_2(1)``,
+    ``182_1(2)``): a black text panel below the tissue — a white separator line and tall letters that
+    touch the tissue — and a grey side strip with depth-scale ticks. Frames [1,h,w] and the tissue."""
+    tissue = np.zeros((h, w), bool)
+    tissue[: h * 5 // 8, : w - 30] = True
+    img = np.where(tissue, _speckle(rng, (h, w), 90), 0).astype(np.uint8)
+    img[: h * 5 // 8, w - 30 :] = 40
+    for y in range(10, h * 5 // 8, 20):
+        cv2.line(img, (w - 28, y), (w - 18, y), 255, 1)
+    text = np.zeros((32, w), np.uint8)  # letters stretched tall, as the crop's resize does to DDTI's panel
+    cv2.putText(text, "IZQ TIRADS 4", (2, 31), cv2.FONT_HERSHEY_SIMPLEX, 1.25, 255, 2)
+    panel = cv2.resize(text, (w, h - h * 5 // 8), interpolation=cv2.INTER_LINEAR)
+    img[h * 5 // 8 :] = panel
+    img[h * 5 // 8 : h * 5 // 8 + 2] = 255
+    return img[None], tissue
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -167,11 +211,14 @@ def score_set(name: str, cfg) -> list[dict]:
     return rows
 
 
-def score_ddti(cfg, limit: int | None = None) -> list[dict]:
+def score_ddti(cfg, limit: int | None = None, only_own_truth: bool = False) -> list[dict]:
+    """``only_own_truth``: just the crops with their own truth JSON (those that kept part of the display)."""
     from usjepa.ingest.preprocess import compute_usrc_mask
 
     files = sorted((REALDATA / "ddti" / "cropped").glob("*.png"))[:limit]
     exceptions = {r["file"]: r for r in load_truth("ddti")}
+    if only_own_truth:
+        files = [p for p in files if "cropped/" + p.name in exceptions]
     rows = []
     for p in files:
         frames = clip_frames(p, cfg)
@@ -221,6 +268,76 @@ def ingest_fps(rounds: int = 2) -> dict:
                     finally:
                         pipeline.compute_usrc_mask = real
             out[name] = {"frames_per_s": fps, "ratio_new_vs_old": [n / o for n, o in zip(fps["new"], fps["old"])]}
+    return out
+
+
+def still_mask_ms(cfg, rounds: int = 5, ddti_limit: int | None = None) -> dict:
+    """Mask time alone per still or clip (ms), old vs new alternated over all prepared BUSI / DDTI stills
+    and POCUS files, the minimum over ``rounds`` passes (the least disturbed by other processes on a
+    shared machine)."""
+    from usjepa.ingest.preprocess import compute_usrc_mask
+
+    sets = {"busi": sorted((REALDATA / "busi").glob("*/*).png")), "ddti": sorted((REALDATA / "ddti" / "cropped").glob("*.png"))[:ddti_limit],
+            "pocus": [REALDATA / "pocus" / r["file"] for r in load_truth("pocus")]}
+    out = {}
+    for name, files in sets.items():
+        frames = [clip_frames(p, cfg) for p in files if p.is_file()]
+        if not frames:
+            continue
+        ms = {"old": [], "new": []}
+        for _ in range(rounds):
+            for which, fn in (("old", usrc_mask_baseline), ("new", lambda fr: compute_usrc_mask(fr, cfg))):
+                t0 = time.perf_counter()
+                for fr in frames:
+                    fn(fr)
+                ms[which].append(1e3 * (time.perf_counter() - t0) / len(frames))
+        out[name] = {"stills": len(frames), "ms_per_still": ms, "min_old": min(ms["old"]), "min_new": min(ms["new"])}
+    return out
+
+
+def patch_grid(mask: np.ndarray, image_size: int = 224, grid: int = 14) -> np.ndarray:
+    """The loader's patch-validity grid of a whole-frame crop: nearest-neighbour resize, any-pooled."""
+    from shards.augment import output_source_index
+
+    h, w = mask.shape
+    rows = np.minimum(output_source_index(0, h, image_size), h - 1)
+    cols = np.minimum(output_source_index(0, w, image_size), w - 1)
+    p = image_size // grid
+    return mask[np.ix_(rows, cols)].reshape(grid, p, grid, p).any(axis=(1, 3))
+
+
+def marks_downstream(cfg) -> dict:
+    """What taking text and calipers out of still masks changes downstream, over every BUSI / DDTI still:
+    files and pixels affected, patch-grid cells changed, shift of the 98th percentile and of the median
+    inside the mask (the contrast rescale and centre); and the grid cells the display bands invalidate."""
+    from usjepa.ingest import preprocess
+
+    files = sorted((REALDATA / "busi").glob("*/*).png")) + sorted((REALDATA / "ddti" / "cropped").glob("*.png"))
+    real = preprocess._without_marks
+    out = {"stills": 0, "files_with_marks": 0, "pixels": 0, "grid_cells_changed": 0, "p98_shift_max": 0,
+           "median_shift_max": 0.0, "band_invalid_cells": {}}
+    try:
+        for path in files:
+            gray = clip_frames(path, cfg)
+            preprocess._without_marks = real
+            with_marks_out = preprocess.compute_usrc_mask(gray, cfg)
+            preprocess._without_marks = lambda frames, mask: mask
+            kept = preprocess.compute_usrc_mask(gray, cfg)
+            out["stills"] += 1
+            if "ddti" in path.parts and not with_marks_out.all() and (~patch_grid(with_marks_out)).any():
+                out["band_invalid_cells"][path.name] = int((~patch_grid(with_marks_out)).sum())
+            if np.array_equal(kept, with_marks_out):
+                continue
+            out["files_with_marks"] += 1
+            out["pixels"] += int((kept & ~with_marks_out).sum())
+            out["grid_cells_changed"] += int((patch_grid(kept) != patch_grid(with_marks_out)).sum())
+            p0 = preprocess._percentiles_in_mask(gray[0], kept, cfg.low_percentile, cfg.high_percentile)[1]
+            p1 = preprocess._percentiles_in_mask(gray[0], with_marks_out, cfg.low_percentile, cfg.high_percentile)[1]
+            out["p98_shift_max"] = max(out["p98_shift_max"], abs(p0 - p1))
+            out["median_shift_max"] = max(out["median_shift_max"],
+                                          abs(float(np.median(gray[0][kept]) - np.median(gray[0][with_marks_out]))))
+    finally:
+        preprocess._without_marks = real
     return out
 
 
@@ -286,7 +403,33 @@ def make_figures(out_dir: Path, cfg) -> list[Path]:
         tiles.append(_panel(bgr, 300, f"{Path(rel).name[:17]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
     paths.append(out_dir / "usrc_failing_files.png")
     cv2.imwrite(str(paths[1]), np.vstack([np.hstack(tiles[:3]), np.hstack(tiles[3:6])]))
+    paths.append(out_dir / "usrc_bands_and_marks.png")
+    cv2.imwrite(str(paths[2]), _bands_and_marks_figure(cfg))
     return paths
+
+
+BANDS_AND_MARKS = [("ddti", "cropped/338_2(1).png"), ("ddti", "cropped/104_1(2).png"), ("busi", "benign/benign (1).png"),
+                   ("busi", "benign/benign (6).png")]
+
+
+def _bands_and_marks_figure(cfg) -> np.ndarray:
+    """Display bands beside a crop and marks over a still's tissue: truth blue, old mask red, new green
+    (its holes are the text and calipers taken out)."""
+    from usjepa.ingest.preprocess import compute_usrc_mask
+
+    tiles = []
+    for dataset, rel in BANDS_AND_MARKS:
+        frames = clip_frames(REALDATA / dataset / rel, cfg)
+        rec = {r["file"]: r for r in load_truth(dataset)}.get(rel)
+        t = rasterize(rec["polygon"], rec["width"], rec["height"], frames.shape[1:]) if rec else np.ones(frames.shape[1:], bool)
+        old, new = usrc_mask_baseline(frames), compute_usrc_mask(frames, cfg)
+        bgr = cv2.cvtColor(frames[0], cv2.COLOR_GRAY2BGR)
+        _outline(bgr, t, (255, 128, 0), 3)
+        _outline(bgr, old, (0, 0, 255), 2)
+        cs, _ = cv2.findContours(new.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(bgr, cs, -1, (0, 255, 0), 1)
+        tiles.append(_panel(bgr, 300, f"{Path(rel).name[:17]} old {iou(old, t):.2f} new {iou(new, t):.2f}"))
+    return np.hstack(tiles)
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -307,9 +450,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="throughput rounds (old and new alternated)")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--figures", metavar="DIR", default=None, help="only write the docs figures into DIR")
+    ap.add_argument("--marks-downstream", action="store_true",
+                    help="only print what the text/caliper removal changes downstream (JSON)")
     a = ap.parse_args(argv)
     cfg = PreprocessConfig()
     cv2.setNumThreads(1)
+    if a.marks_downstream:
+        print(json.dumps(marks_downstream(cfg), indent=1))
+        return 0
     if a.figures:
         print("\n".join(str(p) for p in make_figures(Path(a.figures), cfg)))
         return 0
@@ -319,6 +467,7 @@ def main(argv=None) -> int:
     if (REALDATA / "ddti").is_dir():
         rows += score_ddti(cfg, a.ddti_limit)
     speed = ingest_fps(a.rounds) if (REALDATA / "pocus").is_dir() and not a.no_throughput else None
+    mask_ms = still_mask_ms(cfg, a.rounds, a.ddti_limit) if (REALDATA / "busi").is_dir() and not a.no_throughput else None
     hw = hardware()
     summary = _summary(rows)
     md = ["| set | file | frames | IoU old | IoU new | mask ms old / new |", "|---|---|---|---|---|---|"]
@@ -334,8 +483,13 @@ def main(argv=None) -> int:
                f"{', '.join(f'{x:.0f}' for x in v['frames_per_s']['new'])} | "
                f"{', '.join(f'{x:.2f}' for x in v['ratio_new_vs_old'])} (median {np.median(v['ratio_new_vs_old']):.2f}) | "
                f"{hardware_line(hw)} |" for name, v in speed.items()]
+    if mask_ms:
+        md += ["", f"| mask alone, 1 thread | files | ms per file old (min of {a.rounds}) | new | ratio old/new |",
+               "|---|---|---|---|---|"]
+        md += [f"| {name} | {v['stills']} | {v['min_old']:.2f} | {v['min_new']:.2f} | {v['min_old'] / v['min_new']:.2f} |"
+               for name, v in mask_ms.items()]
     save_result(a.out, "bench_usrc", {"when": utc_now(), "hardware": hw, "summary": summary, "rows": rows,
-                                      "throughput": speed}, "\n".join(md))
+                                      "throughput": speed, "still_mask_ms": mask_ms}, "\n".join(md))
     return 0
 
 

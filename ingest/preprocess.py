@@ -24,8 +24,13 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    ``min_fit_fill`` of it; otherwise (a crop with an irregular border) the region's convex hull, or the
    region itself when the hull would add more than that.
 5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
-   taken out of the mask. Fallback: a region below ``min_region_fraction`` of the image means nothing
-   was found (a nearly black clip): every pixel above ``mask_threshold``, or the whole frame.
+   taken out of the mask; on a still, lines of burned-in text over the tissue (``text_rows``: glyphs in
+   a row) and caliper crosses (``caliper_crosses``). Fallback: a region below ``min_region_fraction`` of
+   the image means nothing was found (a nearly black clip): every pixel above ``mask_threshold``, or the
+   whole frame.
+
+A still cropped to the scan with flat display bands at its border (a text panel, a side strip:
+``display_bands``) gets the rectangle inside the bands (``crop_inside_display_bands``), before step 2.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import candidate_region, fit_sector, scan_evidence
+from usjepa.ingest.sector import (burned_in_marks, candidate_region, crop_inside_display_bands, fit_sector,
+                                  scan_evidence)
 
 
 class FrameRejected(ValueError):
@@ -120,6 +126,10 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         frames = frames[None]
     h, w = frames.shape[1:]
     evidence, overlay = scan_evidence(frames)
+    if frames.shape[0] == 1:
+        inner = crop_inside_display_bands(frames[0], evidence)
+        if inner is not None:
+            return _without_marks(frames, inner)
     region = candidate_region(evidence)
     if region.sum() < cfg.min_region_fraction * h * w:
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
@@ -141,7 +151,17 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
     if overlay.sum() < 0.05 * mask.sum():
         mask = mask & ~overlay
-    return mask
+    return _without_marks(frames, mask)
+
+
+def _without_marks(frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A still's mask less the lines of burned-in text and the caliper crosses over its tissue
+    (``text_rows``, ``caliper_crosses``), dilated by a pixel for their anti-aliased edges (a clip's static
+    marks are already out: they never change)."""
+    if frames.shape[0] != 1:
+        return mask
+    marks = burned_in_marks(frames[0])
+    return mask & ~cv2.dilate(marks.astype(np.uint8), _disc(1)).astype(bool) if marks.any() else mask
 
 
 def _percentiles_in_mask(gray: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> tuple[int, int]:
