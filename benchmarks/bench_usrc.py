@@ -145,6 +145,39 @@ def synthetic_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
     out.append(("rib_shadow_still", img.astype(np.uint8)[None], sector))
     out.append(("display_panel_crop_still", *display_panel_crop(rng, h, w)))
     out.append(("text_calipers_over_speckle_still", *text_over_speckle(rng, h, w)))
+    return out + corpus_cases(seed)
+
+
+CORPUS_CASES = [("breast", "normal", ".png"), ("breast", "cyst", ".jpg"), ("lung", "alines", ".mp4"),
+                ("lung", "blines", ".avi"), ("liver", "lesion", ".nii.gz")]
+
+
+def corpus_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Files of the project's own synthetic corpus (``usjepa.ingest.synthetic``), written in their real
+    format and read back as ingest reads them, with the generator's known scan region as truth: a linear
+    breast still on a black border with "SYN 8.7MHz" top left, ruler ticks on the right and a label bottom
+    right; convex lung clips with the same overlays (MP4, AVI); a convex liver volume — at the ``demo``
+    size (240×320, 40-frame clips) and the ``tiny`` one (120×160, 6-frame clips: the still rule)."""
+    from usjepa.ingest.preprocess import PreprocessConfig
+    from usjepa.ingest.synthetic import PRESETS, _write_nifti, _write_video, corpus_scan
+
+    cfg = PreprocessConfig()
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in ("demo", "tiny"):
+            rng = np.random.default_rng(seed)
+            for anatomy, cls, ext in CORPUS_CASES:
+                frames, inside = corpus_scan(anatomy, cls, PRESETS[preset], rng)
+                path = Path(tmp) / f"{preset}_{anatomy}{ext}"
+                if ext == ".nii.gz":
+                    _write_nifti(path, frames)
+                elif anatomy == "lung":
+                    _write_video(path, frames, {".mp4": "mp4v", ".avi": "MJPG"}[ext])
+                else:
+                    cv2.imwrite(str(path), frames[0])
+                read = clip_frames(path, cfg)
+                truth = cv2.resize(inside.astype(np.uint8), read.shape[1:][::-1], interpolation=cv2.INTER_NEAREST) > 0
+                out.append((f"corpus_{preset}_{anatomy}{ext}", read, truth))
     return out
 
 

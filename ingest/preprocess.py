@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from usjepa.ingest.sector import (burned_in_marks, candidate_region, crop_inside_display_bands, fit_sector,
-                                  scan_evidence)
+                                  scan_evidence, without_halo)
 
 
 class FrameRejected(ValueError):
@@ -135,6 +135,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
         fg = frames.max(axis=0) > cfg.mask_threshold
         return fg if fg.any() else np.ones((h, w), bool)
+    if frames.shape[0] == 1 and not region.all():
+        region = without_halo(region, frames[0])
     fitted = None if region.all() else fit_sector(region)
     if fitted is None and region.all():  # an image cropped to the scan: nothing to fit
         mask = region

@@ -22,6 +22,7 @@ import numpy as np
 _LIVE_STD = 0.8  # temporal std (gray levels) above which a pixel changes: echo, not background or overlay
 _TEXTURE_STD = 2.5  # local std (5×5) above which a still's pixel is textured: speckle, not a flat background
 _LEVEL_STEP = 10  # a still's pixel this far from the background level is signal even where it is smooth
+_HALO_LEVEL = 3  # ... and one this close to it, beside untextured pixels, is the edge of the scan's halo
 _MIN_VIDEO_FRAMES = 8
 _DENSITY_WINDOW = 0.025  # side of the window (share of the image side) over which evidence is counted
 _FULL_FRAME = 0.995  # evidence this dense everywhere: the scan is the whole frame (nothing to fit)
@@ -30,6 +31,7 @@ _BAND_FLAT = 0.1  # a row (column) of a display band has at least this share of 
 _BAND_MIN = 0.05  # display bands thinner than this share of the side are left in (see display_bands)
 _BAND_MAX = 0.5  # nor can a band be deeper than this: the scan is the larger part of the frame
 _BAND_LEAD = 0.1  # a band's flat part may start this far in: a column of text printed up to the crop's edge
+_SLOPE_SAME = 0.05  # side edges whose slopes (dx/dy) are this close to mirror images are taken as fitted (3°)
 _GLYPH_CONTRAST = 45  # a glyph's pixels are this much brighter than the mean around them (11×11)
 _GLYPH_HEIGHT = (5, 0.075)  # glyph height: from 5 px to this share of the longer side
 _GLYPHS_IN_A_ROW = 4  # bright blobs of one height on one baseline, this many in a row: a line of text
@@ -63,7 +65,7 @@ def scan_evidence(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         step = max(1, n // 32)
         sample = frames[::step].astype(np.float32)
         std = sample.std(axis=0)
-        live = std > _LIVE_STD
+        live = std > max(_LIVE_STD, _background_flicker(std, mx, bg))
         overlay = (std < 0.75) & (mx.astype(np.int16) > bg + 60)
         if live.mean() > 0.02:
             return live, overlay
@@ -74,7 +76,31 @@ def scan_evidence(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Text and marks printed beside the scan are separate components that candidate_region drops. White
     # strokes over the tissue of a still are not removed: a top-hat that finds them also removed the
     # saturated speckle of bright tissue. Coloured marks are inpainted by finish_frame.
-    return textured | away, np.zeros_like(textured)
+    marks = cv2.dilate(burned_in_marks(img).astype(np.uint8), _disc(3)).astype(bool)
+    return (textured | away) & ~marks, np.zeros_like(textured)
+
+
+def _background_flicker(std: np.ndarray, mx: np.ndarray, bg: int) -> float:
+    """Temporal std that a clip's background itself reaches where all of it flickers (analogue capture
+    noise of a level or two, which would pass for dark tissue): 1.25 × the median std of the top row's
+    pixels near the background level, when they are at least a quarter of the row; 0 otherwise. The top
+    row: beside a fan's apex it is background and a linear scan's near field there is bright, while the
+    far rows and the sides can be dark tissue, whose flicker must stay evidence. The median: codec noise
+    that only some background pixels show (most clips) leaves the threshold where it is."""
+    dark = mx[0].astype(np.int16) <= bg + _LEVEL_STEP
+    if dark.sum() < 0.25 * len(dark):
+        return 0.0
+    return 1.25 * float(np.median(std[0][dark]))
+
+
+def without_halo(region: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """A still's candidate region less its texture halo: the 5×5 variance of ``scan_evidence`` is high up to
+    2 px outside the scan's edge, where its window reaches the tissue, so a scan on a black border would
+    gain 2 px all round. Taken back: the region's pixels within 2 px of its edge that sit at the background
+    level (±``_HALO_LEVEL``); tissue at the edge is brighter and stays."""
+    bg = background_level(img)
+    rim = cv2.erode(region.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    return region & ~(rim & (cv2.absdiff(img, np.full_like(img, bg)) <= _HALO_LEVEL))
 
 
 def _band_depth(flat_rows: np.ndarray, max_lead: int) -> int:
@@ -322,6 +348,18 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.count_nonzero(a & b) / u if u else 0.0
 
 
+def _filled_rows(region: np.ndarray, sides: np.ndarray) -> tuple[float | None, float | None]:
+    """Top and bottom (pixel edges) of the rows whose span between the fitted side edges the region fills
+    at least half: a flat near / far boundary. Text or a label printed in the border next to the scan
+    joins the region in a few rows, which it fills only in part, so it does not pull the boundary out
+    the way a percentile of the region's rows would. (None, None) when no row is that full."""
+    span = np.count_nonzero(sides, axis=1)
+    full = np.flatnonzero(np.count_nonzero(region & sides, axis=1) >= np.maximum(1, 0.5 * span))
+    if not len(full):
+        return None, None
+    return float(full[0]), float(full[-1] + 1)
+
+
 def fit_sector(region: np.ndarray) -> tuple[np.ndarray, dict] | None:
     """Fit the sector model (module doc) to a candidate region; returns (mask, parameters) or None when
     the region has too few rows. ``covered`` (share of the region inside the fit) and ``filled`` (region
@@ -347,7 +385,7 @@ area / fit area) tell the caller whether the fit explains the region.
         # an edge carried by few rows is a ragged boundary (dark tissue), not the sector's edge
         edges.append(line if line is not None and line[2] >= 0.2 * len(rows) else None)
     left, right = edges
-    if left is not None and right is not None and abs(left[1] + right[1]) > 0.25 * max(abs(left[1]), abs(right[1])):
+    if left is not None and right is not None and abs(left[1] + right[1]) > max(_SLOPE_SAME, 0.25 * max(abs(left[1]), abs(right[1]))):
         # Asymmetric edges: the narrower one follows a dark boundary inside the sector (dark tissue only
         # ever narrows the evidence). Sectors are symmetric about the middle of their bright near field,
         # so the narrower edge is replaced by the mirror image of the wider one about that middle.
@@ -374,6 +412,10 @@ area / fit area) tell the caller whether the fit explains the region.
     fy, fx = ry[::step] + 0.5, rx[::step] + 0.5
     near_opts = [("flat", float(np.percentile(fy, 0.5)) - 0.5)]
     far_opts = [("flat", float(np.percentile(fy, 99.5)) + 0.5)]
+    if apex is None:  # a linear scan: its near and far boundaries are the first and last filled rows
+        near_flat, far_flat = _filled_rows(region, sides)
+        if near_flat is not None:
+            near_opts, far_opts = [("flat", near_flat)], [("flat", far_flat)]
     d = None
     if apex is not None:
         r = np.hypot(fx - apex[0], fy - apex[1])

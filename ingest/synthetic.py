@@ -186,6 +186,23 @@ def _frames(anatomy: str, cls: str, n: int, p: _Preset, rng: np.random.Generator
         yield g, _render(e, z, g, rng)
 
 
+def corpus_scan(anatomy: str, cls: str, p: _Preset, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """One file of the corpus before it is written, and its scan region (the known geometry, bool [H,W]):
+    a breast still (linear probe, overlays; one BGR frame), a lung clip (convex, overlays; BGR frames)
+    or a liver volume (convex, no overlays; gray slices). The USrc benchmark scores masks against it."""
+    if anatomy == "breast":
+        (g, gray), = _frames("breast", cls, 1, p, rng, convex=False)
+        return [_burn_in_overlays(gray, g, rng, colour_note=rng.random() < 0.3)], g.inside
+    if anatomy == "lung":
+        note = rng.random() < 0.5
+        frames = []
+        for g, f in _frames("lung", cls, p.frames_per_video, p, rng, True):  # overlays drawn frame by frame
+            frames.append(_burn_in_overlays(f, g, rng, note))
+        return frames, g.inside
+    clip = list(_frames("liver", cls, p.slices_per_volume, p, rng, True))
+    return [f for _, f in clip], clip[0][0].inside
+
+
 def _write_video(path: Path, frames: list[np.ndarray], fourcc: str) -> None:
     h, w = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 20.0, (w, h))
@@ -217,8 +234,7 @@ def make_synthetic_corpus(root: str | Path, preset: str = "tiny", seed: int = 0)
         d.mkdir(parents=True, exist_ok=True)
         for i in range(p.stills_per_class):
             patient += 1
-            (g, gray), = _frames("breast", cls, 1, p, rng, convex=False)
-            img = _burn_in_overlays(gray, g, rng, colour_note=rng.random() < 0.3)
+            (img,), _ = corpus_scan("breast", cls, p, rng)
             ext = _STILL_EXTS[(i + ci) % len(_STILL_EXTS)]
             cv2.imwrite(str(d / f"{cls}_p{patient:03d}_{i}{ext}"), img)
 
@@ -227,8 +243,7 @@ def make_synthetic_corpus(root: str | Path, preset: str = "tiny", seed: int = 0)
         d.mkdir(parents=True, exist_ok=True)
         for i in range(p.videos_per_class):
             patient += 1
-            note = rng.random() < 0.5
-            frames = [_burn_in_overlays(f, g, rng, note) for g, f in _frames("lung", cls, p.frames_per_video, p, rng, True)]
+            frames, _ = corpus_scan("lung", cls, p, rng)
             ext, fourcc = ((".mp4", "mp4v"), (".avi", "MJPG"))[(i + ci) % 2]
             _write_video(d / f"{cls}_p{patient:03d}_clip{i}{ext}", frames, fourcc)
 
@@ -237,7 +252,7 @@ def make_synthetic_corpus(root: str | Path, preset: str = "tiny", seed: int = 0)
         d.mkdir(parents=True, exist_ok=True)
         for i in range(p.volumes_per_class):
             patient += 1
-            slices = [f for _, f in _frames("liver", cls, p.slices_per_volume, p, rng, True)]
+            slices, _ = corpus_scan("liver", cls, p, rng)
             _write_nifti(d / f"{cls}_p{patient:03d}_vol{i}.nii.gz", slices)
 
     spec = {"datasets": [
