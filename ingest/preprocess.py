@@ -135,8 +135,6 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
         fg = frames.max(axis=0) > cfg.mask_threshold
         return fg if fg.any() else np.ones((h, w), bool)
-    if frames.shape[0] == 1 and not region.all():
-        region = without_halo(region, frames[0])
     fitted = None if region.all() else fit_sector(region)
     if fitted is None and region.all():  # an image cropped to the scan: nothing to fit
         mask = region
@@ -148,6 +146,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
         hull = hull.astype(bool)
         mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
+    if frames.shape[0] == 1:
+        mask = without_halo(mask, frames[0])
     # burned-in text, markers and calipers inside the sector are no ultrasound signal; dilated by ~0.6 % of
     # the side, since the anti-aliased and compressed edges of the strokes flicker with the tissue
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask

@@ -93,14 +93,13 @@ def _background_flicker(std: np.ndarray, mx: np.ndarray, bg: int) -> float:
     return 1.25 * float(np.median(std[0][dark]))
 
 
-def without_halo(region: np.ndarray, img: np.ndarray) -> np.ndarray:
-    """A still's candidate region less its texture halo: the 5×5 variance of ``scan_evidence`` is high up to
-    2 px outside the scan's edge, where its window reaches the tissue, so a scan on a black border would
-    gain 2 px all round. Taken back: the region's pixels within 2 px of its edge that sit at the background
-    level (±``_HALO_LEVEL``); tissue at the edge is brighter and stays."""
-    bg = background_level(img)
-    rim = cv2.erode(region.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
-    return region & ~(rim & (cv2.absdiff(img, np.full_like(img, bg)) <= _HALO_LEVEL))
+def without_halo(mask: np.ndarray, img: np.ndarray) -> np.ndarray:
+    """A still's mask less its texture halo: the 5×5 variance of ``scan_evidence`` is high up to 2 px
+    outside the scan's edge, where its window reaches the tissue, so the region and the sector fitted to
+    it stand 2 px out all round a scan on a black border. Taken back: the mask's pixels within 2 px of its
+    edge (not the frame's) that sit at the background level (±``_HALO_LEVEL``); tissue there is brighter."""
+    rim = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
+    return mask & ~(rim & (cv2.absdiff(img, np.full_like(img, background_level(img))) <= _HALO_LEVEL))
 
 
 def _band_depth(flat_rows: np.ndarray, max_lead: int) -> int:
