@@ -146,8 +146,7 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
         hull = hull.astype(bool)
         mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
-    if frames.shape[0] == 1:
-        mask = without_halo(mask, frames[0])
+    mask = without_halo(mask, frames)
     # burned-in text, markers and calipers inside the sector are no ultrasound signal; dilated by ~0.6 % of
     # the side, since the anti-aliased and compressed edges of the strokes flicker with the tissue
     overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask

@@ -93,11 +93,16 @@ def _background_flicker(std: np.ndarray, mx: np.ndarray, bg: int) -> float:
     return 1.25 * float(np.median(std[0][dark]))
 
 
-def without_halo(mask: np.ndarray, img: np.ndarray) -> np.ndarray:
-    """A still's mask less its texture halo: the 5×5 variance of ``scan_evidence`` is high up to 2 px
-    outside the scan's edge, where its window reaches the tissue, so the region and the sector fitted to
-    it stand 2 px out all round a scan on a black border. Taken back: the mask's pixels within 2 px of its
-    edge (not the frame's) that sit at the background level (±``_HALO_LEVEL``); tissue there is brighter."""
+def without_halo(mask: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """A mask found by the still rule (a still, a clip of < 8 frames) less its texture halo: the 5×5
+    variance of ``scan_evidence`` is high up to 2 px outside the scan's edge, where its window reaches the
+    tissue, so the region and the sector fitted to it stand 2 px out all round a scan on a black border.
+    Taken back: the mask's pixels within 2 px of its edge (not the frame's) that sit at the background
+    level (±``_HALO_LEVEL``) on the max projection; tissue there is brighter. A clip's evidence (temporal
+    std, per pixel) has no halo: its mask is returned as it is."""
+    if frames.shape[0] >= _MIN_VIDEO_FRAMES:
+        return mask
+    img = frames.max(axis=0)
     rim = cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)) == 0
     return mask & ~(rim & (cv2.absdiff(img, np.full_like(img, background_level(img))) <= _HALO_LEVEL))
 

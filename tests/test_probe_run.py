@@ -219,7 +219,7 @@ def test_real_busi(realdata, tmp_path):
 
 def test_our_probe_and_sklearn_agree_on_the_synthetic_corpus(tmp_path):
     """Same cached features, same split: the Table 6 probe on standardised features and scikit-learn's
-    logistic regression land within 4 macro-F1 points (864 synthetic breast stills from six corpus seeds;
+    logistic regression land within 3 macro-F1 points (issue #10's criterion) (864 synthetic breast stills from six corpus seeds;
     at this size the regularisation that logreg tunes on validation no longer decides the score)."""
     import os
 
@@ -237,7 +237,6 @@ def test_our_probe_and_sklearn_agree_on_the_synthetic_corpus(tmp_path):
     assert sum(sum(c.values()) for c in r["frames"].values()) == 6 * 3 * 48
     lin, ref = r["linear"]["macro_f1"]["mean"], r["logreg"]["macro_f1"]["mean"]
     assert lin > 0.38 and ref > 0.38  # above chance (1/3, ±0.04 on 174 test images): both learned something
-    # 0.04: the sampling noise of a macro-F1 on 174 test images (above); the burned-in "D5cm G66" labels
-    # leaving the synthetic stills' USrc masks (issue 12b) moved this pair from within 0.03 to 0.033
-    assert abs(lin - ref) <= 0.04, (lin, ref)
+    print(f"probe {lin:.4f} sklearn {ref:.4f} gap {abs(lin - ref):.4f}")
+    assert abs(lin - ref) <= 0.03, (lin, ref)
     assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"] == 0
