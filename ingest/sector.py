@@ -32,6 +32,7 @@ _BAND_MIN = 0.05  # display bands thinner than this share of the side are left i
 _BAND_MAX = 0.5  # nor can a band be deeper than this: the scan is the larger part of the frame
 _BAND_LEAD = 0.1  # a band's flat part may start this far in: a column of text printed up to the crop's edge
 _SLOPE_SAME = 0.05  # side edges whose slopes (dx/dy) are this close to mirror images are taken as fitted (3°)
+_ATTACHMENT_MAX = 0.05  # a piece of the region outside the fit below this share of it: text that joined it
 _GLYPH_CONTRAST = 45  # a glyph's pixels are this much brighter than the mean around them (11×11)
 _GLYPH_HEIGHT = (5, 0.075)  # glyph height: from 5 px to this share of the longer side
 _GLYPHS_IN_A_ROW = 4  # bright blobs of one height on one baseline, this many in a row: a line of text
@@ -364,6 +365,17 @@ def _filled_rows(region: np.ndarray, sides: np.ndarray) -> tuple[float | None, f
     return float(full[0]), float(full[-1] + 1)
 
 
+def _attachments(outside: np.ndarray, n_region: int) -> int:
+    """Pixels of the region outside a fit that are small separate pieces — each under
+    ``_ATTACHMENT_MAX`` of the region, together under twice that: a line of text or a label printed in
+    the border that touches the scan and joined its region. They do not count against the fit; a region
+    that a crop's irregular border shapes leaves larger pieces outside, which do."""
+    n, labels = cv2.connectedComponents(outside.astype(np.uint8), connectivity=8)
+    areas = np.bincount(labels.ravel(), minlength=n)[1:]
+    small = int(areas[areas < _ATTACHMENT_MAX * n_region].sum())
+    return small if small < 2 * _ATTACHMENT_MAX * n_region else 0
+
+
 def fit_sector(region: np.ndarray) -> tuple[np.ndarray, dict] | None:
     """Fit the sector model (module doc) to a candidate region; returns (mask, parameters) or None when
     the region has too few rows. ``covered`` (share of the region inside the fit) and ``filled`` (region
@@ -436,7 +448,7 @@ area / fit area) tell the caller whether the fit explains the region.
             if best is None or score > best[0] + 1e-3:
                 best = (score, m, near, far)
     score, mask, near, far = best
-    covered = np.count_nonzero(mask & region) / n_region  # the fit must hold the evidence ...
+    covered = (np.count_nonzero(mask & region) + _attachments(region & ~mask, n_region)) / n_region  # the fit must hold the evidence ...
     filled = n_region / max(1, np.count_nonzero(mask))  # ... and not be mostly empty
     return mask, {"left": left, "right": right, "apex": apex, "near": near, "far": far, "iou_region": score,
                   "covered": covered, "filled": filled}
