@@ -9,7 +9,8 @@ Sets:
 * ``ddti``: the thyroid crops; their truth is the whole frame (the crops were cut inside the scan, see
   docs/ingest.md), except for the files with a JSON under ``usrc_truth/ddti/`` (crops that kept part of
   the scanner's display, found by looking at the lowest-scoring files).
-* ``synthetic``: frames with known geometry, one per failure class of issue 12 and of the follow-ups (``synthetic_cases``).
+* ``synthetic``: frames with known geometry, one per failure class of issue 12 and of the follow-ups (``synthetic_cases``),
+  and files of the project's own synthetic corpus with the generator's scan region (``corpus_cases``).
 
 Throughput: ``usjepa-ingest run`` of ../shared/realdata/pocus (videos) and of the DDTI crops (stills)
 with one worker, frames/s with the new mask vs the old one (monkeypatched into the pipeline), alternated and repeated in this process; and the time of

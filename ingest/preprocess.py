@@ -8,8 +8,9 @@ USrc mask algorithm (``compute_usrc_mask``), on the resized grayscale frames of 
 models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
 
 1. Evidence of live ultrasound (``scan_evidence``). A clip (≥ 8 frames): pixels whose temporal std over
-   ≤ 32 sampled frames exceeds 0.8 gray levels — the live image changes, background and burned-in overlays
-   do not, and even dark deep tissue flickers. A still: pixels that are textured (5×5 local std) or clearly
+   ≤ 32 sampled frames exceeds 0.8 gray levels (more where the whole background flickers: 1.25 × its
+   median std on the top row) — the live image changes, background and burned-in overlays do not, and even
+   dark deep tissue flickers. A still: pixels that are textured (5×5 local std) or clearly
    away from the background level (the most common gray on the frame's outer ring: black or grey).
 2. Candidate region (``candidate_region``): evidence density over a small window (sparse flicker in dark
    tissue counts, isolated noise does not), an opening, the largest component plus any of ≥ 15 % of it
@@ -18,11 +19,15 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    side edges (the frame border where the display crops the scan; an asymmetric pair is made symmetric
    about the near field's middle with the wider edge, since dark tissue only narrows the evidence); where
    they meet above the region is the apex; near and far boundaries are arcs around the apex or flat cuts,
-   at the extreme percentiles of the region — whichever agrees better with it. Curvilinear fans, phased
+   at the extreme percentiles of the region (a linear scan's flat ones at its first and last rows filled
+   half between the edges) — whichever agrees better with it. Curvilinear fans, phased
    sectors, trapezoids and linear rectangles are all this one model.
 4. The fit is used when it holds ≥ ``min_fit_agreement`` of the region and the region fills ≥
-   ``min_fit_fill`` of it; otherwise (a crop with an irregular border) the region's convex hull, or the
+   ``min_fit_fill`` of it (small separate pieces outside it — text that touched the scan — not counted);
+   otherwise (a crop with an irregular border) the region's convex hull, or the
    region itself when the hull would add more than that.
+   Still rule (stills, clips under 8 frames): the 2-px texture halo outside the scan's edge is taken back
+   (``without_halo``).
 5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
    taken out of the mask; on a still, lines of burned-in text over the tissue (``text_rows``: glyphs in
    a row) and caliper crosses (``caliper_crosses``). Fallback: a region below ``min_region_fraction`` of

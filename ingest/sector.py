@@ -22,7 +22,7 @@ import numpy as np
 _LIVE_STD = 0.8  # temporal std (gray levels) above which a pixel changes: echo, not background or overlay
 _TEXTURE_STD = 2.5  # local std (5×5) above which a still's pixel is textured: speckle, not a flat background
 _LEVEL_STEP = 10  # a still's pixel this far from the background level is signal even where it is smooth
-_HALO_LEVEL = 3  # ... and one this close to it, beside untextured pixels, is the edge of the scan's halo
+_HALO_LEVEL = 3  # ... and one this close to it, on the rim of a still's mask, is texture halo (without_halo)
 _MIN_VIDEO_FRAMES = 8
 _DENSITY_WINDOW = 0.025  # side of the window (share of the image side) over which evidence is counted
 _FULL_FRAME = 0.995  # evidence this dense everywhere: the scan is the whole frame (nothing to fit)
@@ -77,8 +77,7 @@ def scan_evidence(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Text and marks printed beside the scan are separate components that candidate_region drops. White
     # strokes over the tissue of a still are not removed: a top-hat that finds them also removed the
     # saturated speckle of bright tissue. Coloured marks are inpainted by finish_frame.
-    marks = cv2.dilate(burned_in_marks(img).astype(np.uint8), _disc(3)).astype(bool)
-    return (textured | away) & ~marks, np.zeros_like(textured)
+    return textured | away, np.zeros_like(textured)
 
 
 def _background_flicker(std: np.ndarray, mx: np.ndarray, bg: int) -> float:
@@ -448,7 +447,8 @@ area / fit area) tell the caller whether the fit explains the region.
             if best is None or score > best[0] + 1e-3:
                 best = (score, m, near, far)
     score, mask, near, far = best
-    covered = (np.count_nonzero(mask & region) + _attachments(region & ~mask, n_region)) / n_region  # the fit must hold the evidence ...
+    # the fit must hold the evidence (text that touched the scan aside) ...
+    covered = (np.count_nonzero(mask & region) + _attachments(region & ~mask, n_region)) / n_region
     filled = n_region / max(1, np.count_nonzero(mask))  # ... and not be mostly empty
     return mask, {"left": left, "right": right, "apex": apex, "near": near, "far": far, "iou_region": score,
                   "covered": covered, "filled": filled}
