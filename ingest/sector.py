@@ -302,7 +302,17 @@ def candidate_region(evidence: np.ndarray) -> np.ndarray:
     keep = np.zeros(n_lab, np.uint8)
     keep[1:] = areas >= 0.15 * areas.max()
     region = keep[labels]
-    region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disc(round(0.03 * min(h, w))))
+    r = round(0.03 * min(h, w))
+    if region[0].any() or region[-1].any() or region[:, 0].any() or region[:, -1].any():
+        region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disc(r))
+    else:
+        # A scan with a border all round (no side touches the frame): closed on a copy padded with its
+        # border, since OpenCV's default border lets the erosion keep whatever the dilation pushed onto
+        # the frame's edge — a linear still ending a few pixels short of it gained those rows of black
+        # border. Where the scan reaches the frame, that fill is kept on purpose: the few-pixel strips
+        # a crop leaves along its edge (DDTI) count as scan.
+        padded = cv2.copyMakeBorder(region, r + 1, r + 1, r + 1, r + 1, cv2.BORDER_REPLICATE)
+        region = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, _disc(r))[r + 1 : -r - 1, r + 1 : -r - 1]
     # fill holes: everything not reachable from the border through background is inside
     pad = np.pad(region, 1)
     flood = pad.copy()

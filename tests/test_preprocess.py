@@ -109,7 +109,7 @@ def test_real_frames_get_plausible_masks(realdata):
 @pytest.mark.parametrize("case", ["dark_field_video", "grey_background_video", "black_corners_still",
                                   "text_over_tissue_still", "split_sector_video", "rib_shadow_still",
                                   "display_panel_crop_still", "text_calipers_over_speckle_still",
-                                  "corpus_demo_breast.png", "corpus_tiny_breast.png", "corpus_tiny_breast.jpg",
+                                  "corpus_demo_breast.png", "corpus_demo_breast.jpg", "corpus_tiny_breast.png", "corpus_tiny_breast.jpg",
                                   "corpus_demo_liver.nii.gz", "corpus_tiny_liver.nii.gz"])
 def test_usrc_mask_on_synthetic_failure_classes(case):
     from benchmarks.bench_usrc import iou, synthetic_cases, usrc_mask_baseline
