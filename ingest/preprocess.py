@@ -14,7 +14,8 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    away from the background level (the most common gray on the frame's outer ring: black or grey).
 2. Candidate region (``candidate_region``): evidence density over a small window (sparse flicker in dark
    tissue counts, isolated noise does not), an opening, the largest component plus any of ≥ 15 % of it
-   (a dark band can split a sector), a closing and hole filling.
+   (a dark band can split a sector), a closing (on a border-padded copy when no side touches the frame)
+   and hole filling.
 3. Sector fit (``fit_sector``): robust lines through the region's row-wise left and right ends give the
    side edges (the frame border where the display crops the scan; an asymmetric pair is made symmetric
    about the near field's middle with the wider edge, since dark tissue only narrows the evidence); where
