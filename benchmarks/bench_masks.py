@@ -8,6 +8,12 @@ linear-probe rectangles), rasterised at 224 x 224 and reduced to 14 x 14 by "any
 real images and video frames of ../shared/realdata when present, whose USrc masks come from
 `usjepa.ingest.preprocess.compute_usrc_mask` when it exists, else from a stand-in (threshold + largest
 connected component + hole filling; the JSON says which). Prints and saves JSON and a markdown row.
+
+``--shards DIR`` (a usjepa-ingest output) adds the context lengths of real training batches: the validity
+grids of ``--real-batches`` batches from ``build_loader(..., backend="torch")`` (augmented as in training),
+masked with per-image and with batch-minimum lengths, against the same images masked one at a time, and
+the share of the student's and predictor's compute spent on padding slots (ViT-B/16 student, the paper's
+384 x 12 predictor). Saved as ``context_lengths.json`` / ``.md`` next to the timing.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import numpy as np
 
 from benchmarks.common import hardware, hardware_line, save_result, utc_now
 from usjepa.kernels import block_masks as bm
-from usjepa.kernels.block_masks import MaskConfig, sample_block_masks, sample_block_masks_reference
+from usjepa.kernels.block_masks import MaskConfig, mask_lengths, sample_block_masks, sample_block_masks_reference
 from usjepa.kernels.patch_grid import patch_validity
+from usjepa.models.vit import transformer_flops
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
@@ -138,13 +145,77 @@ def numba_hardware() -> dict:
             "numba": numba.__version__, "numpy": np.__version__}
 
 
+def loader_grids(shards: Path, batch: int, n_batches: int, mask_cfg: MaskConfig) -> list[np.ndarray]:
+    """Validity grids [B, G, G] of the first training batches, as the loader computes them (augmented)."""
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(shards, "train", batch, {"num_workers": 1}, mask_cfg, backend="torch", seed=0)
+    loader.set_epoch(0)
+    grids = []
+    for b in loader:
+        grids.append(b.valid.numpy())
+        if len(grids) == n_batches:
+            break
+    loader.close()
+    return grids
+
+
+def padding_compute(ctx_len: np.ndarray, tgt_len: np.ndarray) -> float:
+    """Share of the forward FLOPs of a ViT-B/16 student (on CLS + context) and a 384 x 12 predictor (T
+    sequences of context + one target) spent on padding slots, for one batch's lengths [B], [T, B]."""
+    kc, kt = ctx_len.max(), tgt_len.max()
+    student = lambda n: transformer_flops(n + 1, 768, 12)  # noqa: E731
+    predictor = lambda n: transformer_flops(n, 384, 12)  # noqa: E731
+    padded = len(ctx_len) * student(kc) + tgt_len.size * predictor(kc + kt)
+    real = sum(student(c) for c in ctx_len) + sum(predictor(ctx_len[i] + t) for (_, i), t in np.ndenumerate(tgt_len))
+    return float(1.0 - real / padded)
+
+
+def context_lengths(grids: list[np.ndarray], usrc: bool = True) -> dict:
+    """Mean context / target lengths per image in the batch vs one image at a time, both length modes."""
+    out = {}
+    for lengths in ("batch_min", "per_image"):
+        for scale_of in ("grid", "valid"):
+            cfg = MaskConfig(usrc=usrc, lengths=lengths, tgt_scale_of=scale_of)
+            ctx, alone, tgt, pad = [], [], [], []
+            for k, valid in enumerate(grids):
+                c, t = sample_block_masks(valid, cfg, 1000 + k)
+                cl, tl = mask_lengths(c), mask_lengths(t)
+                ctx.append(cl), tgt.append(tl.ravel()), pad.append(padding_compute(cl, tl))
+                alone.append([mask_lengths(sample_block_masks(valid[i : i + 1], cfg, 1000 + k)[0])[0]
+                              for i in range(len(valid))])
+            ctx, alone, tgt = np.concatenate(ctx), np.concatenate(alone), np.concatenate(tgt)
+            out[f"{lengths}, targets x {scale_of}"] = {
+                "ctx_mean": float(ctx.mean()), "ctx_min": int(ctx.min()), "ctx_max": int(ctx.max()),
+                "ctx_alone_mean": float(alone.mean()), "ctx_vs_alone": float(ctx.mean() / alone.mean()),
+                "tgt_mean": float(tgt.mean()), "padding_compute_frac": float(np.mean(pad)),
+            }
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (reference once per round)")
     ap.add_argument("--calls", type=int, default=25, help="kernel calls per round and kernel")
+    ap.add_argument("--shards", type=Path, help="an ingested corpus: also measure context lengths on its batches")
+    ap.add_argument("--real-batches", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.shards is not None:
+        grids = loader_grids(args.shards, args.batch, args.real_batches, MaskConfig())
+        record = {"benchmark": f"context lengths, {len(grids)} training batches of {args.batch} from {args.shards}",
+                  "usrc_true": context_lengths(grids, True), "usrc_false": context_lengths(grids, False),
+                  "valid_fraction_mean": float(np.mean([g.mean() for g in grids])),
+                  "hardware": hardware(), "date_utc": utc_now()}
+        rows = ["| usrc | lengths, target size | context mean (min–max) | one at a time | ratio | targets | padding compute |",
+                "|---|---|---|---|---|---|---|"]
+        for usrc in ("usrc_true", "usrc_false"):
+            for name, r in record[usrc].items():
+                rows.append(f"| {usrc[5:]} | {name} | {r['ctx_mean']:.1f} ({r['ctx_min']}–{r['ctx_max']}) | "
+                            f"{r['ctx_alone_mean']:.1f} | {100 * r['ctx_vs_alone']:.0f} % | {r['tgt_mean']:.1f} | "
+                            f"{100 * r['padding_compute_frac']:.1f} % |")
+        save_result(args.out, "context_lengths", record, "\n".join(rows))
 
     cfg = MaskConfig()
     synth = synthetic_grids()
