@@ -128,6 +128,25 @@ def teacher_targets(teacher: VisionTransformer, images: torch.Tensor, tgt_idx: t
     return gather_tokens(tokens.repeat(T, 1, 1), tgt_idx.reshape(T * B, Kt)).reshape(T, B, Kt, -1)
 
 
+def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Collapse statistic: the std over all real tokens (batch and positions) of each channel, averaged
+    over channels. ``x [..., K, D]``, ``real`` bool ``[..., K]``. A collapsed encoder maps every token to
+    the same vector and this goes to 0, even when each token is layer-normed."""
+    x = x.detach().float().reshape(-1, x.shape[-1])[real.reshape(-1)]
+    return x.std(dim=0, unbiased=False).mean() if len(x) > 1 else x.new_zeros(())
+
+
+def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,
+                 tgt_idx: torch.Tensor, target_norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
+    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``)."""
+    ctx, pred = net(images, ctx_idx, tgt_idx)
+    targets = teacher_targets(teacher, images, tgt_idx, target_norm)
+    real = tgt_idx >= 0
+    stds = torch.stack([token_std(ctx, ctx_idx >= 0), token_std(pred, real), token_std(targets, real)])
+    return salt_loss(pred, targets, real), stds
+
+
 class SALTModel(nn.Module):
     """The trainable part of stage 2 (student + predictor), one module so that DDP wraps it once."""
 
