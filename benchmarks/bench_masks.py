@@ -205,6 +205,7 @@ def main(argv=None) -> dict:
     if args.shards is not None:
         grids = loader_grids(args.shards, args.batch, args.real_batches, MaskConfig())
         record = {"benchmark": f"context lengths, {len(grids)} training batches of {args.batch} from {args.shards}",
+                  "command": "python -m benchmarks.bench_masks " + " ".join(argv if argv is not None else sys.argv[1:]),
                   "usrc_true": context_lengths(grids, True), "usrc_false": context_lengths(grids, False),
                   "valid_fraction_mean": float(np.mean([g.mean() for g in grids])),
                   "hardware": hardware(), "date_utc": utc_now()}
@@ -254,18 +255,18 @@ def main(argv=None) -> dict:
     b_one, b_par, b_ref = (min(times[k]) for k in ("serial", "parallel", "reference"))
     first = first_call_latency()
 
-    # What equal lengths cost on these grids, and how tau moves the target length Kt.
-    lengths = {}
-    for tau in (0.25, 0.5, 0.75, 1.0):
-        c = MaskConfig(tau=tau)
-        ks = np.array([[s.shape[-1] for s in sample_block_masks(batches[r % 16], c, r)] for r in range(200)])
-        lengths[str(tau)] = {"Kc_mean": float(ks[:, 0].mean()), "Kc_min": int(ks[:, 0].min()),
-                             "Kt_mean": float(ks[:, 1].mean()), "Kt_min": int(ks[:, 1].min())}
+    # How tau moves the lengths: per image (the default) and the batch minimum (lengths="batch_min").
+    def length_stats(grids_of_round, c):
+        per_image = [[mask_lengths(s).ravel() for s in sample_block_masks(grids_of_round(r), c, r)] for r in range(200)]
+        kc, kt = np.concatenate([p[0] for p in per_image]), np.concatenate([p[1] for p in per_image])
+        ctx_min, tgt_min = np.array([p[0].min() for p in per_image]), np.array([p[1].min() for p in per_image])
+        return {"ctx_mean_per_image": float(kc.mean()), "tgt_mean_per_image": float(kt.mean()),
+                "Kc_batch_min_mean": float(ctx_min.mean()), "Kc_min": int(ctx_min.min()),
+                "Kt_batch_min_mean": float(tgt_min.mean()), "Kt_min": int(tgt_min.min())}
+
+    lengths = {str(tau): length_stats(lambda r: batches[r % 16], MaskConfig(tau=tau)) for tau in (0.25, 0.5, 0.75, 1.0)}
     big = np.stack([g for g in pool if g.mean() >= 0.5])  # the same, without the small fans
-    ks = np.array([[s.shape[-1] for s in sample_block_masks(big[rng.integers(len(big), size=args.batch)], cfg, r)]
-                   for r in range(200)])
-    lengths["0.75, grids >= 50% valid"] = {"Kc_mean": float(ks[:, 0].mean()), "Kc_min": int(ks[:, 0].min()),
-                                          "Kt_mean": float(ks[:, 1].mean()), "Kt_min": int(ks[:, 1].min())}
+    lengths["0.75, grids >= 50% valid"] = length_stats(lambda r: big[rng.integers(len(big), size=args.batch)], cfg)
 
     result = {
         "benchmark": "block masks, batch of %d realistic USrc grids" % args.batch,

@@ -306,6 +306,10 @@ def test_bad_seeds_and_configs_are_clear_errors():
         MaskConfig(tgt_scale=(0.2, 0.1))
     with pytest.raises(ValueError, match="min_keep"):
         MaskConfig(min_keep=0)
+    with pytest.raises(ValueError, match="lengths"):
+        MaskConfig(lengths="shortest")
+    with pytest.raises(ValueError, match="tgt_scale_of"):
+        MaskConfig(tgt_scale_of="frame")
     with pytest.raises(ValueError, match="cannot fit"):
         MaskConfig(grid=3, min_keep=8, n_targets=4)
 
