@@ -1,6 +1,6 @@
 """One-command small reproduction on real ultrasound: ingest → stage-1 MAE teacher → SALT students → probe.
 
-    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 cores: <= 60 min idle)
+    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~40 min, est.)
     python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
     python -m benchmarks.reproduce --out repro_out --preset vitb16   # the same on a GPU with ViT-B/16
     make reproduce                                                   # = the first line, into repro_out/
@@ -78,20 +78,25 @@ VARIANTS = {
     "usrc on, targets x valid": {"masks.usrc": True, "masks.tgt_scale_of": "valid"},
 }
 
+# "cpu": a 4 x 96 ViT (patch 16, 224 px). Measured on the shared 2-core machine (about 0.8 of a core free):
+# stage 1 ran 32 img/s, stage 2 5.8 img/s; a 6 x 192 ViT costs ~5.7x as much per image, which would leave
+# each of the five students ~40 steps inside an hour, so the CPU preset uses the narrower model. Estimated
+# at ~40 min on an idle 2-core machine (2.5x the share measured), not measured.
 PRESETS = {
-    "cpu": Preset(arch="vit_tiny_d6_patch16_224", predictor={"embed_dim": 96, "depth": 4, "num_heads": 4},
-                  decoder={"embed_dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": 0.75}, batch_size=32,
-                  stage1_steps=500, stage2_steps=120, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
+    "cpu": Preset(arch="vit_test_small", predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
+                  decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75}, batch_size=32,
+                  stage1_steps=1000, stage2_steps=150, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
                   threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
+    # One GPU, batch 128: MAE's base lr 1.5e-4 and Table 5's 5e-5 as written; ~2700 frames make 5000
+    # steps ~240 epochs. Not run yet (no GPU in the session that wrote it).
     "vitb16": Preset(arch="vit_base_patch16_224", predictor={"embed_dim": 384, "depth": 12, "num_heads": 12},
                      decoder={"embed_dim": 512, "depth": 8, "num_heads": 16, "mask_ratio": 0.75}, batch_size=128,
-                     stage1_steps=20000, stage2_steps=10000, stage1_lr=1.5e-4 * 128 / 256 * 4, stage2_lr=5.0e-5,
+                     stage1_steps=5000, stage2_steps=2000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
                      backend="dali", threads=None, bf16=True, compile=True, students=tuple(VARIANTS)),
 }
-# --quick: a 4 x 96 ViT (about 6x less compute than 6 x 192), fewer steps, the three students of point 1.
-QUICK = {"arch": "vit_test_small", "predictor": {"embed_dim": 48, "depth": 2, "num_heads": 2},
-         "decoder": {"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75},
-         "stage1_steps": 400, "stage2_steps": 100, "frames_per_video": 12,
+# --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation
+# (~27 min on the shared 2-core machine, benchmarks/results/reproduce/).
+QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
          "students": ("usrc off", "usrc on", "usrc on, batch-min lengths")}
 
 
@@ -191,8 +196,9 @@ def train_config(preset: Preset, stage: int, shards: Path, steps: int, steps_per
     }
 
 
-def run_training(cfg: dict, out: Path, overrides: dict | None = None) -> Path:
-    """Train (resuming if ``out`` holds checkpoints); returns the exported last encoder."""
+def run_training(cfg: dict, out: Path, overrides: dict | None = None) -> tuple[Path, float]:
+    """Train (resuming if ``out`` holds checkpoints) -> (the exported last encoder, seconds the training
+    took, also when an earlier invocation ran it: ``DONE`` records them)."""
     from usjepa.train import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -202,11 +208,12 @@ def run_training(cfg: dict, out: Path, overrides: dict | None = None) -> Path:
     export = out / "export" / "encoder_last.safetensors"
     done = out / "DONE"
     if not done.is_file():
+        t0 = time.perf_counter()
         rc = train([str(path), "--out", str(out), "--resume", "auto"] + sum((["--set", s] for s in sets), []))
         if rc != 0:
             raise SystemExit(f"training in {out} failed with status {rc}")
-        done.write_text(utc_now() + "\n")
-    return export
+        done.write_text(json.dumps({"finished_utc": utc_now(), "seconds": time.perf_counter() - t0}) + "\n")
+    return export, float(json.loads(done.read_text())["seconds"])
 
 
 def steps_per_epoch(shards: Path, batch_size: int) -> int:
@@ -294,21 +301,19 @@ def main(argv=None) -> int:
     times["ingest + labelled sets"] = time.perf_counter() - t0
 
     spe = steps_per_epoch(shards, preset.batch_size)
-    t0 = time.perf_counter()
     teacher_dir = out / "stage1_teacher"
-    teacher = run_training(train_config(preset, 1, shards, preset.stage1_steps, spe), teacher_dir)
-    times["stage 1 teacher"] = time.perf_counter() - t0
+    teacher, times["stage 1 teacher"] = run_training(train_config(preset, 1, shards, preset.stage1_steps, spe),
+                                                     teacher_dir)
 
     encoders = {"random init": f"random:{preset.arch}", "stage-1 teacher": str(teacher)}
     training = {"stage-1 teacher": last_train_record(teacher_dir)}
     for name in preset.students:
-        t0 = time.perf_counter()
         run = out / ("student_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_"))
         cfg = train_config(preset, 2, shards, preset.stage2_steps, spe)
         cfg["model"]["teacher"] = str(teacher)
-        encoders[f"student: {name}"] = str(run_training(cfg, run, VARIANTS[name]))
+        export, times[f"student: {name}"] = run_training(cfg, run, VARIANTS[name])
+        encoders[f"student: {name}"] = str(export)
         training[f"student: {name}"] = last_train_record(run)
-        times[f"student: {name}"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     from usjepa.probe.run import probe_encoders
@@ -316,7 +321,8 @@ def main(argv=None) -> int:
     probe = probe_encoders(encoders, {k: str(v) for k, v in labelled.items()}, out / "probe",
                            seeds=preset.probe_seeds, batch_size=32, workers=1, plots=False)
     times["probe"] = time.perf_counter() - t0
-    times["total"] = time.perf_counter() - t_all
+    times["this invocation"] = time.perf_counter() - t_all
+    times["total"] = sum(v for k, v in times.items() if k != "this invocation")
 
     argv_used = argv if argv is not None else sys.argv[1:]
     res = {

@@ -202,7 +202,7 @@ def train(argv=None) -> int:
             return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size), None
 
     def step_flops(batch) -> float:
-        """Model FLOPs of this rank's step, from this batch's actual context and target sizes."""
+        """Model FLOPs of this rank's step at this batch's padded context and target widths (what runs)."""
         if cfg.stage == 2:
             T, B, Kt = batch.tgt_idx.shape
             return salt_step_flops(encoder.cfg, teacher_cfg(teacher), head, B, batch.ctx_idx.shape[1], T, Kt)
