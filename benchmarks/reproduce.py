@@ -20,6 +20,7 @@ labels (as the paper's corpus contains its evaluation sets' sources; no labels a
 Every phase resumes: running the command again continues the training runs (``--resume auto``) and
 reuses the probe's feature cache. Writes ``reproduce.json`` and ``reproduce.md`` (the table, the config,
 the hardware, the wall time of each phase) into ``--out``; ``--results`` copies them to a results folder.
+``--probe-lr`` / ``--probe-patience`` re-probe the same encoders with another probe (files suffixed).
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ class Preset:
 VARIANTS = {
     "usrc off": {"masks.usrc": False},
     "usrc on": {"masks.usrc": True},
-    "usrc on, batch-min lengths": {"masks.usrc": True, "masks.lengths": "batch_min"},
-    "usrc on, target layernorm": {"masks.usrc": True, "model.target_norm": "layernorm"},
-    "usrc on, targets x valid": {"masks.usrc": True, "masks.tgt_scale_of": "valid"},
+    "usrc on + batch-min lengths": {"masks.usrc": True, "masks.lengths": "batch_min"},
+    "usrc on + target layernorm": {"masks.usrc": True, "model.target_norm": "layernorm"},
+    "usrc on + targets x valid": {"masks.usrc": True, "masks.tgt_scale_of": "valid"},
 }
 
 # "cpu": a 4 x 96 ViT (patch 16, 224 px). Measured on the shared 2-core machine (about 0.8 of a core free):
@@ -97,7 +98,7 @@ PRESETS = {
 # --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation
 # (~27 min on the shared 2-core machine, benchmarks/results/reproduce/).
 QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
-         "students": ("usrc off", "usrc on", "usrc on, batch-min lengths")}
+         "students": ("usrc off", "usrc on", "usrc on + batch-min lengths")}
 
 
 # ------------------------------------------------------------------------------------------ labelled sets
@@ -134,10 +135,12 @@ def ddti_labelled(src: Path, out: Path) -> Path:
 
 
 def pocus_labelled(src: Path, out: Path, frames_per_video: int) -> Path:
-    """POCUS: evenly spaced frames of each video (and each still), label = the manifest's class, group =
-    the source file, so that no video straddles splits. Classes with fewer than 3 sources are left out
-    (train, val and test each need one)."""
-    manifest = list(csv.DictReader(open(src / "MANIFEST.csv", newline="")))
+    """POCUS: evenly spaced frames of each video, label = the manifest's class, group = the video, so that
+    no video straddles splits. Stills are left out (one frame would be a whole split's share of its class:
+    a first run scored covid on a single test frame), then classes with fewer than 3 videos (train, val and
+    test each need one)."""
+    manifest = [r for r in csv.DictReader(open(src / "MANIFEST.csv", newline=""))
+                if Path(r["path"]).suffix.lower() not in (".png", ".jpg", ".jpeg")]
     sources_per_class: dict[str, int] = {}
     for r in manifest:
         sources_per_class[r["class"]] = sources_per_class.get(r["class"], 0) + 1
@@ -258,6 +261,8 @@ def main(argv=None) -> int:
     ap.add_argument("--stage2-steps", type=int)
     ap.add_argument("--seeds", type=int, help="probe seeds (default 5)")
     ap.add_argument("--students", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--probe-lr", type=float, help="the linear probe's lr (default: the probe's own)")
+    ap.add_argument("--probe-patience", type=int, help="the probe's early-stopping patience (default: its own)")
     ap.add_argument("--realdata", type=Path, default=REALDATA)
     ap.add_argument("--results", type=Path, help="also copy reproduce.json / .md here")
     args = ap.parse_args(argv)
@@ -318,8 +323,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from usjepa.probe.run import probe_encoders
 
-    probe = probe_encoders(encoders, {k: str(v) for k, v in labelled.items()}, out / "probe",
-                           seeds=preset.probe_seeds, batch_size=32, workers=1, plots=False)
+    probe_cfg = {k: v for k, v in (("lr", args.probe_lr), ("patience", args.probe_patience)) if v is not None}
+    suffix = "".join(f"_probe_{k}{v:g}" for k, v in probe_cfg.items())  # another probe: other files
+    probe = probe_encoders(encoders, {k: str(v) for k, v in labelled.items()}, out / f"probe{suffix}",
+                           seeds=preset.probe_seeds, batch_size=32, workers=1, plots=False, probe=probe_cfg or None,
+                           cache_dir=out / "feature_cache")
     times["probe"] = time.perf_counter() - t0
     times["this invocation"] = time.perf_counter() - t_all
     times["total"] = sum(v for k, v in times.items() if k != "this invocation")
@@ -329,6 +337,7 @@ def main(argv=None) -> int:
         "benchmark": "small reproduction on real ultrasound (ingest -> MAE teacher -> SALT students -> probe)",
         "command": "python -m benchmarks.reproduce " + " ".join(argv_used),
         "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.students or args.seeds),
+        "probe_overrides": probe_cfg,
         "preset": args.preset, "config": asdict(preset), "variants": {k: VARIANTS[k] for k in preset.students},
         "steps_per_epoch": spe, "encoders": encoders, "training": training,
         "probe": {"datasets": probe["datasets"], "results": probe["results"], "protocol": probe["protocol"]},
@@ -337,11 +346,12 @@ def main(argv=None) -> int:
     md = (f"# Reproduction ({'reduced' if res['reduced'] else 'full'} `{args.preset}` preset)\n\n"
           f"`{res['command']}` — {hardware_line(res['hardware'])}, {res['date_utc']}, "
           f"{times['total'] / 60:.1f} min in all.\n\n" + table(res, list(labelled)) + "\n")
-    (out / "reproduce.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (out / "reproduce.md").write_text(md)
+    names = (f"reproduce{suffix}.json", f"reproduce{suffix}.md")
+    (out / names[0]).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / names[1]).write_text(md)
     if args.results:
         args.results.mkdir(parents=True, exist_ok=True)
-        for f in ("reproduce.json", "reproduce.md"):
+        for f in names:
             shutil.copyfile(out / f, args.results / f)
     print(md)
     return 0

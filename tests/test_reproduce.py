@@ -61,6 +61,12 @@ def test_pocus_frames_group_by_video_and_drop_classes_with_few_sources(tmp_path)
         wr = csv.DictWriter(f, fieldnames=["path", "class"])
         wr.writeheader()
         wr.writerows(manifest)
+    fake_image(src / "images" / "covid_still.png", 99)  # a still: left out
+    manifest.append({"path": "images/covid_still.png", "class": "covid"})
+    with open(src / "MANIFEST.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["path", "class"])
+        wr.writeheader()
+        wr.writerows(manifest)
     out = reproduce.pocus_labelled(src, tmp_path / "labelled", frames_per_video=4)
     written = list(csv.DictReader(open(out / "labels.csv")))
     assert {r["label"] for r in written} == {"covid", "regular"}
