@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="ingest datasets into shards (resumes an interrupted run in the same --out)",
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("inputs", nargs="+", metavar="SRC",
-                   help="a dataset list (YAML/JSON: name, root, anatomy, kind; optional group_pattern, exclude) "
+                   help="a dataset list (YAML/JSON: name, root, anatomy, kind; optional group_pattern, exclude, labels) "
                         "or a folder (one dataset named after it; a folder holding datasets.yaml is read as that list)")
     r.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest; rerunning the same "
                    "command there resumes an interrupted run")
@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the within-dataset shuffle of samples in the shards (default 0)")
     r.add_argument("--exclude", action="append", metavar="GLOB", default=None,
                    help="leave out files whose name matches GLOB (repeatable). Default: %s (label masks such "
-                        "as BUSI's 'benign (1)_mask.png' are annotations, not frames); --exclude '' excludes "
-                        "nothing" % " ".join(DEFAULT_EXCLUDE))
+                        "as BUSI's 'benign (1)_mask.png' and 'benign (4)_mask_1.png' are annotations, not frames; "
+                        "listed under 'exclude' in the manifest); --exclude '' excludes nothing"
+                        % " ".join(DEFAULT_EXCLUDE))
+    r.add_argument("--max-pixels", type=_positive, metavar="N", default=pc.max_pixels,
+                   help="pixel budget of a still: larger JPEGs are decoded reduced (1/2, 1/4, 1/8), other formats "
+                        "are skipped; never decoded whole (default %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
 
     m = sub.add_parser("merge", help="combine the manifests of a --part i/N job array into manifest.json")
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "sample counts, decodable JPEG/PNG, metadata; exit 1 on any problem")
     v.add_argument("root", help="corpus folder (holding manifest.json)")
 
-    c = sub.add_parser("contact-sheet", help="PNG grid of random frames with their USrc mask outlines (green)")
+    c = sub.add_parser("contact-sheet", help="PNG grid of frames with their USrc mask outlines (green): random, "
+                       "worst coverage first, or a diff against an older corpus")
     c.add_argument("root", help="corpus folder (holding manifest.json)")
     c.add_argument("--out", required=True, help="PNG file to write")
     c.add_argument("-n", type=_positive, default=24, help="number of frames (default %(default)s), spread "
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cols", type=_positive, default=6, help="frames per row (default %(default)s)")
     c.add_argument("--cell", type=_positive, default=160, help="tile size in pixels (default %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="which random frames (default %(default)s)")
+    c.add_argument("--sort", choices=("random", "coverage"), default="random",
+                   help="random (default), or coverage: the frames whose mask covers least of the frame first, "
+                        "one per source file (where under-covering masks show)")
+    c.add_argument("--diff", metavar="OLD_SHARDS", default=None,
+                   help="an older corpus of the same inputs: draw its mask in red beside the new one in green, "
+                        "largest disagreement first (review a mask change)")
     return ap
 
 
@@ -113,7 +124,8 @@ def _run(a) -> int:
         part = parse_part(a.part)
         specs = datasets_from_args(a.inputs)
         exclude = DEFAULT_EXCLUDE if a.exclude is None else tuple(g for g in a.exclude if g)
-        cfg = dataclasses.replace(PreprocessConfig(), max_side=a.max_side, jpeg_quality=a.quality)
+        cfg = dataclasses.replace(PreprocessConfig(), max_side=a.max_side, jpeg_quality=a.quality,
+                                  max_pixels=a.max_pixels)
         opts = IngestOptions(out=a.out, workers=a.workers, part=part, stride=a.stride, shard_size=a.shard_size,
                              seed=a.seed, preprocess=cfg, exclude=exclude, progress=not a.quiet)
         manifest = run_ingest(specs, opts)
@@ -162,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from usjepa.ingest.contact_sheet import make_contact_sheet
 
     try:
-        path = make_contact_sheet(a.root, a.out, n=a.n, cols=a.cols, cell=a.cell, seed=a.seed)
+        path = make_contact_sheet(a.root, a.out, n=a.n, cols=a.cols, cell=a.cell, seed=a.seed, sort=a.sort,
+                                  diff=a.diff)
     except (OSError, ValueError) as e:
         print(f"usjepa-ingest contact-sheet: error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -15,7 +15,7 @@ from pathlib import Path
 from usjepa.shards.format import FORMAT_VERSION, MANIFEST_NAME, resolve_in_root, write_json_atomic
 
 _PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
-_SAME = ("format_version", "preprocess", "split", "shuffle")
+_SAME = ("format_version", "preprocess", "split", "shuffle", "exclude", "inputs")
 
 
 class MergeError(ValueError):
@@ -53,10 +53,15 @@ def merge_manifests(root: str | Path, parts: list[str | Path] | None = None) -> 
     if missing:
         raise MergeError(f"parts {missing} of {n_parts} are missing: run them (or wait for them) before merging")
     first = docs[0][1]
+    for p, d in docs:
+        if "inputs" not in d:
+            raise MergeError(f"{p.name} records no 'inputs' (made by an older usjepa-ingest): rerun that part")
     for p, d in docs[1:]:
         for k in _SAME:
             if d.get(k) != first.get(k):
-                raise MergeError(f"{p.name}: {k!r} differs from {docs[0][0].name}; parts must share settings")
+                what = "source lists" if k == "inputs" else "settings"
+                raise MergeError(f"{p.name}: {k!r} differs from {docs[0][0].name}; parts must share {what} "
+                                 f"(same datasets, files and options)")
     shards, skipped, ignored, datasets = [], [], [], {}
     for p, d in docs:
         for s in d["shards"]:

@@ -44,7 +44,8 @@ import numpy as np
 from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_usrc_mask, encode_sample,
                                       finish_frame, prepare_frame)
 from usjepa.ingest.readers import SourceUnreadable, open_frames
-from usjepa.ingest.sources import DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, list_sources, part_of
+from usjepa.ingest.sources import (DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, assign_splits, group_counts,
+                                   list_sources, part_of)
 from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SampleMeta,
                                   ShardWriter, dataset_slug, fsync_dir, sample_key, split_of_group,
@@ -129,7 +130,7 @@ class _SourceStats:
 def _frames_of_source(src: Source, cfg: PreprocessConfig, stride: int, stats: _SourceStats):
     """Yield (frame_index, gray, mask, orig_size) for one file: prepare every frame, one USrc mask per clip
     (or per MASK_CHUNK_FRAMES), then finish each frame. Rejected frames are counted, not yielded."""
-    stream = open_frames(src.path, stride)
+    stream = open_frames(src.path, stride, max_pixels=cfg.max_pixels)
     chunk: list[tuple[int, np.ndarray, np.ndarray | None, tuple[int, int]]] = []
 
     def finish(chunk):
@@ -176,7 +177,7 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
     with open(tmp / "spill.bin", "wb") as spill:
         for src in task.sources:
             stats = _SourceStats()
-            split = split_of_group(src.group, val_fraction)
+            split = src.split or split_of_group(src.group, val_fraction)
             records: list[list] = []
             try:
                 # closing(): the reader's counts are final even when encoding fails midway through a clip
@@ -417,7 +418,7 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     t0 = time.perf_counter()
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    listing = list_sources(specs, opts.exclude)
+    listing = assign_splits(list_sources(specs, opts.exclude), opts.val_fraction)
     fp = _fingerprint(listing, opts)
     man_path = out / manifest_name(opts.part)
     work = out / WORK_DIR / _part_tag(opts.part)
@@ -531,6 +532,10 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
         per_shard = sum(s["samples"] for s in shards if s["dataset"] == d.name)
         if per_shard != written:
             raise IngestError(f"dataset {d.name}: {per_shard} samples in shards but {written} frames spilled")
+    skipped_uids = {f"{k['dataset']}\0{k['path']}" for k in skipped}
+    mine = [s for s in listing.sources if part_of(s, opts.part[1]) == opts.part[0] and s.uid not in skipped_uids]
+    for name, counts in group_counts(mine).items():
+        datasets[name]["groups"] = counts  # split groups (patients, clips, files) written, per split
     n = sum(v["frames"]["train"] + v["frames"]["val"] for v in datasets.values())
     return {
         "format_version": FORMAT_VERSION,
@@ -539,6 +544,11 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
         "split": {"val_fraction": opts.val_fraction, "rule": "sha1(group)"},
         "shuffle": {"seed": opts.seed, "rule": "within dataset and split, ordered by sha1(seed, key)"},
         "part": f"{opts.part[0]}/{opts.part[1]}",
+        "exclude": list(opts.exclude),
+        # what all parts of a job array must share (``merge`` refuses parts that differ)
+        "inputs": {"datasets": [d.to_dict() for d in listing.datasets], "n_sources": len(listing.sources),
+                   "sources_sha1": hashlib.sha1("\n".join(s.uid for s in listing.sources).encode()).hexdigest(),
+                   "stride": opts.stride, "seed": opts.seed, "shard_size": opts.shard_size},
         "run_fingerprint": fp,
         "datasets": datasets,
         "shards": shards,

@@ -4,23 +4,28 @@ The order is chosen for speed: frames are converted to grayscale and resized fir
 runs on at most ``max_side``² pixels), the USrc mask is computed once per clip from all its frames, and
 inpainting and percentile rescaling finish each frame.
 
-USrc mask algorithm (``compute_usrc_mask``), on the resized grayscale frames of one clip (or one still):
+USrc mask algorithm (``compute_usrc_mask``), on the resized grayscale frames of one clip (or one still); it
+models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
 
-1. Signal map: the per-pixel maximum over the clip (a pixel that ever shows echo belongs to the scan).
-   Where the clip has enough frames, pixels that never change (temporal std ≈ 0) but are bright are burned-in
-   overlays (text, rulers, logos): they are removed from the signal map, unless that would remove nearly
-   everything (a clip of identical frames).
-2. Threshold: signal > ``mask_threshold`` (dark borders are ~0 after compression, echo is well above).
-3. Opening with a disc of ~2 % of the image size cuts thin bridges between the sector and text or rulers
-   and deletes thin overlays; then the largest connected component is kept, with any other component of at
-   least 15 % of its area (a dark effusion or shadow can split one sector in two); text, logos and colour
-   bars are separate, much smaller components.
-4. Closing restores anechoic areas inside the sector (cysts, vessels, the dark lung
-   interior), and the convex hull of the kept components gives the final region: scan sectors, linear and
-   convex, are convex, so the hull also repairs dark shadows that touch the sector's edge.
-5. A component smaller than ``min_region_fraction`` of the image means the heuristics failed (e.g. a
-   very dark frame); the mask then falls back to all pixels above the threshold, and to the whole frame if
-   that is empty too, so a mask is never empty.
+1. Evidence of live ultrasound (``scan_evidence``). A clip (≥ 8 frames): pixels whose temporal std over
+   ≤ 32 sampled frames exceeds 0.8 gray levels — the live image changes, background and burned-in overlays
+   do not, and even dark deep tissue flickers. A still: pixels that are textured (5×5 local std) or clearly
+   away from the background level (the most common gray on the frame's outer ring: black or grey).
+2. Candidate region (``candidate_region``): evidence density over a small window (sparse flicker in dark
+   tissue counts, isolated noise does not), an opening, the largest component plus any of ≥ 15 % of it
+   (a dark band can split a sector), a closing and hole filling.
+3. Sector fit (``fit_sector``): robust lines through the region's row-wise left and right ends give the
+   side edges (the frame border where the display crops the scan; an asymmetric pair is made symmetric
+   about the near field's middle with the wider edge, since dark tissue only narrows the evidence); where
+   they meet above the region is the apex; near and far boundaries are arcs around the apex or flat cuts,
+   at the extreme percentiles of the region — whichever agrees better with it. Curvilinear fans, phased
+   sectors, trapezoids and linear rectangles are all this one model.
+4. The fit is used when it holds ≥ ``min_fit_agreement`` of the region and the region fills ≥
+   ``min_fit_fill`` of it; otherwise (a crop with an irregular border) the region's convex hull, or the
+   region itself when the hull would add more than that.
+5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
+   taken out of the mask. Fallback: a region below ``min_region_fraction`` of the image means nothing
+   was found (a nearly black clip): every pixel above ``mask_threshold``, or the whole frame.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from usjepa.ingest.sector import candidate_region, fit_sector, scan_evidence
 
 
 class FrameRejected(ValueError):
@@ -49,7 +56,10 @@ class PreprocessConfig:
     high_percentile: float = 98.0
     mask_threshold: int = 12  # gray level separating echo from the black border
     min_region_fraction: float = 0.05
+    min_fit_agreement: float = 0.95  # share of the evidence the fitted sector must hold to be used
+    min_fit_fill: float = 0.5  # evidence area / fitted area below this: the fit is mostly empty, not used
     blank_max_level: int = 8  # a frame whose 99th percentile is below this is "all black"
+    max_pixels: int = 64_000_000  # stills above this are decoded reduced (JPEG) or skipped, never whole
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -108,33 +118,30 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     frames = np.asarray(frames)
     if frames.ndim == 2:
         frames = frames[None]
-    signal = frames.max(axis=0)
-    n = frames.shape[0]
-    if n >= 8:
-        step = max(1, n // 32)  # the std over ≤ 32 frames is enough to tell static overlays from echo
-        std = frames[::step].astype(np.float32).std(axis=0)
-        static_bright = (std < 1.0) & (signal > 3 * cfg.mask_threshold)
-        if static_bright.mean() < 0.5:
-            signal = np.where(static_bright, 0, signal).astype(np.uint8)
-    h, w = signal.shape
-    fg = (signal > cfg.mask_threshold).astype(np.uint8)
-    opened = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _disc(round(0.02 * min(h, w))))
-    n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
-    if n_lab > 1:
-        areas = stats[1:, cv2.CC_STAT_AREA]
-        keep = 1 + np.flatnonzero(areas >= 0.15 * areas.max())
-        region = np.isin(labels, keep).astype(np.uint8)
-    else:
-        region = np.zeros_like(fg)
+    h, w = frames.shape[1:]
+    evidence, overlay = scan_evidence(frames)
+    region = candidate_region(evidence)
     if region.sum() < cfg.min_region_fraction * h * w:
-        mask = fg.astype(bool)
-        return mask if mask.any() else np.ones((h, w), bool)
-    region = cv2.morphologyEx(region, cv2.MORPH_CLOSE, _disc(round(0.03 * min(h, w))))
-    contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = cv2.convexHull(np.concatenate(contours))
-    mask = np.zeros((h, w), np.uint8)
-    cv2.fillConvexPoly(mask, hull, 1)
-    return mask.astype(bool)
+        # the heuristics found no scan (e.g. a nearly black frame): every pixel above the threshold, or all
+        fg = frames.max(axis=0) > cfg.mask_threshold
+        return fg if fg.any() else np.ones((h, w), bool)
+    fitted = None if region.all() else fit_sector(region)
+    if fitted is None and region.all():  # an image cropped to the scan: nothing to fit
+        mask = region
+    elif fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
+        mask = fitted[0]
+    else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
+        contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        hull = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(contours)), 1)
+        hull = hull.astype(bool)
+        mask = hull if region.sum() >= cfg.min_fit_agreement * hull.sum() else region
+    # burned-in text, markers and calipers inside the sector are no ultrasound signal; dilated by ~0.6 % of
+    # the side, since the anti-aliased and compressed edges of the strokes flicker with the tissue
+    overlay = cv2.dilate(overlay.astype(np.uint8), _disc(max(1, round(0.006 * max(h, w))))).astype(bool) & mask
+    if overlay.sum() < 0.05 * mask.sum():
+        mask = mask & ~overlay
+    return mask
 
 
 def _percentiles_in_mask(gray: np.ndarray, mask: np.ndarray, lo: float, hi: float) -> tuple[int, int]:

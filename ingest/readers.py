@@ -7,12 +7,31 @@ position in the file (so a sample's key names the same frame whatever the stride
 byte-identical to the previously kept one: frozen video, repeated GIF frames — dropped).
 
 A file that cannot be read raises ``SourceUnreadable`` with a one-line reason, which the pipeline writes
-into the manifest; it never aborts a run.
+into the manifest; it never aborts a run. That includes **truncated videos**, checked per container
+(OpenCV's decoder stops quietly at a cut, so a half-file would otherwise pass as a short clip):
+
+* ``.avi``, ``.mp4``, ``.mov``: fewer frames decoded than the container header declares (its index/moov
+  gives frame count and duration; an mp4/mov cut before its moov does not open at all);
+* ``.mpeg``/``.mpg`` program streams: the pack/packet structure is walked and must end exactly at the end
+  of the file (a cut leaves a packet whose declared length runs past it); OpenCV's frame count for these
+  is an estimate from the file size, useless for the check;
+* ``.gif``: the file must end with the GIF trailer byte (0x3B);
+* every container: a stream whose last frames (``_TAIL_FRAMES``) make the decoder report an error (FFmpeg
+  writes "ac-tex damaged", "Error at MB", ... to stderr; that is the only report OpenCV passes on) ends in
+  a decode error — what an MPEG cut at a pack boundary, which the structure check cannot see, looks like.
+
+The whole file is skipped (``skipped`` in the manifest, with the reason), never kept up to the cut: a
+clip that ends in garbage is not worth the frames before it, and a rerun after fixing the file picks it up.
+
+**Pixel budget**: a still of more than ``max_pixels`` pixels (size read from its header, before decoding)
+is decoded reduced by 2, 4 or 8 when it is a JPEG (``cv2.IMREAD_REDUCED_COLOR_*``, which libjpeg scales
+while decoding), and skipped otherwise (OpenCV decodes other formats whole before reducing them).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +42,10 @@ import numpy as np
 STILL_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mpeg", ".mpg", ".mov", ".gif")
 VOLUME_EXTS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom")
+DEFAULT_MAX_PIXELS = 64_000_000
+_HEADER_COUNTED = (".avi", ".mp4", ".mov")
+_TAIL_FRAMES = 3  # a decoder error this close to the end of a stream means the stream was cut  # containers whose header declares the exact frame count
+_REDUCED = ((2, cv2.IMREAD_REDUCED_COLOR_2), (4, cv2.IMREAD_REDUCED_COLOR_4), (8, cv2.IMREAD_REDUCED_COLOR_8))
 
 
 class SourceUnreadable(ValueError):
@@ -70,7 +93,7 @@ def check_readable(path: Path) -> None:
 class FrameStream:
     """Frames of one file with stride and exact-duplicate dropping; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike, stride: int = 1):
+    def __init__(self, path: str | os.PathLike, stride: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS):
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         self.path = Path(path)
@@ -79,6 +102,7 @@ class FrameStream:
             raise SourceUnreadable(f"unsupported file type {file_ext(self.path)!r}")
         check_readable(self.path)
         self.stride = stride
+        self.max_pixels = max_pixels
         self.decoded = 0
         self.strided = 0
         self.duplicates = 0
@@ -86,8 +110,10 @@ class FrameStream:
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         if self.kind == "video":
             raw = _read_video(self.path, self.stride)
+        elif self.kind == "still":
+            raw = _read_still(self.path, self.max_pixels)
         else:
-            raw = {"still": _read_still, "volume": _read_volume}[self.kind](self.path)
+            raw = _read_volume(self.path)
         previous = None
         for index, frame in raw:
             self.decoded += 1
@@ -103,17 +129,38 @@ class FrameStream:
             raise SourceUnreadable(f"no decodable frame in this {self.kind} file")
 
 
-def open_frames(path: str | os.PathLike, stride: int = 1) -> FrameStream:
-    return FrameStream(path, stride)
+def open_frames(path: str | os.PathLike, stride: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameStream:
+    return FrameStream(path, stride, max_pixels)
 
 
 # ------------------------------------------------------------------------------------------- stills
 
 
-def _read_still(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _image_header(path: Path) -> tuple[int, int, str] | None:
+    """(width, height, format) from the file header without decoding pixels; None if Pillow cannot tell."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.size[0], im.size[1], str(im.format)
+    except Exception:  # not an image Pillow knows: OpenCV decides below
+        return None
+
+
+def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
+    flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    head = _image_header(path)
+    if head is not None and head[0] * head[1] > max_pixels:
+        w, h, fmt = head
+        factor = next(((k, f) for k, f in _REDUCED if w * h / (k * k) <= max_pixels), None)
+        if fmt != "JPEG" or factor is None:
+            raise SourceUnreadable(f"{w}x{h} image ({w * h / 1e6:.0f} Mpx) exceeds the pixel budget of "
+                                   f"{max_pixels / 1e6:.0f} Mpx (--max-pixels) and cannot be decoded reduced"
+                                   + ("" if fmt == "JPEG" else f" ({fmt})"))
+        flags = factor[1]
     # imdecode on bytes rather than imread(path): no surprises with unusual characters in names
     data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    img = cv2.imdecode(data, flags)
     if img is None:
         raise SourceUnreadable(f"not a decodable {file_ext(path)[1:].upper()} image (corrupt or another format)")
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha PNG: the alpha is no image content
@@ -127,24 +174,130 @@ def _read_still(path: Path) -> Iterator[tuple[int, np.ndarray]]:
 def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
     """Frames in file order; frames the stride leaves out are only grabbed (no colour conversion) and
     yielded as None, so that they are still counted."""
+    problem = _container_end_problem(path)
+    if problem:
+        raise SourceUnreadable(problem)
+    log = _NativeStderr()
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise SourceUnreadable("OpenCV cannot open this video (truncated, corrupt or unknown codec)")
+        declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
         index = 0
+        first_message_at = None  # frame index at which the decoder first wrote to stderr
         while True:
-            if index % stride:
-                if not cap.grab():
-                    break
-                yield index, None
-            else:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                yield index, frame
+            log.start()
+            try:
+                ok = cap.grab() if index % stride else None
+                frame = None
+                if ok is None:
+                    ok, frame = cap.read()
+            finally:
+                if log.stop() and first_message_at is None:
+                    first_message_at = index
+            if not ok:
+                break
+            yield index, frame
             index += 1
+            if first_message_at is not None and first_message_at < index - _TAIL_FRAMES:
+                first_message_at = None  # an error mid-stream, not at its end: the clip goes on
+        if first_message_at is not None:
+            raise SourceUnreadable(f"truncated: the stream ends in a decode error ({log.last_line()!r}) "
+                                   f"after {index} frames")
+        ext = file_ext(path)
+        # a few frames of slack: edit lists and B-frame reordering move OpenCV's count by one or two
+        if ext in _HEADER_COUNTED and declared > 0 and index < 0.98 * declared - 1:
+            raise SourceUnreadable(f"truncated: {index} frames decoded of the {int(declared)} that the "
+                                   f"{ext[1:]} header declares")
     finally:
         cap.release()
+        log.close()
+
+
+class _NativeStderr:
+    """What FFmpeg (inside OpenCV) writes to file descriptor 2 while a frame is decoded: its only report
+    of a damaged stream ("ac-tex damaged", "Error at MB", "LZW decode failed"). Captured frame by frame,
+    passed on to the real stderr, and remembered (last line) for the skip reason."""
+
+    def __init__(self) -> None:
+        self._saved = None
+        self._tmp = None
+        self._last = b""
+
+    def start(self) -> None:
+        import tempfile
+
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryFile()
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self._tmp.seek(0)
+        self._tmp.truncate()
+        os.dup2(self._tmp.fileno(), 2)
+
+    def stop(self) -> bool:
+        """Restore fd 2; True if something was written since start()."""
+        if self._saved is None:
+            return False
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._saved = None
+        self._tmp.seek(0)
+        text = self._tmp.read()
+        if text:
+            os.write(2, text)
+            self._last = text.strip().splitlines()[-1] if text.strip() else self._last
+        return bool(text)
+
+    def last_line(self) -> str:
+        return self._last.decode("utf-8", "replace").strip()[:120]
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.close()
+            self._tmp = None
+
+
+def _container_end_problem(path: Path) -> str | None:
+    """Why a GIF or MPEG program stream is cut short (module doc), or None."""
+    ext = file_ext(path)
+    if ext == ".gif":
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return None if f.read(1) == b";" else "truncated: the GIF does not end with its trailer (0x3B)"
+    if ext in (".mpeg", ".mpg"):
+        return _mpeg_ps_end_problem(path)
+    return None
+
+
+def _mpeg_ps_end_problem(path: Path) -> str | None:
+    """Walk an MPEG-1/2 program stream pack by pack; a packet whose declared length runs past the end of
+    the file means the file was cut. Streams that are not program streams (elementary video) and streams
+    with bytes we do not recognise mid-way are not judged (None)."""
+    size = path.stat().st_size
+    pos = 0
+    with open(path, "rb") as f:
+        while pos < size:
+            f.seek(pos)
+            h = f.read(14)
+            if len(h) < 6 or h[:3] != b"\0\0\1":
+                return "truncated: the MPEG stream ends inside a packet header" if len(h) < 6 and pos else None
+            code = h[3]
+            if pos == 0 and code != 0xBA:
+                return None  # not a program stream
+            if code == 0xB9:  # program end code
+                return None
+            if code == 0xBA:  # pack header: MPEG-2 (14 bytes + stuffing) or MPEG-1 (12 bytes)
+                n = 14 + (h[13] & 7) if (h[4] & 0xC0) == 0x40 and len(h) == 14 else 12
+            elif code >= 0xBB:  # system header or PES packet: 6 bytes + declared length
+                n = 6 + int.from_bytes(h[4:6], "big")
+            else:
+                return None
+            pos += n
+    if pos > size:
+        return f"truncated: the last MPEG packet declares {pos - size} bytes beyond the end of the file"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ volumes

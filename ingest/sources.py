@@ -7,22 +7,36 @@ Dataset list (YAML or JSON)::
         root: busi            # relative to the list's folder (or absolute)
         anatomy: breast
         kind: image           # free text, copied into the manifest
-        group_pattern: '_p(\\d+)_'   # optional: stills whose names match share a group (a patient)
-        exclude: ['*_mask.png']      # optional: extra glob patterns to leave out
-        labels: folder        # optional: 'folder' (default; folder-per-class) or 'none'
+        group_pattern: '_p(\\d+)_'   # optional: files whose names match share a group (a patient)
+        exclude: ['*_seg.png']       # optional: extra glob patterns to leave out
+        labels: folder        # optional: folder (default) | none | regex:<pattern> | csv:<file>
 
 A plain folder is one dataset named after the folder (anatomy "unknown", kind "mixed"); a folder holding
 ``datasets.yaml`` is read as that list.
 
-A *source* is one file. Its split group is the file itself for a video or a volume (all its frames go to the
-same split) and for a still, unless ``group_pattern`` matches its name, when the group is the match (so a
-patient's stills share a split). Files of other types (README, CSV) are listed as ``ignored`` in the
-manifest; they do not count as skipped. The label is the first folder below the dataset root (folder-per-class
-layout), or None for files at the root or with ``labels: none``.
+A *source* is one file. Its split group is the file itself (all frames of a video or volume go to the same
+split), unless ``group_pattern`` matches its file name, when the group is the match — its first capture
+group if it has one — for stills, videos and volumes alike (so a patient's clips and images share a split).
+Files of other types (README, CSV) are listed as ``ignored`` in the manifest; they do not count as skipped.
+
+Labels (``labels``):
+
+* ``folder`` (default): the first folder below the dataset root (folder-per-class layout); None at the root;
+* ``none``: no labels;
+* ``regex:<pattern>``: searched in the file name; the label is the first capture group (or the whole
+  match), None where it does not match — e.g. ``regex:^(Cov|Pneu|Reg|Vir)_`` for POCUS's name prefixes;
+* ``csv:<file>``: a CSV (relative to the dataset list's folder) with a header holding ``path`` (relative
+  to the dataset root; or ``file``, a bare file name) and ``label``; files it does not list get None.
+
+Splits (``assign_splits``): a group is in validation when ``split_of_group`` says so (sha1 of the group),
+and a dataset with at least ``MIN_GROUPS_FOR_VAL`` groups of which the hash put none in validation gets its
+group with the smallest split hash moved there, so a large enough dataset is never validated on nothing.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import fnmatch
 import json
 import os
@@ -33,11 +47,14 @@ from pathlib import Path
 import yaml
 
 from usjepa.ingest.readers import kind_of
-from usjepa.shards.format import dataset_slug, stable_unit_hash
+from usjepa.shards.format import DEFAULT_VAL_FRACTION, dataset_slug, split_of_group, stable_unit_hash
 
-# Label masks that datasets ship beside their images (BUSI's "benign (1)_mask.png") are annotations, not
-# ultrasound frames. Excluded files are counted in the manifest, not reported as skipped.
-DEFAULT_EXCLUDE = ("*_mask.*",)
+# Label masks that datasets ship beside their images are annotations, not ultrasound frames: BUSI's
+# "benign (1)_mask.png" and, for images with several lesions, "benign (4)_mask_1.png", "_mask_2", ...
+# (the probe's default exclusion, ``_mask(_\d+)?$`` on the stem, leaves out the same files). Excluded
+# files are counted in the manifest, not reported as skipped.
+DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_[0-9]*.*")
+MIN_GROUPS_FOR_VAL = 20
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,7 @@ class DatasetSpec:
     kind: str = "mixed"
     group_pattern: str | None = None
     exclude: tuple[str, ...] = ()
-    labels: str = "folder"  # "folder": label = first folder below the root; "none": no labels
+    labels: str = "folder"  # folder | none | regex:<pattern> | csv:<file> (see the module doc)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "root": str(self.root), "anatomy": self.anatomy, "kind": self.kind,
@@ -63,6 +80,7 @@ class Source:
     kind: str  # still / video / volume
     group: str
     label: str | None
+    split: str | None = None  # set by assign_splits; None: split_of_group(group)
 
     @property
     def uid(self) -> str:
@@ -88,8 +106,9 @@ def parse_part(text: str | None) -> tuple[int, int]:
 
 
 def part_of(source: Source, n_parts: int) -> int:
-    """Stable partition of sources over N machines (same answer on every machine and run)."""
-    return int(stable_unit_hash("part\0" + source.uid) * n_parts)
+    """Stable partition of sources over N machines (same answer on every machine and run), by split group:
+    a patient's files land in one part, so per-part group counts add up in ``merge``."""
+    return int(stable_unit_hash("part\0" + source.group) * n_parts)
 
 
 def load_dataset_list(path: str | os.PathLike) -> list[DatasetSpec]:
@@ -108,14 +127,64 @@ def load_dataset_list(path: str | os.PathLike) -> list[DatasetSpec]:
         pattern = e.get("group_pattern")
         if pattern is not None:
             re.compile(pattern)
-        labels = str(e.get("labels", "folder"))
-        if labels not in ("folder", "none"):
-            raise ValueError(f"{path}: dataset {e['name']!r}: labels must be 'folder' or 'none', got {labels!r}")
+        labels = _check_labels(str(e.get("labels", "folder")), path.parent, f"{path}: dataset {e['name']!r}")
         specs.append(DatasetSpec(name=str(e["name"]), root=root.resolve(), anatomy=str(e.get("anatomy", "unknown")),
                                  kind=str(e.get("kind", "mixed")), group_pattern=pattern,
                                  exclude=tuple(e.get("exclude", ())), labels=labels))
     _check_unique([s.name for s in specs], path)
     return specs
+
+
+def _check_labels(labels: str, base: Path, where: str) -> str:
+    """Validate a ``labels`` value; a csv path is made absolute (relative to the dataset list's folder)."""
+    if labels in ("folder", "none"):
+        return labels
+    kind, _, arg = labels.partition(":")
+    if kind == "regex" and arg:
+        try:
+            re.compile(arg)
+        except re.error as e:
+            raise ValueError(f"{where}: labels regex {arg!r} does not compile: {e}") from None
+        return labels
+    if kind == "csv" and arg:
+        p = Path(arg) if Path(arg).is_absolute() else (base / arg)
+        if not p.is_file():
+            raise ValueError(f"{where}: labels csv {p} not found")
+        return f"csv:{p.resolve()}"
+    raise ValueError(f"{where}: labels must be folder, none, regex:<pattern> or csv:<file>, got {labels!r}")
+
+
+class _Labeller:
+    """The label of a file under one dataset's ``labels`` rule."""
+
+    def __init__(self, labels: str):
+        self.kind, _, arg = labels.partition(":")
+        self.pattern = re.compile(arg) if self.kind == "regex" else None
+        self.by_path: dict[str, str] = {}
+        self.by_name: dict[str, str] = {}
+        if self.kind == "csv":
+            with open(arg, newline="") as f:
+                reader = csv.DictReader(f)
+                cols = set(reader.fieldnames or ())
+                if "label" not in cols or not cols & {"path", "file"}:
+                    raise ValueError(f"labels csv {arg}: needs a header with 'label' and 'path' (or 'file')")
+                for row in reader:
+                    if row.get("path"):
+                        self.by_path[Path(row["path"]).as_posix()] = row["label"]
+                    if row.get("file"):
+                        self.by_name[row["file"]] = row["label"]
+
+    def __call__(self, rel: str) -> str | None:
+        name = rel.rsplit("/", 1)[-1]
+        if self.kind == "folder":
+            parts = rel.split("/")
+            return parts[0] if len(parts) > 1 else None
+        if self.kind == "regex":
+            m = self.pattern.search(name)
+            return None if m is None else (m.group(1) if m.groups() else m.group(0))
+        if self.kind == "csv":
+            return self.by_path.get(rel) or self.by_name.get(name) or None
+        return None
 
 
 def datasets_from_args(inputs: list[str]) -> list[DatasetSpec]:
@@ -152,6 +221,7 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
             raise FileNotFoundError(f"dataset {spec.name!r}: root {spec.root} is not a folder")
         globs = tuple(exclude) + spec.exclude
         pattern = re.compile(spec.group_pattern) if spec.group_pattern else None
+        label_of = _Labeller(spec.labels)
         n_excl = 0
         for dirpath, dirnames, filenames in os.walk(spec.root, followlinks=False):
             dirnames.sort()
@@ -172,12 +242,31 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
                     ignored.append({"dataset": spec.name, "path": rel, "reason": "not a frame format ingest reads"})
                     continue
                 group = rel
-                if kind == "still" and pattern is not None:
-                    m = pattern.search(name)
-                    if m:
-                        group = m.group(1) if m.groups() else m.group(0)
-                parts = rel.split("/")
-                label = parts[0] if len(parts) > 1 and spec.labels == "folder" else None
-                sources.append(Source(spec.name, rel, path, kind, f"{dataset_slug(spec.name)}:{group}", label))
+                m = pattern.search(name) if pattern is not None else None
+                if m:
+                    group = m.group(1) if m.groups() else m.group(0)
+                sources.append(Source(spec.name, rel, path, kind, f"{dataset_slug(spec.name)}:{group}", label_of(rel)))
         excluded[spec.name] = n_excl
     return Listing(specs, sources, excluded, ignored)
+
+
+def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION) -> Listing:
+    """The listing with each source's ``split`` set (module doc). Computed from the whole listing, so
+    every ``--part`` of a job array agrees."""
+    split: dict[str, str] = {}
+    for spec in listing.datasets:
+        groups = sorted({s.group for s in listing.sources if s.dataset == spec.name})
+        mine = {g: split_of_group(g, val_fraction) for g in groups}
+        if len(groups) >= MIN_GROUPS_FOR_VAL and val_fraction > 0 and "val" not in mine.values():
+            mine[min(groups, key=lambda g: stable_unit_hash("split\0" + g))] = "val"
+        split.update(mine)
+    sources = [dataclasses.replace(s, split=split[s.group]) for s in listing.sources]
+    return dataclasses.replace(listing, sources=sources)
+
+
+def group_counts(sources: list[Source]) -> dict[str, dict[str, int]]:
+    """dataset -> {"train": groups, "val": groups} over the given sources."""
+    out: dict[str, dict[str, set]] = {}
+    for s in sources:
+        out.setdefault(s.dataset, {"train": set(), "val": set()})[s.split or split_of_group(s.group)].add(s.group)
+    return {d: {k: len(v) for k, v in c.items()} for d, c in out.items()}

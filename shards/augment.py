@@ -13,7 +13,8 @@ validity grid (a patch is valid if any of its pixels is). The block masks are sa
 (``usjepa.kernels.block_masks``) in the same worker, off the GPU's critical path.
 
 Pixels: the backends render uint8 frames (decode, crop + flips + resize, blur, speckle, each rounded to gray
-levels like the source JPEG); contrast and normalisation are one affine ``x·scale + bias`` per sample
+levels like the source JPEG; with ``speckle_on="device"`` the worker draws only the speckle seed and the
+loader applies the noise on the device, ``device_speckle.py``); contrast and normalisation are one affine ``x·scale + bias`` per sample
 (``PreparedBatch.scale/bias``) that the loader applies on the training device. A uint8 batch is a quarter of
 the bytes to copy between processes and to the GPU, and an affine is free on any device but costly in DALI's
 CPU arithmetic (SPEC §9).
@@ -31,6 +32,10 @@ import numpy as np
 
 from usjepa.shards import corruptions as C
 from usjepa.shards.readers import BadSample, SampleReader
+
+
+SPECKLE_ON = ("auto", "worker", "device")
+DECODE_ON = ("worker", "device")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,14 @@ class DataConfig:
     num_workers: int = 2  # CPU workers (DALI py_num_workers / DataLoader num_workers); DALI threads too
     prefetch: int = 2  # batches queued ahead per pipeline
     mask_cache: int = 4096  # decoded masks kept per worker
+    # Where speckle noise is drawn: "worker" (OpenCV, in the CPU workers, before the pixels cross to the
+    # device), "device" (torch, on the training device after the pipeline: no CPU time and no 200 KB field
+    # per sample to copy), "auto" = "device" when the loader's device is a GPU, else "worker".
+    speckle_on: str = "auto"
+    # Where the torch backend decodes, crops, resizes and blurs: "worker" (OpenCV in the CPU workers) or
+    # "device" (nvJPEG + roi_align on the GPU, gpu_decode.py; needs CUDA and torchvision, else the loader
+    # warns and uses "worker"). DALI decodes on the GPU itself ("mixed").
+    decode_on: str = "worker"
 
     def __post_init__(self):
         for name in ("crop_scale", "crop_ratio", "blur_eps", "speckle_eps", "contrast_eps"):
@@ -73,6 +86,10 @@ class DataConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.std <= 0:
             raise ValueError("DataConfig.std must be > 0")
+        if self.speckle_on not in SPECKLE_ON:
+            raise ValueError(f"DataConfig.speckle_on must be one of {SPECKLE_ON}, got {self.speckle_on!r}")
+        if self.decode_on not in DECODE_ON:
+            raise ValueError(f"DataConfig.decode_on must be one of {DECODE_ON}, got {self.decode_on!r}")
 
     @property
     def grid(self) -> int:
@@ -90,6 +107,12 @@ class DataConfig:
     def without_photometric(self) -> "DataConfig":
         return dataclasses.replace(self, blur_p=0.0, speckle_p=0.0, contrast_p=0.0)
 
+    def for_device(self, device_type: str) -> "DataConfig":
+        """``speckle_on="auto"`` resolved for a loader on ``device_type`` ("cuda", "cpu", ...)."""
+        if self.speckle_on != "auto":
+            return self
+        return dataclasses.replace(self, speckle_on="device" if device_type == "cuda" else "worker")
+
 
 @dataclass
 class SampleParams:
@@ -101,6 +124,7 @@ class SampleParams:
     blur_eps: float = 0.0  # 0 = no blur
     speckle_eps: float = 0.0  # 0 = no speckle
     speckle_field: np.ndarray | None = None  # η_corr at the output size (corruptions.speckle_field)
+    speckle_seed: int = 0  # seeds the device's draw instead (speckle_on="device"; device_speckle.py)
     alpha: float = 1.0  # contrast factor α(ε)
     mu: float = 0.0  # contrast centre: median inside the USrc mask
 
@@ -161,8 +185,10 @@ def draw_params(rng: np.random.Generator, hw: tuple[int, int], cfg: DataConfig, 
     if u[3] < cfg.speckle_p:
         p.speckle_eps = cfg.speckle_eps[0] + e[1] * (cfg.speckle_eps[1] - cfg.speckle_eps[0])
         if p.speckle_eps > 0:
-            side = (cfg.image_size, cfg.image_size)
-            p.speckle_field = C.speckle_field(side, p.speckle_eps, rng)
+            if cfg.speckle_on == "device":  # the one draw speckle_field makes: later draws stay where they were
+                p.speckle_seed = int(rng.integers(1, 2**31))
+            else:
+                p.speckle_field = C.speckle_field((cfg.image_size, cfg.image_size), p.speckle_eps, rng)
     if u[4] < cfg.contrast_p:
         eps = cfg.contrast_eps[0] + e[2] * (cfg.contrast_eps[1] - cfg.contrast_eps[0])
         p.alpha = C.contrast_alpha(eps)
@@ -273,6 +299,8 @@ class PreparedBatch:
     tgt_idx: np.ndarray  # int64 [T, B, Kt]
     scale: np.ndarray  # float32 [B] contrast + normalisation as x·scale + bias on the uint8 pixels
     bias: np.ndarray  # float32 [B]
+    speckle_eps: np.ndarray  # float32 [B] speckle ε left to the device (0: none, or drawn in the worker)
+    speckle_seed: np.ndarray  # int64 [B] seeds of those device draws
     errors: list[str] = field(default_factory=list)
 
 
@@ -331,5 +359,8 @@ def prepare_batch(
         params.append(p)
     ctx, tgt = sample_block_masks(valid, mask_cfg, batch_seed)
     scale, bias = np.array([p.affine(cfg) for p in params], np.float32).reshape(n, 2).T.copy()
+    on_device = [p.speckle_field is None and p.speckle_eps > 0 for p in params]
+    speckle_eps = np.array([p.speckle_eps if d else 0.0 for p, d in zip(params, on_device)], np.float32)
+    speckle_seed = np.array([p.speckle_seed if d else 0 for p, d in zip(params, on_device)], np.int64)
     return PreparedBatch(used, replaced, jpegs, params, valid, np.asarray(ctx, np.int64), np.asarray(tgt, np.int64),
-                         scale, bias, errors)
+                         scale, bias, speckle_eps, speckle_seed, errors)

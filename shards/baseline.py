@@ -50,21 +50,14 @@ def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
         except BadSample as e:
             bad.append(k)
             pb.errors.append(str(e))
-    if bad:
-        good = [k for k in range(len(pb.jpegs)) if k not in bad]
-        for k in bad:
-            if good:
-                src = good[k % len(good)]
-                images[k], pb.valid[k], pb.ids[k] = images[src], pb.valid[src], pb.ids[src]
-                pb.ctx_idx[k], pb.tgt_idx[:, k] = pb.ctx_idx[src], pb.tgt_idx[:, src]
-                pb.scale[k], pb.bias[k] = pb.scale[src], pb.bias[src]
-            else:
-                images[k] = 0
-                pb.scale[k], pb.bias[k] = SampleParams((0, 0, 1, 1)).affine(cfg)
-                pb.ids[k] = -1
-            pb.replaced[k] = True
+    raw = {"image": torch.from_numpy(images), **batch_tensors(pb)}
+    replace_undecodable(raw, bad, cfg)
+    return raw
+
+
+def batch_tensors(pb: PreparedBatch) -> dict:
+    """The batch's non-pixel tensors, as the loader takes them from either backend (sharing pb's arrays)."""
     return {
-        "image": torch.from_numpy(images),
         "scale": torch.from_numpy(pb.scale),
         "bias": torch.from_numpy(pb.bias),
         "valid": torch.from_numpy(pb.valid),
@@ -72,7 +65,28 @@ def render_batch(pb: PreparedBatch, cfg: DataConfig) -> dict:
         "tgt": torch.from_numpy(pb.tgt_idx),
         "sid": torch.from_numpy(pb.ids),
         "replaced": torch.from_numpy(pb.replaced),
+        "speckle_eps": torch.from_numpy(pb.speckle_eps),
+        "speckle_seed": torch.from_numpy(pb.speckle_seed),
     }
+
+
+def replace_undecodable(raw: dict, bad: list[int], cfg: DataConfig) -> None:
+    """In place: each sample in ``bad`` becomes a copy (pixels, grid, masks, affine, speckle) of a decodable
+    sample of the same batch, or a black placeholder if none decoded; marked ``replaced``. ``raw["image"]``
+    may live on the GPU (device decode), everything else is on the host."""
+    good = [k for k in range(len(raw["sid"])) if k not in bad]
+    for k in bad:
+        if good:
+            src = good[k % len(good)]
+            for key in ("image", "valid", "sid", "ctx", "scale", "bias", "speckle_eps", "speckle_seed"):
+                raw[key][k] = raw[key][src]
+            raw["tgt"][:, k] = raw["tgt"][:, src]
+        else:
+            raw["image"][k] = 0
+            raw["scale"][k], raw["bias"][k] = SampleParams((0, 0, 1, 1)).affine(cfg)
+            raw["speckle_eps"][k] = 0.0
+            raw["sid"][k] = -1
+        raw["replaced"][k] = True
 
 
 class BatchDataset(Dataset):
@@ -93,6 +107,10 @@ class BatchDataset(Dataset):
         bseed = mask_seed(self.seed, self.epoch, int(self.positions[t]), self.train)
         pb = prepare_batch(self.ids[t], self.reader, self._masks, self.cfg, self.mask_cfg, self.seed,
                            self.epoch, bseed, self.train)
+        if self.cfg.decode_on == "device":  # pixels are made on the GPU by the loader (gpu_decode.py)
+            from usjepa.shards.gpu_decode import encoded_batch
+
+            return encoded_batch(pb, self.cfg)
         return render_batch(pb, self.cfg)
 
 

@@ -12,8 +12,9 @@ Design for the CPU backend (SPEC §9 numbers): the mask never enters DALI (it is
 resolution and is handled in the worker); crop and flips are one ``resize`` with a (possibly reversed) ROI;
 the photometric ops run under DALI conditionals, i.e. only on the samples that drew them; speckle noise is
 drawn in the worker by the same function ``corrupt`` uses (``speckle_field``: one-pixel grains, so at output
-resolution); pixels stay uint8, and contrast + normalisation (one affine per sample) are left to the loader,
-on the training device. Every per-sample tensor that crosses from a worker into DALI costs ~7 µs in the
+resolution), or, with ``speckle_on="device"`` (the default on a GPU), after the pipeline on the device
+(``device_speckle.py``; the record carries its ε and seed); pixels stay uint8, and contrast + normalisation
+(one affine per sample) are left to the loader, on the training device. Every per-sample tensor that crosses from a worker into DALI costs ~7 µs in the
 worker and ~10 µs in the pipeline (measured), so a sample travels as five: its JPEG, its speckle gain, its blur
 kernel, one float vector of pixel parameters (``PARAMS``) and one byte record of everything DALI only passes
 through (``record_dtype``: validity grid, block masks, sample id, affine).
@@ -96,7 +97,8 @@ PARAMS = ("roi_y0", "roi_x0", "roi_y1", "roi_x1", "do_blur", "do_speckle")
 def record_dtype(grid: int, kc: int, t: int, kt: int) -> np.dtype:
     """One sample's pass-through record (packed; its first three fields give the batch's mask sizes)."""
     return np.dtype([("kc", "<i4"), ("t", "<i4"), ("kt", "<i4"), ("sid", "<i8"), ("scale", "<f4"), ("bias", "<f4"),
-                     ("replaced", "u1"), ("valid", "u1", (grid, grid)), ("ctx", "<i8", (kc,)), ("tgt", "<i8", (t, kt))])
+                     ("replaced", "u1"), ("speckle_eps", "<f4"), ("speckle_seed", "<i8"), ("valid", "u1", (grid, grid)),
+                     ("ctx", "<i8", (kc,)), ("tgt", "<i8", (t, kt))])
 
 
 def batch_to_dali(pb: PreparedBatch) -> tuple[list[np.ndarray], ...]:
@@ -107,6 +109,7 @@ def batch_to_dali(pb: PreparedBatch) -> tuple[list[np.ndarray], ...]:
     rec = np.zeros(n, record_dtype(g, pb.ctx_idx.shape[1], t, kt))
     rec["kc"], rec["t"], rec["kt"] = pb.ctx_idx.shape[1], t, kt
     rec["sid"], rec["scale"], rec["bias"], rec["replaced"] = pb.ids, pb.scale, pb.bias, pb.replaced
+    rec["speckle_eps"], rec["speckle_seed"] = pb.speckle_eps, pb.speckle_seed
     rec["valid"], rec["ctx"], rec["tgt"] = pb.valid, pb.ctx_idx, pb.tgt_idx.transpose(1, 0, 2)
     rec_bytes = rec.view(np.uint8).reshape(n, -1)
     params = np.zeros((n, len(PARAMS)), np.float32)
@@ -135,6 +138,8 @@ def records_to_torch(rec_bytes: np.ndarray, grid: int) -> dict:
         "replaced": torch.from_numpy(rec["replaced"].astype(bool)),
         "scale": torch.from_numpy(rec["scale"].copy()),
         "bias": torch.from_numpy(rec["bias"].copy()),
+        "speckle_eps": torch.from_numpy(rec["speckle_eps"].copy()),
+        "speckle_seed": torch.from_numpy(rec["speckle_seed"].copy()),
     }
 
 

@@ -13,6 +13,7 @@ epoch after ``set_epoch``), identical on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -26,8 +27,10 @@ import numpy as np
 import torch
 
 from usjepa.shards.augment import DataConfig
+from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import SampleTable, open_sample_table
 from usjepa.shards.sampler import EpochSampler
+from usjepa.shards.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,12 @@ class _TorchBackend:
         from usjepa.shards.baseline import BatchDataset, make_dataloader
 
         ds = BatchDataset(self.reader, ids, positions, epoch, self.cfg, self.mask_cfg, self.seed, self.train)
-        yield from make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda")
+        for raw in make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"):
+            if "jpeg" in raw:  # decode_on="device"
+                from usjepa.shards.gpu_decode import render_on_device
+
+                raw = render_on_device(raw, self.cfg, self.device)
+            yield raw
 
     def close(self):
         pass
@@ -190,6 +198,7 @@ class ShardLoader:
         cls = _DaliBackend if backend == "dali" else _TorchBackend
         self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
         self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._speckle_gen: torch.Generator | None = None  # re-seeded per batch (device speckle)
         self._warned = 0
 
     # ------------------------------------------------------------------------------- contract
@@ -241,13 +250,19 @@ class ShardLoader:
                 log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
-        dev, nb = self.device, self.device.type == "cuda"
+        dev = self.device
+        gain = None
+        eps = raw["speckle_eps"].numpy()
+        if eps.any():  # speckle_on="device": drawn here, on the device (device_speckle.py)
+            if self._speckle_gen is None:
+                self._speckle_gen = torch.Generator(dev)
+            gain = speckle_gain(eps, raw["speckle_seed"].numpy(), raw["image"].shape[-2:], dev, self._speckle_gen)
         return Batch(
-            images=normalise(raw["image"].to(dev, non_blocking=nb), raw["scale"].to(dev, non_blocking=nb),
-                             raw["bias"].to(dev, non_blocking=nb)),
-            valid=raw["valid"].to(dev, non_blocking=nb),
-            ctx_idx=raw["ctx"].to(dev, non_blocking=nb),
-            tgt_idx=raw["tgt"].to(dev, non_blocking=nb),
+            images=normalise(to_device(raw["image"], dev), to_device(raw["scale"], dev), to_device(raw["bias"], dev),
+                             gain),
+            valid=to_device(raw["valid"], dev),
+            ctx_idx=to_device(raw["ctx"], dev),
+            tgt_idx=to_device(raw["tgt"], dev),
             keys=keys,
             sample_ids=sid,
             replaced=replaced,
@@ -263,9 +278,14 @@ class ShardLoader:
             pass
 
 
-def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op."""
-    return images.float().mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))  # one allocation
+def normalise(images: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+              gain: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 1, S, S] → float32 ``x·scale + bias`` per sample: contrast and (x/255 - mean)/std in one op,
+    after the device speckle ``gain`` (rounded and saturated to gray levels as in the pipelines) when given."""
+    x = images.float()  # one allocation
+    if gain is not None:
+        apply_gain_u8(x, gain)
+    return x.mul_(scale.view(-1, 1, 1, 1)).add_(bias.view(-1, 1, 1, 1))
 
 
 def dali_available() -> bool:
@@ -305,9 +325,17 @@ def build_loader(
     if mask_cfg.grid != cfg.grid:
         raise ValueError(f"mask grid {mask_cfg.grid} != image_size/patch_size = {cfg.grid}")
     device = torch.device(device)
+    cfg = cfg.for_device(device.type)
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
         backend = "torch"
+    if backend == "torch" and cfg.decode_on == "device":
+        from usjepa.shards.gpu_decode import available
+
+        if device.type != "cuda" or not available():
+            warnings.warn("decode_on='device' needs a CUDA device and torchvision (nvJPEG, roi_align): decoding "
+                          "in the CPU workers instead")
+            cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
     table = open_sample_table(root, split)
     sampler = EpochSampler(

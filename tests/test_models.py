@@ -345,3 +345,22 @@ def test_flop_counts_match_known_figures():
     full = salt_step_flops(base, base, pred, 1, n_ctx=196, n_blocks=4, n_tgt=20)
     # Student fwd+bwd (3x) + teacher fwd (1x) on the full image, plus the predictor.
     assert full > 4 * vit_forward_flops(base) and full < 4 * vit_forward_flops(base) + 3 * 4 * 12e9
+
+
+def test_collapse_statistic_and_warning(caplog):
+    from usjepa.models.salt import token_std
+    from usjepa.monitor import CollapseMonitor
+
+    torch.manual_seed(10)
+    x, real = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
+    torch.testing.assert_close(token_std(x, real), x[real].std(0, unbiased=False).mean())
+    collapsed = torch.randn(1, 1, 8).expand(3, 5, 8)  # every token the same vector
+    assert float(token_std(collapsed, real)) < 1e-6
+    monitor = CollapseMonitor(torch.device("cpu"))
+    monitor.observe(torch.tensor([0.5, 0.4, 0.9]))
+    assert monitor.record(10) == pytest.approx({"std_student": 0.5, "std_pred": 0.4, "std_target": 0.9})
+    assert monitor.record(20) == {}  # reset after each record
+    with caplog.at_level("WARNING", logger="usjepa.train"):
+        monitor.observe(torch.tensor([0.001, 0.001, 0.9]))
+        monitor.record(30)
+    assert "collapsing" in caplog.text and "step 30" in caplog.text

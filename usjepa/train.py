@@ -44,6 +44,7 @@ from usjepa.checkpoint import (
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config, lr_multiplier
+from usjepa.data_wait import DataWaitTimer
 from usjepa.exit_codes import EXIT_STATUS_HELP, USAGE
 from usjepa.models import (
     CheckpointFormatError,
@@ -66,6 +67,7 @@ from usjepa.models import (
 )
 from usjepa.monitor import CollapseMonitor
 from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
+from usjepa.shards.transfer import to_device
 
 log = logging.getLogger("usjepa.train")
 
@@ -198,7 +200,8 @@ def train(argv=None) -> int:
                 return salt_forward(net, teacher, batch.images, batch.ctx_idx, batch.tgt_idx, cfg.model.target_norm)
             g = torch.Generator().manual_seed(mask_seed)
             keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
-                                       head.cfg.mask_ratio, g).to(device)
+                                       head.cfg.mask_ratio, g)
+            keep = to_device(keep, device)  # pinned + non_blocking: the step never waits on the host
             return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size), None
 
     def step_flops(batch) -> float:
@@ -257,8 +260,9 @@ def train(argv=None) -> int:
     peak_flops, peak_source = peak_flops_per_device(cfg, device)
     progress = make_progress(master and cfg.train.progress, total=min(total_steps, cfg.train.max_steps or total_steps),
                              initial=step)
-    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0, "wait": 0.0,
+    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0,
               "t0": time.perf_counter(), "gnorm": torch.zeros((), device=device)}
+    data_wait = DataWaitTimer(device)  # CUDA events, read at log time: no per-step device synchronisation
     collapse = CollapseMonitor(device)
     lr_mult = lr_multiplier(cfg, world)  # optim.lr_scale: linear in the global batch, or 1
     if cuda:
@@ -272,9 +276,9 @@ def train(argv=None) -> int:
             train_loader.set_epoch(epoch)
         batches = () if no_batches_left else train_loader
         mid_epoch = no_batches_left = False
-        t_fetch = time.perf_counter()
+        data_wait.step_done()
         for batch in batches:
-            window["wait"] += time.perf_counter() - t_fetch
+            data_wait.batch_ready()
             lr = lr_mult * lr_at(step, total_steps, warmup_steps, cfg.optim.lr_start, cfg.optim.lr_peak,
                                  cfg.optim.lr_final)
             wd = wd_at(step, total_steps, cfg.optim.wd_start, cfg.optim.wd_final)
@@ -310,7 +314,7 @@ def train(argv=None) -> int:
                     "grad_norm": (window["gnorm"] / window["n"]).item(),
                     "lr": lr, "wd": wd,
                     "images_per_s_per_device": window["imgs"] / elapsed,
-                    "data_wait_frac": window["wait"] / elapsed,
+                    "data_wait_frac": data_wait.take() / elapsed,
                     "tflops_per_device": window["flops"] / elapsed / 1e12,
                     "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,
                     "mfu_peak_source": peak_source,
@@ -320,7 +324,7 @@ def train(argv=None) -> int:
                 metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window.update(loss=torch.zeros((), device=device), gnorm=torch.zeros((), device=device), n=0,
-                              imgs=0, flops=0.0, wait=0.0, t0=time.perf_counter())
+                              imgs=0, flops=0.0, t0=time.perf_counter())
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 t_pause = time.perf_counter()
                 checkpoint(epoch_complete=False)
@@ -328,12 +332,7 @@ def train(argv=None) -> int:
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                 stop = True
                 break
-            if cuda:
-                # Finish this step on the GPU before asking for the next batch, so that the time spent in the
-                # loader is the data wait alone (a pageable host->device copy inside the loader would otherwise
-                # wait for this step's kernels and be counted as data wait). Costs only kernel-launch latency.
-                torch.cuda.current_stream(device).synchronize()
-            t_fetch = time.perf_counter()
+            data_wait.step_done()
         if stop:
             break
         # End of epoch: validation on the held-out split, then the epoch checkpoint (best by val loss).

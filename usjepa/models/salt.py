@@ -132,8 +132,11 @@ def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """Collapse statistic: the std over all real tokens (batch and positions) of each channel, averaged
     over channels. ``x [..., K, D]``, ``real`` bool ``[..., K]``. A collapsed encoder maps every token to
     the same vector and this goes to 0, even when each token is layer-normed."""
-    x = x.detach().float().reshape(-1, x.shape[-1])[real.reshape(-1)]
-    return x.std(dim=0, unbiased=False).mean() if len(x) > 1 else x.new_zeros(())
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    w = real.reshape(-1, 1).to(x.dtype)  # weights, not boolean indexing: no data-dependent shape, no sync
+    n = w.sum().clamp_min(1.0)
+    mean = (x * w).sum(0) / n
+    return (((x - mean) ** 2 * w).sum(0) / n).sqrt().mean()
 
 
 def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Stage DALI (the smallest set that imports and runs our pipeline) and an ingested real corpus for the lent
+# GPU machine, as few <= 64 MiB device calls as possible. Run from the project root, after `make install`:
+#
+#   bash tools/stage-gpu-wheels.sh               # -> .gpu-parts/NN/part.NN, and prints the calls to make
+#   GPU_PY=3.11 CHECK_PY=/path/to/python-without-dali bash tools/stage-gpu-wheels.sh --rehearse
+#        # here: the same set for this machine's Python, then the device's join + unpack + import + DALI run
+#
+# What travels is not the wheels but their --target install for the device's Python (3.12), done here with
+# pip's --python-version/--platform, trimmed (extension modules of other Python versions, C++ headers) and
+# xz-compressed into one stream with the real corpus, then split into parts. The device's last call joins
+# the parts and unpacks them with Python's tarfile (tools/gpu-call.sh): no pip, no wheel unzip there.
+# Measured on 2026-12-01 (docs/benchmarks.md, "Bringing DALI"): the old script's wheel set is 498.7 MiB
+# (9 calls); the smallest set that imports and runs the pipeline 440.9 MiB of wheels; installed for 3.12,
+# trimmed and xz'ed 237.6 MiB; with the real corpus 264 MiB = 5 calls. xz takes ~8 min on 2 busy cores.
+set -euo pipefail
+PY=${GPU_PY:-3.12}
+PART_MIB=${PART_MIB:-58}  # + the tracked tree (3.4 MiB on 2026-12-01) stays under one call's 64 MiB
+REALDATA=${REALDATA:-../shared/realdata}
+VENV_PY=${VENV_PY:-.venv/bin/python}
+# DALI needs astunparse, gast (autograph, for the pipeline's conditionals) and optree at import; six, numpy
+# and packaging are on the device. nvidia-nvjpeg-cu12 is dlopened by nvImageCodec for the GPU ("mixed")
+# JPEG decode (the device's CUDA 13 has libnvjpeg.so.13, not .12). Left out, each checked by importing
+# DALI and running our pipeline without it: nvcomp, nvjpeg2k, nvtiff (other codecs), libcst, nvtx,
+# makefun, webdataset, braceexpand.
+WHEELS=(nvidia-dali-cuda120==2.4.0 nvidia-nvimgcodec-cu12==0.9.0.20 nvidia-nvjpeg-cu12==12.4.0.76
+        astunparse==1.6.3 gast==0.7.0 optree==0.20.0 ${EXTRA_WHEELS:-})
+REHEARSE=0
+[[ "${1:-}" == "--rehearse" ]] && REHEARSE=1
+tag=cpython-${PY/./}
+stage=.gpu-stage
+rm -rf "$stage" .gpu-parts && mkdir -p "$stage/wheels" .gpu-parts
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+           --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+  "${PLATFORMS[@]}" -d "$stage/wheels" "${WHEELS[@]}"
+wheel_mib=$(du -cm "$stage"/wheels/*.whl | tail -1 | cut -f1)
+python3 -m pip install -q --no-index --no-deps --no-compile --only-binary=:all: --python-version "$PY" \
+  --implementation cp "${PLATFORMS[@]}" --target "$stage/gpu-site" "$stage"/wheels/*.whl
+# trim what the device's Python never loads
+find "$stage/gpu-site" -name "*.cpython-3*-x86_64-linux-gnu.so" ! -name "*.${tag}-*" -delete
+rm -rf "$stage/gpu-site/nvidia/dali/include" "$stage/gpu-site/bin"
+# nvImageCodec's JPEG 2000 and TIFF extensions: their libraries are not brought, and loading them only logs errors
+rm -f "$stage"/gpu-site/nvidia/nvimgcodec/extensions/lib{nvjpeg2k,nvtiff}_ext.so*
+find "$stage/gpu-site" -name __pycache__ -prune -exec rm -rf {} +
+site_mib=$(du -sm "$stage/gpu-site" | cut -f1)
+# the shared real data, ingested here (POCUS videos every 4th frame, BUSI, DDTI crops), for the loader section
+if [[ -d "$REALDATA/pocus" ]]; then
+  "$VENV_PY" -m usjepa.ingest.cli run "$REALDATA/pocus" "$REALDATA/busi" "$REALDATA/ddti/cropped" \
+    --out "$stage/gpu-real" --stride 4 --workers 2 --quiet
+fi
+members=(gpu-site); [[ -d "$stage/gpu-real" ]] && members+=(gpu-real)
+tar -C "$stage" -cf - "${members[@]}" | xz -6 -T0 > "$stage/payload.tar.xz"
+split -b "${PART_MIB}M" -d -a 2 "$stage/payload.tar.xz" "$stage/part."
+n=0
+for p in "$stage"/part.*; do d=.gpu-parts/$(printf %02d $n); mkdir -p "$d"; mv "$p" "$d/"; n=$((n+1)); done
+payload_mib=$(du -sm .gpu-parts | cut -f1)
+echo "wheels ${wheel_mib} MiB -> --target install for Python $PY ${site_mib} MiB (trimmed) -> ${payload_mib} MiB" \
+     "xz with ${members[*]} in $n part(s) of <= ${PART_MIB} MiB under .gpu-parts/"
+rm -rf "$stage"
+if (( REHEARSE )); then
+  # the device's side, here: join + unpack (tools/gpu-call.sh) into a temporary folder, then import + run
+  tmp=$(mktemp -d)
+  GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
+  # CHECK_PY: an interpreter without DALI of its own (else the import could find that one)
+  PYTHONPATH="$tmp/gpu-site" "${CHECK_PY:-$VENV_PY}" -c "
+import sys, tempfile
+import nvidia.dali as dali, nvidia.dali.plugin.pytorch
+assert dali.__file__.startswith('$tmp'), dali.__file__
+from usjepa.shards.synthetic_shards import write_synthetic_corpus
+from usjepa.shards.loader import build_loader
+root = write_synthetic_corpus(tempfile.mkdtemp(), {'a': 32}, size=(96, 128), per_shard=16, seed=0)
+loader = build_loader(root, 'train', 8, {'num_workers': 1, 'cap': None}, None, 0, 1, 'cpu', 0, 'dali')
+assert loader.backend_name == 'dali'
+print('rehearsal: DALI', dali.__version__, 'from', dali.__file__, '->', sum(len(b) for b in loader), 'images')
+loader.close()"
+  rm -rf "$tmp"
+  exit 0
+fi
+echo "Make these device calls back to back (the machine goes back after ~30 s idle); the last one runs"
+echo "tools/gpu-call.sh: join, unpack, install the project, GPU tests, then benchmarks.gpu_suite into \$OUT."
+for ((i=0;i<n;i++)); do
+  d=$(printf %02d $i)
+  if (( i < n-1 )); then
+    echo "  run carry=[\".gpu-parts/$d\"] timeout_s=60 command='ls .gpu-parts'"
+  else
+    echo "  run carry=[\".gpu-parts/$d\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'"
+    echo "  (before it, status's budget_left_s: keep SUITE_BUDGET_S about 150 s under what is left, 120 s at least)"
+  fi
+done
