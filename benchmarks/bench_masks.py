@@ -113,6 +113,7 @@ def real_grids() -> tuple[list[np.ndarray], str]:
     except ImportError:
         compute_usrc_mask, source = standin_usrc_mask, "stand-in (threshold + largest component)"
     paths = sorted(p for p in REALDATA.rglob("*") if p.is_file() and not p.name.endswith("_mask.png")
+                   and "mask" not in p.parts  # DDTI's nodule masks (mask/*.gif) are no scans
                    and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".mp4", ".avi", ".mov", ".mpeg"))
     grids = []
     for path in paths:
