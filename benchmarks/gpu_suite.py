@@ -24,8 +24,9 @@ says so):
 * ``stage1``  — the stage-1 (MAE) step, ViT-B/16 bf16: compute-only eager and compiled, and the eager loop.
 * ``speckle`` — cost per batch of drawing speckle in a worker (OpenCV, host) vs on the device (events).
 
-Needs only torch, numpy, numba and OpenCV (what the lent GPU machine has); DALI is measured when it is
-importable, e.g. from a ``--target`` install on ``PYTHONPATH`` (tools/stage-gpu-wheels.sh). ``--dry-run``
+Needs torch, numpy, numba and OpenCV (what the lent GPU machine has) and webdataset (the shard writer's; the
+machine's call brings it: tools/gpu-call.sh installs .gpu-wheels); DALI is measured when it is importable,
+e.g. from a ``--target`` install on ``PYTHONPATH`` (tools/stage-gpu-wheels.sh). ``--dry-run``
 runs every section on the CPU with tiny sizes and the tiny test ViT, and ``torch.compile`` with its
 ``eager`` backend (dynamo's tracing without inductor's C++ build), so that it fits in ``make test``.
 """
@@ -465,6 +466,14 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if a.dry_run or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not a.dry_run:
         print("gpu_suite: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
+        return USAGE
+    try:
+        import webdataset  # noqa: F401  (the shard writer's, for the synthetic corpus)
+    except ImportError as e:
+        why = " ".join(str(e).split())
+        print(f"gpu_suite: webdataset is not importable ({why}); on the lent GPU machine the call brings it: "
+              "bash tools/stage-gpu-wheels.sh --wheels-only here, carry .gpu-wheels, run tools/gpu-call.sh",
+              file=sys.stderr)
         return USAGE
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     sz = sizes(a.dry_run, cores)

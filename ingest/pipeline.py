@@ -360,12 +360,28 @@ def _fingerprint(listing: Listing, opts: IngestOptions) -> str:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    with open(path, "w") as f:
+    """Hold ``path`` exclusively (flock), or fail at once with "locked". The holder unlinks the file when done,
+    so a lock taken on a file that was unlinked meanwhile is stale: retry on the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise IngestError(f"another usjepa-ingest is writing this output ({path} is locked)") from None
+            f.close()
+            raise IngestError(f"locked: another usjepa-ingest is writing this output now ({path}); wait for it "
+                              f"to finish, then rerun to check it is complete") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
         yield
+    finally:
+        f.close()
 
 
 class _Workers:
@@ -422,14 +438,20 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     fp = _fingerprint(listing, opts)
     man_path = out / manifest_name(opts.part)
     work = out / WORK_DIR / _part_tag(opts.part)
-    if man_path.is_file() and not work.is_dir():
-        old = json.loads(man_path.read_text())
-        if old.get("run_fingerprint") == fp:
-            old["timing"] = {"seconds": time.perf_counter() - t0, "already_complete": True}
-            return old
-        raise IngestError(f"{man_path} exists and was made from other inputs or options; choose another --out")
-    (work / "tasks").mkdir(parents=True, exist_ok=True)
-    with _locked(out / WORK_DIR / f"{_part_tag(opts.part)}.lock"):
+    lock = out / WORK_DIR / f"{_part_tag(opts.part)}.lock"
+    # Everything from the completeness check to the removal of the work folder happens under the lock, so a
+    # second run into the same --out sees either "locked" or a finished output ("already complete").
+    with _locked(lock):
+        if man_path.is_file() and not work.is_dir():
+            old = json.loads(man_path.read_text())
+            lock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (out / WORK_DIR).rmdir()
+            if old.get("run_fingerprint") == fp:
+                old["timing"] = {"seconds": time.perf_counter() - t0, "already_complete": True}
+                return old
+            raise IngestError(f"{man_path} exists and was made from other inputs or options; choose another --out")
+        (work / "tasks").mkdir(parents=True, exist_ok=True)
         cfg_path = work / "run.json"
         if cfg_path.is_file():
             if json.loads(cfg_path.read_text()).get("run_fingerprint") != fp:
@@ -466,9 +488,9 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
         manifest = _manifest(listing, opts, summaries, shards, fp)
         write_json_atomic(man_path, manifest)
         fsync_dir(out)
-    shutil.rmtree(work)
+        shutil.rmtree(work)
+        lock.unlink()
     with contextlib.suppress(OSError):
-        (out / WORK_DIR / f"{_part_tag(opts.part)}.lock").unlink()
         (out / WORK_DIR).rmdir()  # only when no other part is still working here
     total = time.perf_counter() - t0
     manifest["timing"] = {"seconds": total, "frames_phase_seconds": t_frames, "shards_phase_seconds": total - t_frames,

@@ -31,6 +31,7 @@ import torch
 from usjepa.shards.corruptions import blur_kernel, blur_params
 from usjepa.shards.augment import DataConfig, MaskDecoder, PreparedBatch, mask_seed, prepare_batch
 from usjepa.shards.readers import SampleReader
+from usjepa.shards.worker_guard import die_with_parent
 
 def write_pass(plan_dir: str | os.PathLike, k: int, ids: np.ndarray, epoch: int, positions: np.ndarray) -> None:
     """Plan of DALI pass ``k``: ids int64 [n_batches, B], the epoch, and the epoch-order position of each
@@ -53,10 +54,12 @@ class DaliBatchSource:
         self.train = train
         self._plans: dict[int, tuple[np.ndarray, int, np.ndarray]] = {}
         self._masks: MaskDecoder | None = None
+        self._parent = os.getpid()  # the loader's process: its workers must not outlive it
+        self._armed = self._parent
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_plans"], d["_masks"] = {}, None
+        d["_plans"], d["_masks"], d["_armed"] = {}, None, None
         return d
 
     def _plan(self, k: int):
@@ -69,6 +72,9 @@ class DaliBatchSource:
         return plan
 
     def __call__(self, info):
+        if self._armed != os.getpid():  # first call in this worker (forked or spawned): die with the loader
+            die_with_parent(self._parent)
+            self._armed = os.getpid()
         ids, epoch, positions = self._plan(info.epoch_idx)
         t = info.iteration
         if t >= len(ids):

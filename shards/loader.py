@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-import tempfile
 import warnings
 import weakref
 from collections import Counter
@@ -31,10 +30,12 @@ from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import SampleTable, open_sample_table
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
+from usjepa.shards.worker_guard import LoaderWorkerError, WorkerDied, dead_workers, make_plan_dir, run_watchdog
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "torch")
+MAX_WORKER_RESTARTS = 3  # per pass: a worker that keeps dying (e.g. every batch OOMs) stops the run instead
 
 
 @dataclass
@@ -67,7 +68,7 @@ class _DaliBackend:
         from usjepa.shards.dali_pipeline import DaliBatchSource
 
         self.cfg, self.batch_size, self.device = cfg, batch_size, device
-        self.plan_dir = tempfile.mkdtemp(prefix="usjepa-dali-")
+        self.plan_dir = make_plan_dir()
         # removed at close() or, for a loader never closed, when it is collected or the interpreter exits
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.plan_dir, True)
         self.source = DaliBatchSource(table.reader_view(), self.plan_dir, cfg, mask_cfg, seed, train)
@@ -91,7 +92,7 @@ class _DaliBackend:
     def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
         from usjepa.shards.dali_pipeline import write_pass
 
-        t = 0
+        t, restarts, watchdog = 0, 0, run_watchdog()
         while True:
             fresh = self._pipe is None or not self._clean
             if fresh:
@@ -100,13 +101,27 @@ class _DaliBackend:
             if fresh:
                 self._pipe.build()
             self._clean = False
-            pipe = self._pipe
+            # no local reference to the pipeline: a pass abandoned mid-way (max_steps) must not keep it alive
+            # in this suspended generator after close(), to be torn down during interpreter shutdown
             try:
                 while t < len(ids):
-                    outs = pipe.run()
+                    with watchdog.guard(self._pipe):
+                        outs = self._pipe.run()
                     t += 1
                     yield self._to_torch(outs)
             except RuntimeError as e:
+                dead = e.dead if isinstance(e, WorkerDied) else dead_workers(self._pipe)
+                if dead:
+                    # A dead worker (OOM kill, crash): a fresh pipeline renders the same batch t and the rest of
+                    # the pass from the same plan, so the batches, and an exact resume, are unchanged.
+                    self.close_pipeline()
+                    restarts += 1
+                    if restarts > MAX_WORKER_RESTARTS:
+                        raise LoaderWorkerError(f"DALI {WorkerDied(dead)}; gave up after {MAX_WORKER_RESTARTS} "
+                                                f"pipeline restarts in this pass") from None
+                    log.warning("DALI %s; restarting the pipeline at batch %d of the pass (restart %d of %d)",
+                                WorkerDied(dead), t, restarts, MAX_WORKER_RESTARTS)
+                    continue
                 # DALI stops on a JPEG its decoder rejects (one that passed the workers' marker checks). Render
                 # this batch with OpenCV in this process instead — same parameters, so the same batch, with the
                 # bad sample replaced — and restart the pipeline on the rest of the pass.
@@ -120,11 +135,12 @@ class _DaliBackend:
                 continue
             break
         try:  # the source stops at the planned length; DALI then needs a reset to start the next pass
-            pipe.run()
+            with watchdog.guard(self._pipe):
+                self._pipe.run()
             raise RuntimeError("DALI pipeline produced more batches than planned")
         except StopIteration:
             pass
-        pipe.reset()
+        self._pipe.reset()
         self._k += 1
         self._clean = True
 
@@ -308,12 +324,14 @@ def build_loader(
     device: str | torch.device = "cpu",
     seed: int = 0,
     backend: str = "dali",
+    val_from_train: float = 0.0,
 ) -> ShardLoader:
     """Loader over ``split`` of the corpus at ``root`` (contract in docs/architecture.md).
 
     Training (``split="train"``): Eq. 6 with ``data_cfg.cap``, fresh shuffle per epoch, random augmentation,
     tail dropped. Any other split: every sample in id order, padded to whole global batches, full-frame
-    resize without random augmentation, block masks from a fixed seed.
+    resize without random augmentation, block masks from a fixed seed. ``val_from_train`` > 0: the "val" split
+    is that slice of the training split's groups instead, and "train" is the rest (``shards.holdout``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -337,7 +355,12 @@ def build_loader(
                           "in the CPU workers instead")
             cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
-    table = open_sample_table(root, split)
+    if val_from_train:
+        from usjepa.shards.holdout import split_off_validation
+
+        table = split_off_validation(open_sample_table(root, "train"), val_from_train)[0 if train else 1]
+    else:
+        table = open_sample_table(root, split)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,

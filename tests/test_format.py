@@ -43,6 +43,21 @@ def test_index_matches_dali_wds2idx_and_offsets_read_members(tmp_path):
     assert F.SampleMeta.from_json(streamed[idx.keys[0]]["json"]).source == "dir with space/clip (1).mp4"
 
 
+def test_identical_input_gives_byte_identical_shards_of_plain_ustar_members(tmp_path):
+    import tarfile
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = _write_shard(tmp_path / "a"), _write_shard(tmp_path / "b")
+    assert first.read_bytes() == second.read_bytes()
+    assert F.index_path_for(first).read_bytes() == F.index_path_for(second).read_bytes()
+    with tarfile.open(first) as tf:
+        members = tf.getmembers()
+    # fixed metadata (no PAX header for a float mtime): each member's data starts 512 bytes after its header
+    assert {(m.mtime, m.mode, m.uname, m.gname, m.offset_data - m.offset) for m in members} == {
+        (0, 0o444, "usjepa", "usjepa", 512)}
+    assert [m.name.split(".", 1)[1] for m in members[:3]] == sorted(F.SAMPLE_EXTS)  # webdataset's member order
+
+
 def test_truncated_tar_is_caught_by_index_and_stream(tmp_path):
     tar = _write_shard(tmp_path)
     data = tar.read_bytes()

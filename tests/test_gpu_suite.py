@@ -1,9 +1,13 @@
-"""benchmarks.gpu_suite --dry-run: every section on the CPU with tiny sizes, in a fresh interpreter, where
-webdataset and DALI cannot be imported (the lent GPU machine) and, when DALI is installed, with it."""
+"""benchmarks.gpu_suite --dry-run: every section on the CPU with tiny sizes, in a fresh interpreter, with what
+the lent GPU machine lacks after its call's own install made unimportable (DALI unless staged, the medical
+readers) and, when DALI is installed, with it. Plus: the call brings every project dependency the machine
+lacks that the suite needs, and the suite says so in one line when webdataset is missing."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,23 +17,62 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs the suite with imports of the packages the lent GPU machine lacks made to fail.
+
+def _names(path: Path) -> set[str]:
+    """Distribution names (normalised) of a one-a-line list, pins and comments dropped."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {re.split(r"[=<>!~;\[ ]", line)[0].lower().replace("_", "-") for line in lines if line}
+
+
+DEVICE_HAS = _names(REPO / "tools/gpu-device-packages.txt")  # the machine's image
+CALL_BRINGS = _names(REPO / "tools/gpu-call-wheels.txt")  # .gpu-wheels, installed by tools/gpu-call.sh
+# The project's dependencies that neither the machine nor its call has, by the module they are imported as.
+# DALI comes only with the staged parts (tools/stage-gpu-wheels.sh); the medical readers are ingest's alone.
+ABSENT_ON_DEVICE = {"nvidia-dali-cuda120": "nvidia.dali", "nibabel": "nibabel", "pydicom": "pydicom", "pynrrd": "nrrd"}
+
+# Runs the suite with imports of the modules named in argv[1] (comma-separated) made to fail.
 BLOCKED = textwrap.dedent("""
     import sys
+    blocked = sys.argv.pop(1).split(",")
     class Blocked:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("webdataset", "braceexpand", "nvidia", "torchvision", "timm"):
+            if any(name == b or name.startswith(b + ".") for b in blocked):
                 raise ImportError(f"{name} is blocked (not on the GPU machine)")
     sys.meta_path.insert(0, Blocked())
     from benchmarks import gpu_suite
     raise SystemExit(gpu_suite.main(sys.argv[1:]))
 """)
+MISSING_AFTER_THE_CALL = sorted(ABSENT_ON_DEVICE.values())  # the dry runs block these (DALI not staged)
 
 
-def run_suite(out, *args, blocked: bool) -> dict:
-    cmd = [sys.executable, "-c", BLOCKED] if blocked else [sys.executable, "-m", "benchmarks.gpu_suite"]
-    done = subprocess.run(cmd + ["--dry-run", "--out", str(out), *args], cwd=REPO, capture_output=True, text=True,
+def _project_dependencies() -> set[str]:
+    text = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    return {re.split(r"[=<>!~;\[ ]", d)[0].lower() for d in re.findall(r'"([^"]+)"', block)}
+
+
+def test_the_call_brings_what_the_device_lacks_and_their_needs_are_there():
+    lacking = _project_dependencies() - DEVICE_HAS - CALL_BRINGS
+    # a new dependency the machine lacks: bring it (tools/gpu-call-wheels.txt) or, if the suite never imports
+    # it, name it in ABSENT_ON_DEVICE so that the dry run below proves that
+    assert lacking == set(ABSENT_ON_DEVICE), lacking ^ set(ABSENT_ON_DEVICE)
+    assert not CALL_BRINGS & DEVICE_HAS  # two versions of one package would stop the --target install
+    for name in CALL_BRINGS:  # installed with --no-deps there: each one's own needs must be there or brought
+        needs = [r for r in importlib.metadata.requires(name) or [] if "extra ==" not in r]
+        missing = {re.split(r"[=<>!~;\[ (]", r)[0].lower() for r in needs} - DEVICE_HAS - CALL_BRINGS
+        assert not missing, f"{name} needs {missing}, neither on the GPU machine nor in tools/gpu-call-wheels.txt"
+
+
+def dry_run(out, *args, blocked: list[str] | None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "benchmarks.gpu_suite"]
+    if blocked is not None:
+        cmd = [sys.executable, "-c", BLOCKED, ",".join(blocked)]
+    return subprocess.run(cmd + ["--dry-run", "--out", str(out), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=400)
+
+
+def run_suite(out, *args, blocked: list[str] | None) -> dict:
+    done = dry_run(out, *args, blocked=blocked)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_suite.json").read_text())
     md = (out / "gpu_suite.md").read_text()
@@ -38,8 +81,9 @@ def run_suite(out, *args, blocked: bool) -> dict:
     return report
 
 
-def test_dry_run_without_webdataset_and_dali(tmp_path):
-    r = run_suite(tmp_path, blocked=True)
+def test_dry_run_with_what_the_device_call_has(tmp_path):
+    r = run_suite(tmp_path, blocked=MISSING_AFTER_THE_CALL)
+    assert r["env"]["webdataset"]  # the shard writer's, brought by the call
     assert r["env"]["dali"] is None and "dali" in r["skipped"] and "torch_gpu_decode" in r["skipped"]
     syn = r["loader"]["synthetic"]
     assert set(syn) == {"torch", "torch_worker_speckle", "plain_dataloader_opencv"}
@@ -61,14 +105,14 @@ def test_dry_run_measures_dali_when_it_is_importable(tmp_path):
 
     if not dali_available():
         pytest.skip("DALI is not installed here")
-    r = run_suite(tmp_path, "--only", "loader", blocked=False)
+    r = run_suite(tmp_path, "--only", "loader", blocked=None)
     assert r["env"]["dali"] and "dali" not in r["skipped"]
     assert r["loader"]["synthetic"]["dali"]["images_per_s"] > 0
     assert r["loader"]["synthetic"]["dali_worker_speckle"]["images_per_s"] > 0
 
 
 def test_a_section_that_does_not_fit_the_budget_is_skipped_with_its_reason(tmp_path):
-    r = run_suite(tmp_path, "--only", "salt,speckle", "--budget-s", "8", blocked=True)
+    r = run_suite(tmp_path, "--only", "salt,speckle", "--budget-s", "8", blocked=MISSING_AFTER_THE_CALL)
     assert "salt" in r["skipped"] and "budget" in r["skipped"]["salt"]
     assert "speckle" in r  # small enough for what was left
 
@@ -81,3 +125,10 @@ def test_without_cuda_and_without_dry_run_it_is_a_usage_error(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--dry-run" in done.stderr
+
+
+def test_without_webdataset_it_says_so_in_one_line(tmp_path):
+    done = dry_run(tmp_path, blocked=MISSING_AFTER_THE_CALL + ["webdataset"])
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "webdataset" in done.stderr and ".gpu-wheels" in done.stderr
+    assert not (tmp_path / "gpu_suite.json").exists()

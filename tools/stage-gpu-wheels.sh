@@ -1,37 +1,77 @@
 #!/usr/bin/env bash
-# Stage DALI (the smallest set that imports and runs our pipeline) and an ingested real corpus for the lent
-# GPU machine, as few <= 64 MiB device calls as possible. Run from the project root, after `make install`:
+# Stage what the lent GPU machine lacks, as few <= 64 MiB device calls as possible: the small pure-Python
+# wheels every call that runs the project carries (webdataset for the shard writer: tools/gpu-call-wheels.txt,
+# 88 KiB -> .gpu-wheels/), then DALI (the smallest set that imports and runs our pipeline) and an ingested
+# real corpus in parts. Run from the project root, after `make install`:
 #
-#   bash tools/stage-gpu-wheels.sh               # -> .gpu-parts/NN/part.NN, and prints the calls to make
-#   GPU_PY=3.11 CHECK_PY=/path/to/python-without-dali bash tools/stage-gpu-wheels.sh --rehearse
-#        # here: the same set for this machine's Python, then the device's join + unpack + import + DALI run
+#   bash tools/stage-gpu-wheels.sh               # -> .gpu-wheels/ + .gpu-parts/NN/part.NN, and prints the calls
+#   bash tools/stage-gpu-wheels.sh --wheels-only # -> .gpu-wheels/ alone (seconds): a call without DALI
+#   GPU_PY=3.11 CHECK_PY=/path/to/python-without-them bash tools/stage-gpu-wheels.sh [--wheels-only] --rehearse
+#        # here: the same for this machine's Python, then the device's join + unpack + wheel install, a
+#        # webdataset import + the suite's dry run (shards written), and (without --wheels-only) a DALI run
 #
 # What travels is not the wheels but their --target install for the device's Python (3.12), done here with
 # pip's --python-version/--platform, trimmed (extension modules of other Python versions, C++ headers) and
 # xz-compressed into one stream with the real corpus, then split into parts. The device's last call joins
-# the parts and unpacks them with Python's tarfile (tools/gpu-call.sh): no pip, no wheel unzip there.
+# the parts and unpacks them with Python's tarfile (tools/gpu-call.sh): no pip install of DALI there.
 # Measured on 2026-12-01 (docs/benchmarks.md, "Bringing DALI"): the old script's wheel set is 498.7 MiB
 # (9 calls); the smallest set that imports and runs the pipeline 440.9 MiB of wheels; installed for 3.12,
 # trimmed and xz'ed 237.6 MiB; with the real corpus 264 MiB = 5 calls. xz takes ~8 min on 2 busy cores.
 set -euo pipefail
 PY=${GPU_PY:-3.12}
-PART_MIB=${PART_MIB:-58}  # + the tracked tree (3.4 MiB on 2026-12-01) stays under one call's 64 MiB
+PART_MIB=${PART_MIB:-58}  # + the tracked tree (3.4 MiB on 2026-12-01) + .gpu-wheels stay under one call's 64 MiB
 REALDATA=${REALDATA:-../shared/realdata}
 VENV_PY=${VENV_PY:-.venv/bin/python}
 # DALI needs astunparse, gast (autograph, for the pipeline's conditionals) and optree at import; six, numpy
 # and packaging are on the device. nvidia-nvjpeg-cu12 is dlopened by nvImageCodec for the GPU ("mixed")
 # JPEG decode (the device's CUDA 13 has libnvjpeg.so.13, not .12). Left out, each checked by importing
 # DALI and running our pipeline without it: nvcomp, nvjpeg2k, nvtiff (other codecs), libcst, nvtx,
-# makefun, webdataset, braceexpand.
+# makefun, webdataset, braceexpand (webdataset and braceexpand travel apart, in .gpu-wheels: see above).
 WHEELS=(nvidia-dali-cuda120==2.4.0 nvidia-nvimgcodec-cu12==0.9.0.20 nvidia-nvjpeg-cu12==12.4.0.76
         astunparse==1.6.3 gast==0.7.0 optree==0.20.0 ${EXTRA_WHEELS:-})
-REHEARSE=0
-[[ "${1:-}" == "--rehearse" ]] && REHEARSE=1
+REHEARSE=0 WHEELS_ONLY=0
+for arg in "$@"; do
+  case $arg in
+    --rehearse) REHEARSE=1 ;;
+    --wheels-only) WHEELS_ONLY=1 ;;
+    *) echo "usage: $0 [--wheels-only] [--rehearse]" >&2; exit 2 ;;
+  esac
+done
 tag=cpython-${PY/./}
 stage=.gpu-stage
-rm -rf "$stage" .gpu-parts && mkdir -p "$stage/wheels" .gpu-parts
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+rm -rf .gpu-wheels
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+  "${PLATFORMS[@]}" -d .gpu-wheels -r tools/gpu-call-wheels.txt
+echo "$(ls .gpu-wheels | tr '\n' ' ')-> .gpu-wheels/ ($(du -sk .gpu-wheels | cut -f1) KiB): carry it in every call"
+
+rehearse_wheels() {  # after the device's wheel install (tools/gpu-call.sh): webdataset from there, and the suite
+  local tmp=$1 py=${CHECK_PY:-$VENV_PY}  # CHECK_PY: an interpreter without webdataset of its own
+  PYTHONPATH="$tmp/wheels${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "
+import webdataset
+assert webdataset.__file__.startswith('$tmp'), webdataset.__file__
+print('rehearsal: webdataset', webdataset.__version__, 'from', webdataset.__file__)"
+  PYTHONPATH="$tmp/wheels${PYTHONPATH:+:$PYTHONPATH}" "$py" -m benchmarks.gpu_suite --dry-run --only speckle \
+    --out "$tmp/suite" > /dev/null
+  "$py" -c "
+import json
+r = json.load(open('$tmp/suite/gpu_suite.json'))
+print('rehearsal: gpu_suite --dry-run wrote', r['data']['synthetic']['frames'], 'frames of shards with webdataset',
+      r['env']['webdataset'], '-> speckle', r['speckle']['device_ms_per_batch'] > 0)"
+}
+
+if (( WHEELS_ONLY )); then
+  if (( REHEARSE )); then
+    # GPU_PARTS: none here, so that staged DALI parts are neither joined nor removed
+    tmp=$(mktemp -d); GPU_PARTS="$tmp/none" GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
+    rehearse_wheels "$tmp"; rm -rf "$tmp"
+  else
+    echo "  run carry=[\".gpu-wheels\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'  (no DALI)"
+  fi
+  exit 0
+fi
+rm -rf "$stage" .gpu-parts && mkdir -p "$stage/wheels" .gpu-parts
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
   "${PLATFORMS[@]}" -d "$stage/wheels" "${WHEELS[@]}"
 wheel_mib=$(du -cm "$stage"/wheels/*.whl | tail -1 | cut -f1)
@@ -62,8 +102,9 @@ if (( REHEARSE )); then
   # the device's side, here: join + unpack (tools/gpu-call.sh) into a temporary folder, then import + run
   tmp=$(mktemp -d)
   GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
+  rehearse_wheels "$tmp"
   # CHECK_PY: an interpreter without DALI of its own (else the import could find that one)
-  PYTHONPATH="$tmp/gpu-site" "${CHECK_PY:-$VENV_PY}" -c "
+  PYTHONPATH="$tmp/gpu-site:$tmp/wheels" "${CHECK_PY:-$VENV_PY}" -c "
 import sys, tempfile
 import nvidia.dali as dali, nvidia.dali.plugin.pytorch
 assert dali.__file__.startswith('$tmp'), dali.__file__
@@ -77,14 +118,15 @@ loader.close()"
   rm -rf "$tmp"
   exit 0
 fi
-echo "Make these device calls back to back (the machine goes back after ~30 s idle); the last one runs"
-echo "tools/gpu-call.sh: join, unpack, install the project, GPU tests, then benchmarks.gpu_suite into \$OUT."
+echo "Make these device calls back to back (the machine goes back after ~30 s idle); the last one carries"
+echo ".gpu-wheels too and runs tools/gpu-call.sh: join, unpack, install the wheels and the project, GPU tests,"
+echo "then benchmarks.gpu_suite into \$OUT."
 for ((i=0;i<n;i++)); do
   d=$(printf %02d $i)
   if (( i < n-1 )); then
     echo "  run carry=[\".gpu-parts/$d\"] timeout_s=60 command='ls .gpu-parts'"
   else
-    echo "  run carry=[\".gpu-parts/$d\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'"
+    echo "  run carry=[\".gpu-parts/$d\", \".gpu-wheels\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'"
     echo "  (before it, status's budget_left_s: keep SUITE_BUDGET_S about 150 s under what is left, 120 s at least)"
   fi
 done

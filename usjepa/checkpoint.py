@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from usjepa.models.loading import refused_pickle_reason
 from usjepa.shards.format import fsync_dir
 
 FORMAT = "usjepa-checkpoint"
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 _STEP_RE = re.compile(r"^step_(\d{8})\.pt$")
 
 # Config sections that must match for a resume to continue the same run (train.* may change freely).
-RESUME_MUST_MATCH = ("stage", "seed", "model", "optim", "masks", "data.batch_size")
+RESUME_MUST_MATCH = ("stage", "seed", "model", "optim", "masks", "data.batch_size", "data.val_from_train")
 # ...except file locations, which move between machines (a changed teacher *path* is logged, not refused).
 RESUME_MAY_MOVE = ("model.teacher",)
 
@@ -103,6 +105,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint not found: {path} (refusing to start from scratch instead)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own text goes on to suggest weights_only=False, i.e. running the file's code: never say that
+        raise CheckpointError(
+            f"checkpoint {path} was refused: {refused_pickle_reason(e)}; usjepa never writes such files, so it is "
+            f"not one of ours or has been tampered with"
+        ) from None
     except Exception as e:
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}); "
@@ -134,12 +142,13 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def check_resume_compatible(saved_cfg: dict, cfg: dict, path) -> None:
-    """The run being resumed must be the same run: same model, optimiser schedule, masks, seed, batch."""
+def check_resume_compatible(saved_cfg: dict, cfg: dict, path, allow_changed=()) -> None:
+    """The run being resumed must be the same run: same model, optimiser schedule, masks, seed, batch. Keys
+    named in ``allow_changed`` (or under one, e.g. ``optim``) may differ: asked for explicitly, then logged."""
     a, b = _flatten(saved_cfg), _flatten(cfg)
     diffs = []
     for key in sorted(set(a) | set(b)):
-        if key in RESUME_MAY_MOVE:
+        if key in RESUME_MAY_MOVE or any(key == k or key.startswith(k + ".") for k in allow_changed):
             if a.get(key) != b.get(key):
                 log.warning("resuming with %s = %r (the checkpoint used %r)", key, b.get(key), a.get(key))
             continue
@@ -147,7 +156,8 @@ def check_resume_compatible(saved_cfg: dict, cfg: dict, path) -> None:
             if _norm(a.get(key, "<absent>")) != _norm(b.get(key, "<absent>")):
                 diffs.append(f"{key}: checkpoint {a.get(key, '<absent>')!r} vs config {b.get(key, '<absent>')!r}")
     if diffs:
-        raise CheckpointError(f"checkpoint {path} was written by a different configuration:\n  " + "\n  ".join(diffs))
+        raise CheckpointError(f"checkpoint {path} was written by a different configuration:\n  " + "\n  ".join(diffs)
+                              + "\n  (to continue it with these changes anyway, pass --allow-changed KEY for each)")
 
 
 # ----------------------------------------------------------------------------------------------- RNG

@@ -3,12 +3,17 @@
 The defaults are the paper's (Table 5); ``configs/usjepa_vitb16.yaml`` spells them out and
 ``configs/tiny_cpu.yaml`` shrinks everything for tests and the demo. Stage 1 starts from MAE's own
 optimiser and decoder (``STAGE1_DEFAULTS``), not from the SALT stage's values. ``masks`` is ``MaskConfig``'s own
-section (checked by ``MaskConfig.from_dict``); ``data.loader`` is handed to the data layer as its config.
+section; ``data.loader`` is handed to the data layer as its config (``DataConfig``); ``model.predictor``,
+``model.decoder`` and a dict ``model.arch`` are the models' configs.
+
+``load_config`` is the one validator, run before any work: every key, nested sections included, must exist
+(an unknown one is an error with a did-you-mean), have the field's type and lie in its range (``RANGES``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ class DataSection:
     batch_size: int = 128  # per device
     backend: str = "dali"  # "dali" or "torch" (the DataLoader + OpenCV baseline)
     loader: dict = field(default_factory=dict)  # the data layer's own config (augmentations, workers, ...)
+    val_from_train: float = 0.0  # > 0: validate on this deterministic slice of the train split's groups instead
 
 
 @dataclass
@@ -68,6 +74,7 @@ class TrainSection:
     progress: bool = True  # tqdm bar on rank 0
     peak_flops: float | None = None  # per device, for MFU; null = known GPU table or measured CPU matmul rate
     threads: int | None = None  # torch CPU threads per process (null = torch's default)
+    collective_timeout_s: float = 300.0  # torchrun: a rank waiting this long on the others stops (not NCCL's 10 min)
 
 
 @dataclass
@@ -96,6 +103,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         hint = next(a for a in args if a is not type(None))
     if hint is Any:
         return value
+    if typing.get_origin(hint) is tuple:  # a pair such as crop_scale: [0.6, 1.0]
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     try:
         if hint is bool:
             if not isinstance(value, bool):
@@ -122,17 +134,32 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def check_keys(data: dict, known, where: str) -> None:
+    """Every key of ``data`` must be one of ``known``; an unknown one is an error with a did-you-mean."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    known = sorted(known)
+    for k in data:
+        if k not in known:
+            key = f"{where}.{k}" if where else str(k)
+            close = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; known under {where or 'the top level'}: {known}")
+
+
+def check_fields(cls, data: dict, where: str) -> dict:
+    """``data`` checked against dataclass ``cls`` (keys, types of the fields), returned with coerced values."""
+    check_keys(data, [f.name for f in dataclasses.fields(cls)], where)
+    hints = typing.get_type_hints(cls)
+    return {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors naming the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known under "
-                          f"{where or 'the top level'}: {sorted(known)}")
+    check_keys(data, [f.name for f in dataclasses.fields(cls)], where)
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
@@ -155,7 +182,16 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {assignment!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 # Stage 1 is MAE (He et al. 2022, ViT-B): base lr 1.5e-4 per 256 images scaled linearly with the global
@@ -190,7 +226,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for o in overrides:
@@ -200,15 +239,121 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     return cfg
 
 
+# Allowed values (None, where a field allows it, is always fine). Keys of nested sections are checked against
+# their own dataclasses (``_nested_schemas``); these are their ranges.
+def _range(test, text):
+    return test, text
+
+
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_1 = _range(lambda v: v > 0, "> 0"), _range(lambda v: v >= 0, ">= 0"), \
+    _range(lambda v: v >= 1, ">= 1")
+_PROBABILITY, _FRACTION = _range(lambda v: 0 <= v <= 1, "in [0, 1]"), _range(lambda v: 0 < v <= 1, "in (0, 1]")
+_OPEN_UNIT = _range(lambda v: 0 < v < 1, "in (0, 1)")
+_MODEL_SIZES = {"embed_dim": _AT_LEAST_1, "depth": _AT_LEAST_1, "num_heads": _AT_LEAST_1, "mlp_ratio": _POSITIVE}
+RANGES = {
+    "seed": _NON_NEGATIVE,
+    "data.batch_size": _AT_LEAST_1,
+    "data.val_from_train": _range(lambda v: 0 <= v < 1, "in [0, 1)"),
+    **{f"optim.{k}": r for k, r in {
+        "epochs": _AT_LEAST_1, "warmup_epochs": _NON_NEGATIVE, "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
+        "lr_final": _NON_NEGATIVE, "wd_start": _NON_NEGATIVE, "wd_final": _NON_NEGATIVE, "eps": _POSITIVE,
+        "clip_grad": _POSITIVE, "betas": _range(lambda v: 0 <= v < 1, "in [0, 1)")}.items()},
+    **{f"train.{k}": r for k, r in {
+        "log_every": _AT_LEAST_1, "ckpt_every_steps": _NON_NEGATIVE, "keep_last": _AT_LEAST_1,
+        "max_steps": _NON_NEGATIVE, "val_every_epochs": _AT_LEAST_1, "peak_flops": _POSITIVE, "threads": _AT_LEAST_1,
+        "collective_timeout_s": _POSITIVE}.items()},
+    **{f"model.{arch}.{k}": r for arch in ("arch", "teacher_arch") for k, r in {
+        **_MODEL_SIZES, "img_size": _AT_LEAST_1, "patch_size": _AT_LEAST_1, "in_chans": _AT_LEAST_1,
+        "num_classes": _NON_NEGATIVE}.items()},
+    **{f"model.predictor.{k}": r for k, r in _MODEL_SIZES.items()},
+    **{f"model.decoder.{k}": r for k, r in {**_MODEL_SIZES, "mask_ratio": _OPEN_UNIT}.items()},
+    **{f"data.loader.{k}": r for k, r in {
+        "image_size": _AT_LEAST_1, "patch_size": _AT_LEAST_1, "crop_scale": _FRACTION, "crop_ratio": _POSITIVE,
+        "hflip_p": _PROBABILITY, "vflip_p": _PROBABILITY, "blur_p": _PROBABILITY, "speckle_p": _PROBABILITY,
+        "contrast_p": _PROBABILITY, "blur_eps": _NON_NEGATIVE, "speckle_eps": _NON_NEGATIVE,
+        "contrast_eps": _NON_NEGATIVE, "std": _POSITIVE, "cap": _AT_LEAST_1, "num_workers": _NON_NEGATIVE,
+        "prefetch": _AT_LEAST_1, "mask_cache": _AT_LEAST_1}.items()},
+}
+
+
+def _check_ranges(values: dict, where: str) -> None:
+    for k, v in values.items():
+        key = f"{where}.{k}" if where else k
+        rule = RANGES.get(key)
+        if rule is None or v is None or isinstance(v, (dict, str, bool)):
+            continue
+        test, text = rule
+        try:
+            ok = all(test(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key} must be {text}, got {v!r}")
+
+
+def _nested_schemas() -> dict:
+    """Dataclasses of the sections the trainer hands on: the models', the masks' and the data layer's own."""
+    from usjepa.kernels.mask_config import MaskConfig
+    from usjepa.models.mae import DecoderConfig
+    from usjepa.models.salt import PredictorConfig
+    from usjepa.shards.augment import DataConfig  # read only for its fields: the loader builds it
+
+    return {"model.predictor": PredictorConfig, "model.decoder": DecoderConfig, "masks": MaskConfig,
+            "data.loader": DataConfig}
+
+
+def _check_arch(arch, where: str) -> None:
+    from usjepa.models.vit import ARCHS, ViTConfig, vit_config
+
+    if isinstance(arch, str):
+        if arch not in ARCHS:
+            close = difflib.get_close_matches(arch, sorted(ARCHS), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown architecture {arch!r}{hint}; known: {sorted(ARCHS)}")
+    elif isinstance(arch, dict):
+        fields = dict(arch)
+        if "name" in fields:
+            _check_arch(fields.pop("name"), f"{where}.name")
+        check_fields(ViTConfig, fields, where)
+        _check_ranges(fields, where)
+    else:
+        raise ConfigError(f"{where}: expected an architecture name or a mapping of ViT fields, got {arch!r}")
+    try:
+        vit_config(arch)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
+    """Ranges and cross-field rules of the whole config, nested sections included (see the module docstring)."""
+    for section in ("", "data", "optim", "train"):
+        node = cfg if not section else getattr(cfg, section)
+        _check_ranges({f.name: getattr(node, f.name) for f in dataclasses.fields(node)}, section)
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must be two numbers, got {cfg.optim.betas!r}")
+    schemas = _nested_schemas()
+    built = {}
+    for where, schema in schemas.items():
+        section, _, name = where.partition(".")
+        node = getattr(cfg, section)
+        values = check_fields(schema, (getattr(node, name) if name else node) or {}, where)
+        _check_ranges(values, where)
+        try:
+            built[where] = schema(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    _check_arch(cfg.model.arch, "model.arch")
+    if cfg.model.teacher_arch is not None:
+        _check_arch(cfg.model.teacher_arch, "model.teacher_arch")
+    if built["masks"].grid != built["data.loader"].grid:
+        raise ConfigError(f"masks.grid {built['masks'].grid} != data.loader image_size / patch_size = "
+                          f"{built['data.loader'].grid}")
     if cfg.stage not in (1, 2):
         raise ConfigError(f"stage must be 1 (teacher pretraining) or 2 (SALT), got {cfg.stage}")
     if cfg.stage == 2 and not cfg.model.teacher:
         raise ConfigError("stage 2 needs model.teacher (a URFM, timm/safetensors or stage-1 checkpoint path)")
     if cfg.data.backend not in ("dali", "torch"):
         raise ConfigError(f"data.backend must be 'dali' or 'torch', got {cfg.data.backend!r}")
-    if cfg.optim.epochs < 1 or cfg.data.batch_size < 1 or cfg.train.log_every < 1 or cfg.train.keep_last < 1:
-        raise ConfigError("optim.epochs, data.batch_size, train.log_every and train.keep_last must be >= 1")
     if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
         raise ConfigError("optim.warmup_epochs must lie in [0, optim.epochs]")
     for key, value, allowed in (("model.target_norm", cfg.model.target_norm, ("none", "layernorm")),

@@ -1,7 +1,9 @@
-"""Learning-rate and weight-decay schedules (paper Table 5), as pure functions of the global step.
+"""Learning-rate and weight-decay schedules (paper Table 5), as pure functions of training progress in epochs.
 
-Being functions of the step, they need no state of their own: a resumed run recomputes them in O(1) from
-the step it restored, and the value at step s is the same whether or not the run was interrupted.
+Progress is ``epoch + samples of this epoch already seen / samples per epoch`` (``epoch_progress``), not the
+step count: steps per epoch depend on the world size, progress does not. A run resumed on another number of
+ranks therefore continues the same curve to the same end (the value at a given point of the data is the same
+whatever the world size, and whether or not the run was interrupted), and a resume needs no schedule state.
 """
 
 from __future__ import annotations
@@ -9,19 +11,24 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, start: float, peak: float, final: float) -> float:
-    """Linear warm-up ``start -> peak`` over ``warmup_steps``, then cosine ``peak -> final`` at ``total_steps``."""
-    if step < warmup_steps:
-        return start + (peak - start) * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def epoch_progress(epoch: int, samples_seen: int, samples_per_epoch: int) -> float:
+    """Training progress in epochs before the next step: ``epoch`` plus the fraction of it already seen."""
+    return epoch + samples_seen / max(1, samples_per_epoch)
 
 
-def wd_at(step: int, total_steps: int, start: float, final: float) -> float:
+def lr_at(progress: float, epochs: float, warmup_epochs: float, start: float, peak: float, final: float) -> float:
+    """Linear warm-up ``start -> peak`` over ``warmup_epochs``, then cosine ``peak -> final`` at ``epochs``."""
+    if progress < warmup_epochs:
+        return start + (peak - start) * progress / warmup_epochs
+    span = epochs - warmup_epochs
+    t = min(1.0, (progress - warmup_epochs) / span) if span > 0 else 1.0
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def wd_at(progress: float, epochs: float, start: float, final: float) -> float:
     """Cosine ``start -> final`` over the whole run (I-JEPA's weight-decay schedule: it grows)."""
-    progress = min(1.0, step / max(1, total_steps))
-    return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    t = min(1.0, progress / epochs) if epochs > 0 else 1.0
+    return final + (start - final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def set_optimizer_hparams(optimizer, lr: float, wd: float) -> None:

@@ -26,8 +26,11 @@ import logging
 import math
 import os
 import resource
+import shlex
+import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,7 +48,7 @@ from usjepa.checkpoint import (
 )
 from usjepa.config import Config, ConfigError, load_config, lr_multiplier
 from usjepa.data_wait import DataWaitTimer
-from usjepa.exit_codes import EXIT_STATUS_HELP, USAGE
+from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, USAGE
 from usjepa.models import (
     CheckpointFormatError,
     DecoderConfig,
@@ -66,8 +69,10 @@ from usjepa.models import (
     salt_step_flops,
 )
 from usjepa.monitor import CollapseMonitor
-from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
+from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
+from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
+from usjepa.shards.worker_guard import LoaderWorkerError
 
 log = logging.getLogger("usjepa.train")
 
@@ -82,17 +87,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (overrides out_dir)")
     p.add_argument("--resume", help="'auto' (latest checkpoint in --out, or a fresh start if none) or a path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--allow-changed", action="append", default=[], metavar="KEY",
+                   help="on --resume, accept a changed value of KEY (or of any key under it, e.g. optim)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    """Console entry: known failures print one clear message and exit with status 2."""
+    """Console entry: known failures print one line on stderr and exit with status 2 (usage, config, input) or
+    1 (a loader worker that could not be replaced)."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         return train(argv)
-    except (ConfigError, CheckpointError, CheckpointFormatError, NonFiniteLossError, FileNotFoundError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"usjepa-train: error: {e}", file=sys.stderr, flush=True)
-        return USAGE
+    except (ConfigError, CheckpointError, CheckpointFormatError, NonFiniteLossError, FileNotFoundError,
+            ShardFormatError, LoaderWorkerError) as e:
+        status = FAILED if isinstance(e, LoaderWorkerError) else USAGE
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if isinstance(e, LoaderWorkerError):
+            message += "; the run stopped, its last checkpoint is kept: rerun the same command with --resume auto"
+        log.error("%s: %s", type(e).__name__, message)
+        print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
+        return status
+    except RuntimeError as e:  # gloo/NCCL: "Timed out waiting ... for recv operation" and the like
+        if not (dist.is_available() and dist.is_initialized() and "timed out" in str(e).lower()):
+            raise
+        message = (f"rank {dist.get_rank()}: another rank did not answer within train.collective_timeout_s (it "
+                   f"stopped, hung or died); stopping. Its last checkpoint is kept: rerun with --resume auto")
+        log.error("%s (%s)", message, str(e).splitlines()[0][:200])
+        print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
+        return FAILED
 
 
 def train(argv=None) -> int:
@@ -113,7 +135,9 @@ def train(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     master = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -134,18 +158,19 @@ def train(argv=None) -> int:
                               f"or choose another --out")
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
     if ckpt is not None:
-        check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path)
+        check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
 
     # ---------------------------------------------------------------- data
     train_loader = make_loader(cfg, "train", rank, world, device)
-    val_loader = make_loader(cfg, "val", rank, world, device)
-    steps_per_epoch = len(train_loader)
+    val_loader = make_val_loader(cfg, rank, world, device)
+    steps_per_epoch = train_loader.batches_per_epoch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data.root}: no training batches of {cfg.data.batch_size} per rank x {world} ranks")
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per rank x {world} ranks is more than the "
+                          f"{train_loader.sampler.epoch_samples()} training samples of an epoch in {cfg.data.root}")
     total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    log.info("%d train batches per epoch per rank, %d val batches, %d steps in all",
-             steps_per_epoch, len(val_loader), total_steps)
+    global_batch, epoch_samples = cfg.data.batch_size * world, train_loader.sampler.epoch_samples()
+    log.info("%d train batches per epoch per rank, %s val batches, %d steps in all", steps_per_epoch,
+             len(val_loader) if val_loader is not None else "no", total_steps)
 
     # ---------------------------------------------------------------- models (identical init on every rank)
     torch.manual_seed(cfg.seed)
@@ -250,10 +275,13 @@ def train(argv=None) -> int:
         if flag.item() > 0:
             close_loaders(train_loader, val_loader)
             last = latest_checkpoint(out_dir)
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient norm before step {step}; stopping. The last good checkpoint is "
-                f"{last if last else '(none written yet)'}; lower optim.lr_peak or check the data, then --resume it."
-            )
+            if last is None:
+                advice = "no checkpoint was written yet: lower optim.lr_peak or check the data and start again"
+            else:
+                advice = ("check the data, or resume from it with half the peak learning rate: "
+                          + resume_command(args, out_dir, last, world, lr_peak=cfg.optim.lr_peak / 2))
+            raise NonFiniteLossError(f"non-finite loss or gradient norm before step {step}; stopping. "
+                                     f"The last good checkpoint is {last if last else '(none)'}; {advice}")
 
     # ---------------------------------------------------------------- metrics
     metrics = MetricsWriter(out_dir, master, cfg.train.tensorboard)
@@ -274,14 +302,17 @@ def train(argv=None) -> int:
     while epoch < cfg.optim.epochs and not stop:
         if not mid_epoch:
             train_loader.set_epoch(epoch)
+        seen = train_loader.state_dict()["consumed"]  # global samples of this epoch (any world size)
         batches = () if no_batches_left else train_loader
         mid_epoch = no_batches_left = False
         data_wait.step_done()
         for batch in batches:
             data_wait.batch_ready()
-            lr = lr_mult * lr_at(step, total_steps, warmup_steps, cfg.optim.lr_start, cfg.optim.lr_peak,
-                                 cfg.optim.lr_final)
-            wd = wd_at(step, total_steps, cfg.optim.wd_start, cfg.optim.wd_final)
+            progress_epochs = epoch_progress(epoch, seen, epoch_samples)
+            seen += global_batch
+            lr = lr_mult * lr_at(progress_epochs, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr_start,
+                                 cfg.optim.lr_peak, cfg.optim.lr_final)
+            wd = wd_at(progress_epochs, cfg.optim.epochs, cfg.optim.wd_start, cfg.optim.wd_final)
             set_optimizer_hparams(optimizer, lr, wd)
 
             loss, stds = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))
@@ -312,7 +343,7 @@ def train(argv=None) -> int:
                     "kind": "train", "step": step, "epoch": epoch,
                     "loss": mean_loss.item(),
                     "grad_norm": (window["gnorm"] / window["n"]).item(),
-                    "lr": lr, "wd": wd,
+                    "lr": lr, "wd": wd, "epoch_progress": progress_epochs,
                     "images_per_s_per_device": window["imgs"] / elapsed,
                     "data_wait_frac": data_wait.take() / elapsed,
                     "tflops_per_device": window["flops"] / elapsed / 1e12,
@@ -338,13 +369,14 @@ def train(argv=None) -> int:
         # End of epoch: validation on the held-out split, then the epoch checkpoint (best by val loss).
         t_pause = time.perf_counter()
         val_loss = None
-        if (epoch + 1) % cfg.train.val_every_epochs == 0 and len(val_loader) > 0:
+        if val_loader is not None and (epoch + 1) % cfg.train.val_every_epochs == 0 and len(val_loader) > 0:
             val_loss = validate()
             metrics.write({"kind": "val", "step": step, "epoch": epoch, "val_loss": val_loss,
                            "val_seconds": time.perf_counter() - t_pause})
             log.info("epoch %d: val loss %.5f", epoch, val_loss)
-        is_best = val_loss is not None and math.isfinite(val_loss) and val_loss < best_val
-        if is_best:
+        # without a validation split the best checkpoint is the latest epoch's
+        is_best = val_loader is None or (val_loss is not None and math.isfinite(val_loss) and val_loss < best_val)
+        if is_best and val_loss is not None:
             best_val = val_loss
         checkpoint(epoch_complete=True, val_loss=val_loss, is_best=is_best)
         window["t0"] += time.perf_counter() - t_pause
@@ -380,6 +412,7 @@ def train(argv=None) -> int:
 
 def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.device):
     from usjepa.kernels.block_masks import MaskConfig
+    from usjepa.shards.holdout import HoldoutError
     from usjepa.shards.loader import build_loader
 
     if not cfg.data.root:
@@ -388,9 +421,44 @@ def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.de
         mask_cfg = MaskConfig.from_dict(cfg.masks)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"masks: {e}") from e
-    return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
-                        mask_cfg, rank=rank, world_size=world, device=device,
-                        seed=cfg.seed, backend=cfg.data.backend)
+    try:
+        return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
+                            mask_cfg, rank=rank, world_size=world, device=device,
+                            seed=cfg.seed, backend=cfg.data.backend, val_from_train=cfg.data.val_from_train)
+    except HoldoutError as e:
+        raise ConfigError(f"data.val_from_train: {e}") from None
+
+
+def make_val_loader(cfg: Config, rank: int, world: int, device: torch.device):
+    """The validation loader, or None (with one warning) for a corpus ingested without a validation split."""
+    from usjepa.shards.format import load_manifest
+
+    if cfg.data.val_from_train:
+        log.info("validating on %.1f%% of the training split's groups (data.val_from_train), not trained on",
+                 100 * cfg.data.val_from_train)
+    elif not any(s["split"] == "val" for s in load_manifest(cfg.data.root)["shards"]):
+        log.warning("%s has no validation split: training without validation; best.pt is the latest epoch "
+                    "checkpoint (or set data.val_from_train: 0.05 to hold out a slice of train)", cfg.data.root)
+        return None
+    return make_loader(cfg, "val", rank, world, device)
+
+
+def resume_command(args: argparse.Namespace, out_dir: Path, checkpoint: Path, world: int, lr_peak: float) -> str:
+    """The command that resumes this run from ``checkpoint`` with peak learning rate ``lr_peak``: the changed
+    optimiser setting has to be allowed explicitly (``--allow-changed``), or the resume is refused."""
+    cmd = ["usjepa-train", args.config, "--out", str(out_dir), "--resume", str(checkpoint)]
+    for s in args.set:
+        if not s.startswith("optim.lr_peak="):
+            cmd += ["--set", s]
+    cmd += ["--set", f"optim.lr_peak={lr_peak:g}", "--allow-changed", "optim.lr_peak"]
+    text = shlex.join(cmd)
+    return text if world == 1 else f"{text} (under torchrun, as this run was started)"
+
+
+def exit_on_sigterm(signum, frame) -> None:
+    """torchrun stops the other ranks with SIGTERM: exit through Python so that the loaders' plan folders are
+    removed and their workers stopped (the default action would skip every clean-up)."""
+    raise SystemExit(128 + signum)
 
 
 def data_config(d: dict):

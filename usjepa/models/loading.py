@@ -19,6 +19,8 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,11 +54,21 @@ def read_weights_file(path: str | os.PathLike) -> dict:
             raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own text suggests weights_only=False: never repeat that
+        raise CheckpointFormatError(f"{path}: not a readable torch checkpoint (refused: {refused_pickle_reason(e)})") from None
     except Exception as e:
         raise CheckpointFormatError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
+
+
+def refused_pickle_reason(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to load it unsafely."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"it asks for {m.group(1)}" if m else "it holds an unsupported pickle instruction"
+    return (f"{what}; it holds Python objects other than tensors, numbers, strings, lists and dicts, and loading "
+            f"them would run code from the file")
 
 
 def encoder_state_dict(obj: dict, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:

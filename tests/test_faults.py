@@ -1,0 +1,488 @@
+"""Faults a real run meets (issue #13), each reproduced for real: a corpus without a validation split, loader
+workers killed by PID (idle, mid-run, repeatedly), a SIGKILLed trainer, a resume on another world size under
+real torchrun, hostile configs and checkpoints, a NaN stop, two ingests into one folder. Every multi-process
+scenario runs under a timeout, so that a regression fails instead of hanging the suite."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from usjepa.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from usjepa.models import build_vit, export_encoder_safetensors
+from usjepa.shards.synthetic_shards import write_synthetic_corpus
+from usjepa.train import main, setup_logging, train
+
+# 64 train frames (8 batches of 8 per epoch on one rank, 4 on two), 16 val frames; a tiny random teacher
+from test_train import shards, teacher  # noqa: F401  (fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "tiny_cpu.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def no_val_shards(tmp_path_factory) -> Path:
+    return write_synthetic_corpus(tmp_path_factory.mktemp("noval"), {"toy_a": 24}, size=(240, 300), per_shard=24)
+
+
+def args(shards: Path, out: Path, teacher: Path, *extra: str) -> list[str]:
+    a = [CONFIG, "--out", str(out), "--set", f"data.root={shards}", "--set", "data.loader={num_workers: 1}",
+         "--set", "train.log_every=1", "--set", f"model.teacher={teacher}"]
+    for e in extra:
+        a += ["--set", e]
+    return a
+
+
+def records(out: Path, kind: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def train_lines(out: Path) -> int:
+    """Train records written so far by a running trainer (safe to call while it writes)."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count('"kind": "train"') if path.is_file() else 0
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_script(code: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# ------------------------------------------------------------------------------ 1. no validation split
+
+
+def test_corpus_without_validation_split_trains_and_keeps_the_last_as_best(no_val_shards, teacher, tmp_path):
+    out = tmp_path / "run"
+    assert train(args(no_val_shards, out, teacher, "optim.epochs=2")) == 0
+    assert len(records(out)) == 6 and records(out, "val") == []
+    log = (out / "train.log").read_text()
+    assert log.count("no validation split") == 1
+    best = load_checkpoint(out / "checkpoints" / "best.pt")
+    assert best["step"] == 6 and best["epoch_complete"]
+    assert (out / "export" / "encoder_best.safetensors").is_file()
+
+
+def test_val_from_train_holds_out_whole_groups_deterministically(no_val_shards, teacher, tmp_path):
+    from usjepa.shards.holdout import sample_groups, split_off_validation
+    from usjepa.shards.readers import open_sample_table
+
+    table = open_sample_table(no_val_shards, "train")
+    rest, val = split_off_validation(table, 0.25)
+    assert (len(rest), len(val)) == (18, 6)  # 24 one-frame groups: ceil(0.25 x 24) held out
+    assert set(sample_groups(rest)).isdisjoint(sample_groups(val))
+    again = split_off_validation(open_sample_table(no_val_shards, "train"), 0.25)[1]
+    assert list(again.keys) == list(val.keys)
+    assert len(split_off_validation(table, 0.001)[1]) == 1  # never empty
+
+    out = tmp_path / "run"
+    assert train(args(no_val_shards, out, teacher, "optim.epochs=2", "data.val_from_train=0.25")) == 0
+    assert len(records(out)) == 4 and len(records(out, "val")) == 2  # 18 frames: 2 steps of 8 per epoch
+    assert "no validation split" not in (out / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------- 2. dead loader workers
+
+LOADER_SETUP = """
+    import logging, os, signal, sys, time
+    import torch
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    from usjepa.shards import loader as L
+    from usjepa.shards.worker_guard import pipeline_workers
+    ld = L.build_loader({root!r}, "val", 4, {{"num_workers": 1}}, None, 0, 1, "cpu", 0, "dali")
+    def one_pass():
+        ld.set_epoch(0)
+        return [b.images for b in ld]
+    def kill_workers():
+        for p in pipeline_workers(ld._backend._pipe):
+            os.kill(p.pid, signal.SIGKILL)
+            p.join()
+    ref = one_pass()
+"""
+
+
+def test_loader_worker_killed_while_idle_is_replaced_with_the_same_batches(shards):
+    proc = run_script(LOADER_SETUP.format(root=str(shards)) + """
+    kill_workers()  # between passes: the pipeline is idle (this hung DALI's next run() forever)
+    t = time.perf_counter()
+    again = one_pass()
+    assert len(again) == len(ref) and all(torch.equal(a, b) for a, b in zip(again, ref))
+    it = iter(ld); first = next(it); kill_workers()  # and mid-pass
+    rest = [first] + list(it)
+    assert all(torch.equal(a.images, b) for a, b in zip(rest, ref))
+    print(f"recovered in {time.perf_counter() - t:.1f} s")
+    ld.close()
+    """)
+    assert proc.stdout.count("was killed by SIGKILL; restarting the pipeline") == 2, proc.stdout
+
+
+def test_loader_worker_that_keeps_dying_stops_with_a_clear_error(shards):
+    proc = run_script(LOADER_SETUP.format(root=str(shards)) + """
+    L.MAX_WORKER_RESTARTS = 0
+    kill_workers()
+    try:
+        one_pass()
+    except L.LoaderWorkerError as e:
+        print("ERROR", e)
+    """)
+    assert "ERROR DALI worker pid" in proc.stdout and "killed by SIGKILL" in proc.stdout, proc.stdout
+
+
+def test_watchdog_interrupts_a_call_blocked_on_a_dead_worker():
+    """A worker dying while the main thread is blocked in a pipeline call (DALI's semaphore wait): the
+    watchdog sees the exit and breaks the wait within seconds."""
+    proc = run_script("""
+    import multiprocessing as mp, os, signal, threading, time, types
+    from usjepa.shards.worker_guard import WorkerDied, run_watchdog
+    worker = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    pipe = types.SimpleNamespace(_py_pool=types.SimpleNamespace(pool=types.SimpleNamespace(_processes=[worker])))
+    blocked = mp.get_context("fork").Semaphore(0)
+    threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()  # dies while we wait on it
+    t = time.perf_counter()
+    try:
+        with run_watchdog().guard(pipe):
+            blocked.acquire()  # nobody releases it: only the watchdog can end this
+    except WorkerDied as e:
+        print(f"interrupted after {time.perf_counter() - t:.1f} s: {e}")
+    """, timeout=30)
+    assert "interrupted after" in proc.stdout and "killed by SIGKILL" in proc.stdout, proc.stdout
+
+
+def test_watchdog_stops_the_process_when_the_blocked_call_cannot_be_interrupted():
+    """Off the main thread no signal can break the wait: the process ends with a clear message, not a hang."""
+    code = textwrap.dedent("""
+    import logging, multiprocessing as mp, os, signal, sys, threading, time, types
+    logging.basicConfig(stream=sys.stdout)
+    from usjepa.shards.worker_guard import run_watchdog
+    run_watchdog()
+    worker = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+    worker.start()
+    pipe = types.SimpleNamespace(_py_pool=types.SimpleNamespace(pool=types.SimpleNamespace(_processes=[worker])))
+    blocked = mp.get_context("fork").Semaphore(0)
+    def loader_thread():
+        with run_watchdog().guard(pipe):
+            blocked.acquire()
+    threading.Thread(target=loader_thread).start()
+    time.sleep(0.5)
+    os.kill(worker.pid, signal.SIGKILL)
+    time.sleep(60)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "killed by SIGKILL while the pipeline waited on it; stopping this process" in proc.stdout, proc.stdout
+
+
+def kill_workers_and_finish(proc: subprocess.Popen, workers: list[int]) -> str:
+    """SIGKILL the trainer's loader workers by PID; the run must recover and finish with status 0."""
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "killed by SIGKILL; restarting the pipeline" in stdout
+    return stdout
+
+
+def test_training_survives_its_loader_workers_being_killed(shards, teacher, tmp_path):
+    common = ("optim.epochs=2", "train.ckpt_every_steps=0")
+    ref = tmp_path / "ref"
+    assert train(args(shards, ref, teacher, *common)) == 0
+    expected = {r["step"]: r["loss"] for r in records(ref)}
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "usjepa.train", *args(shards, out, teacher, *common)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        # Killed by PID after epoch 0's validation: the train worker mid-pass, the val worker idle.
+        wait_for(lambda: train_lines(out) >= 10 or proc.poll() is not None, 120, "epoch 1 to start")
+        victims = children(proc.pid)
+        assert len(victims) == 2, victims
+        kill_workers_and_finish(proc, victims)
+    finally:
+        kill_group(proc)
+    assert {r["step"]: r["loss"] for r in records(out)} == expected  # the same batches: an exact run
+
+
+# -------------------------------------------------------------------------- 3. orphans and plan folders
+
+
+def test_sigkilled_trainer_leaves_no_workers_and_its_plan_folder_is_cleaned(shards, teacher, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "usjepa.train", *args(shards, out, teacher, "optim.epochs=5")],
+                            env={**ENV, "TMPDIR": str(tmp)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: train_lines(out) >= 2, 120, "training to start")
+        workers = children(proc.pid)
+        assert workers, "the trainer has no loader workers"
+        plan_dirs = list(tmp.glob(f"usjepa-dali-{proc.pid}-*"))
+        assert len(plan_dirs) == 2  # train and val loaders
+        os.kill(proc.pid, signal.SIGKILL)  # the trainer alone, as the OOM killer would
+        proc.wait(timeout=30)
+        wait_for(lambda: not any(alive(p) for p in workers), 10, f"workers {workers} to die with their trainer")
+    finally:
+        kill_group(proc)
+    assert all(p.is_dir() for p in plan_dirs)  # nothing can run at SIGKILL ...
+    from usjepa.shards.worker_guard import make_plan_dir
+
+    mine = make_plan_dir(tmp)  # ... so the next loader's start removes them
+    assert not any(p.exists() for p in plan_dirs) and Path(mine).is_dir()
+
+
+def start_torchrun(argv: list[str], env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "usjepa.train",
+           *argv]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_torchrun_rank_loses_its_loader_workers_and_the_job_still_finishes(shards, teacher, tmp_path):
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=2"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 5 or proc.poll() is not None, 120, "epoch 1 to start")
+        ranks = children(proc.pid)
+        victims = children(max(ranks))  # one rank's train (mid-pass) and val (idle) workers
+        assert len(ranks) == 2 and len(victims) == 2, (ranks, victims)
+        stdout = kill_workers_and_finish(proc, victims)
+    finally:
+        kill_group(proc)
+    finished = [line for line in stdout.splitlines() if "finished at step 8" in line]
+    assert len(finished) == 2 and len({line.split("digest ")[1] for line in finished}) == 1, stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards, teacher, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50"), {**ENV, "TMPDIR": str(tmp)})
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = children(proc.pid)
+        everyone = ranks + [w for r in ranks for w in children(r)]
+        assert len(everyone) == 4, everyone  # 2 ranks x 1 train worker (val pipelines start at validation)
+        killed = max(ranks)
+        os.kill(killed, signal.SIGKILL)
+        proc.communicate(timeout=60)  # the other rank is stopped too, not left waiting in a collective
+        wait_for(lambda: not any(alive(p) for p in everyone), 10, "every rank and worker to exit")
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0
+    left = sorted(p.name.split("-")[2] for p in tmp.glob("usjepa-dali-*"))
+    assert left == [str(killed)] * 2  # the surviving rank removed its plan folders on the way out
+
+
+@pytest.mark.slow
+def test_a_hung_rank_stops_the_others_after_the_configured_collective_timeout(shards, teacher, tmp_path):
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50", "train.collective_timeout_s=3"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = sorted(children(proc.pid))
+        os.kill(ranks[1], signal.SIGSTOP)  # hung, not dead: only a timeout can tell
+        t = time.time()
+        wait_for(lambda: not alive(ranks[0]), 30, "rank 0 to give up on the hung rank")
+        waited = time.time() - t
+        os.kill(ranks[1], signal.SIGCONT)  # let it take torchrun's SIGTERM now rather than after 30 s
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert 2 <= waited < 20, waited  # the configured 3 s, not NCCL's 10 minutes
+    assert proc.returncode != 0
+    assert "another rank did not answer within train.collective_timeout_s" in stdout, stdout[-3000:]
+
+
+# ------------------------------------------------------------------ 4. elastic resume keeps the schedule
+
+
+def torchrun(nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "usjepa.train", *argv]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_continues_the_same_lr_curve(shards, teacher, tmp_path, before, after):
+    common = ("optim.epochs=2", "train.ckpt_every_steps=0", "train.val_every_epochs=5")
+    ref = tmp_path / "ref"  # one process, uninterrupted: lr at every eighth of an epoch
+    assert train(args(shards, ref, teacher, *common)) == 0
+    curve = {r["epoch_progress"]: r["lr"] for r in records(ref)}
+    assert len(curve) == 16
+
+    out = tmp_path / "run"
+    first = args(shards, out, teacher, *common, "train.max_steps=3")
+    torchrun(before, first) if before > 1 else train(first)
+    rest = args(shards, out, teacher, *common) + ["--resume", "auto"]
+    torchrun(after, rest) if after > 1 else train(rest)
+    got = records(out)
+    assert [r["step"] for r in got] == list(range(1, len(got) + 1))
+    for r in got:  # every step, before and after the resume, sits on the uninterrupted run's curve
+        assert r["lr"] == curve[r["epoch_progress"]], r
+    assert got[3]["epoch_progress"] == got[2]["epoch_progress"] + before * 8 / 64  # no jump at the resume
+    # ... to the same end: the last step of an uninterrupted run on `after` ranks, on the annealed tail
+    assert got[-1]["epoch_progress"] == 2 - after * 8 / 64 and got[-1]["lr"] < 0.2 * max(curve.values())
+
+
+# ----------------------------------------------------------------------- 5. config errors are one line
+
+
+def _one_line_exit_2(capsys, argv) -> str:
+    setup_logging(None, True)  # log to this test's stdout, not to an earlier test's closed capture
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("usjepa-train: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.predictor.depthh=3", "did you mean 'depth'"),
+    ("model.decoder.mask_ration=0.5", "did you mean 'mask_ratio'"),
+    ("model.arch=vit_nope", "unknown architecture 'vit_nope'"),
+    ("optim.lr_peak=-1", "optim.lr_peak must be > 0"),
+    ("optim.clip_grad=-1", "optim.clip_grad must be > 0"),
+    ("data.loader.crop_scale=[2,3]", "data.loader.crop_scale must be in (0, 1]"),
+    ("data.loader.num_workers=-1", "data.loader.num_workers must be >= 0"),
+    ("masks.n_targetz=2", "did you mean 'n_targets'"),
+    ("data.batch_size=100", "more than the 64 training samples"),
+])
+def test_config_errors_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys, override, words):
+    err = _one_line_exit_2(capsys, args(shards, tmp_path / "run", teacher, override))
+    assert words in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_broken_yaml_and_broken_manifest_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim: {epochs: 2\n")
+    err = _one_line_exit_2(capsys, [str(bad_yaml), "--out", str(tmp_path / "a")])
+    assert "not valid YAML" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text('{"format_version": ')
+    err = _one_line_exit_2(capsys, args(broken, tmp_path / "b", teacher))
+    assert "not valid JSON" in err
+
+
+# --------------------------------------------------------------------------------- 6. honest messages
+
+
+def test_nan_message_gives_a_resume_command_that_works(shards, tmp_path, capsys):
+    torch.manual_seed(0)
+    good = build_vit("vit_test_tiny")
+    teacher_path = export_encoder_safetensors(good, tmp_path / "teacher.safetensors")
+    out = tmp_path / "run"
+    assert train(args(shards, out, teacher_path, "train.max_steps=4", "train.log_every=2")) == 0
+    poisoned = build_vit("vit_test_tiny")
+    with torch.no_grad():
+        poisoned.norm.weight.fill_(float("nan"))
+    export_encoder_safetensors(poisoned, teacher_path)
+    err = _one_line_exit_2(capsys, args(shards, out, teacher_path, "train.max_steps=8", "train.log_every=2")
+                           + ["--resume", "auto"])
+    argv = shlex.split(err.split("half the peak learning rate: ", 1)[1])
+    assert argv[0] == "usjepa-train" and "--allow-changed" in argv and "--resume" in argv
+    export_encoder_safetensors(good, teacher_path)  # the data is fixed; the suggested command, as printed, runs
+    assert main(argv[1:]) == 0
+    resumed = load_checkpoint(latest_checkpoint(out))
+    assert resumed["step"] == 8 and resumed["config"]["optim"]["lr_peak"] == 5e-4  # tiny_cpu's 1e-3, halved
+
+
+def test_refused_pickle_never_suggests_weights_only_false(shards, teacher, tmp_path, capsys):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "PWNED"),)
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "usjepa-checkpoint", "x": Payload()}, evil)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(evil)
+    assert "system" in str(e.value) and "weights_only" not in str(e.value)
+    err = _one_line_exit_2(capsys, args(shards, tmp_path / "run", teacher) + ["--resume", str(evil)])
+    assert "refused" in err and "weights_only" not in err
+    assert not (tmp_path / "PWNED").exists()
+
+
+# ------------------------------------------------------------------------ 7. two ingests into one --out
+
+
+def test_second_ingest_into_the_same_out_says_locked_or_complete(tmp_path, monkeypatch):
+    """The second run starts just as the first finishes (while it removes its work folder): it must say
+    "locked" (or find the output complete), never fail on the folder vanishing under it, nor break the first."""
+    import shutil
+
+    from usjepa.ingest import pipeline
+    from usjepa.ingest.pipeline import IngestError, IngestOptions, run_ingest
+    from usjepa.ingest.sources import datasets_from_args
+    from usjepa.ingest.synthetic import make_synthetic_corpus
+
+    specs = datasets_from_args([str(make_synthetic_corpus(tmp_path / "raw", preset="tiny", seed=0))])
+    out = tmp_path / "out"
+    opts = IngestOptions(out=out, workers=1, progress=False)
+    real_rmtree, second = shutil.rmtree, []
+
+    def rmtree(path, *a, **kw):
+        if Path(path) == out / pipeline.WORK_DIR / "part-0-of-1" and not second:
+            second.append("started")
+            try:
+                second[0] = run_ingest(specs, opts)["timing"]
+            except IngestError as e:
+                second[0] = str(e)
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(pipeline.shutil, "rmtree", rmtree)
+    first = run_ingest(specs, opts)
+    assert first["summary"]["frames"] > 0
+    assert "locked" in str(second[0]) or second[0].get("already_complete"), second
+    assert run_ingest(specs, opts)["timing"]["already_complete"]
