@@ -26,7 +26,8 @@ Labels (``labels``):
 * ``regex:<pattern>``: searched in the file name; the label is the first capture group (or the whole
   match), None where it does not match — e.g. ``regex:^(Cov|Pneu|Reg|Vir)_`` for POCUS's name prefixes;
 * ``csv:<file>``: a CSV (relative to the dataset list's folder) with a header holding ``path`` (relative
-  to the dataset root; or ``file``, a bare file name) and ``label``; files it does not list get None.
+  to the dataset root) and ``label``, read by ``usjepa.ingest.labels.read_label_rows`` (the probe's CSV
+  reader too); files it does not list get None.
 
 Splits (``assign_splits``): a group is in validation when ``split_of_group`` says so (sha1 of the group),
 and a dataset with at least ``MIN_GROUPS_FOR_VAL`` groups of which the hash put none in validation gets its
@@ -35,7 +36,6 @@ group with the smallest split hash moved there, so a large enough dataset is nev
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fnmatch
 import json
@@ -46,6 +46,7 @@ from pathlib import Path
 
 import yaml
 
+from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows
 from usjepa.ingest.readers import kind_of
 from usjepa.shards.format import DEFAULT_VAL_FRACTION, dataset_slug, split_of_group, stable_unit_hash
 
@@ -142,9 +143,9 @@ def _check_labels(labels: str, base: Path, where: str) -> str:
     kind, _, arg = labels.partition(":")
     if kind == "regex" and arg:
         try:
-            re.compile(arg)
-        except re.error as e:
-            raise ValueError(f"{where}: labels regex {arg!r} does not compile: {e}") from None
+            compile_label_pattern(arg)
+        except LabelError as e:
+            raise ValueError(f"{where}: labels {e}") from None
         return labels
     if kind == "csv" and arg:
         p = Path(arg) if Path(arg).is_absolute() else (base / arg)
@@ -159,31 +160,18 @@ class _Labeller:
 
     def __init__(self, labels: str):
         self.kind, _, arg = labels.partition(":")
-        self.pattern = re.compile(arg) if self.kind == "regex" else None
-        self.by_path: dict[str, str] = {}
-        self.by_name: dict[str, str] = {}
-        if self.kind == "csv":
-            with open(arg, newline="") as f:
-                reader = csv.DictReader(f)
-                cols = set(reader.fieldnames or ())
-                if "label" not in cols or not cols & {"path", "file"}:
-                    raise ValueError(f"labels csv {arg}: needs a header with 'label' and 'path' (or 'file')")
-                for row in reader:
-                    if row.get("path"):
-                        self.by_path[Path(row["path"]).as_posix()] = row["label"]
-                    if row.get("file"):
-                        self.by_name[row["file"]] = row["label"]
+        self.pattern = compile_label_pattern(arg) if self.kind == "regex" else None
+        # CSV paths are relative to the dataset root, compared as normalised relative paths
+        self.by_path = {row.rel: row.label for row in read_label_rows(arg)} if self.kind == "csv" else {}
 
     def __call__(self, rel: str) -> str | None:
-        name = rel.rsplit("/", 1)[-1]
         if self.kind == "folder":
             parts = rel.split("/")
             return parts[0] if len(parts) > 1 else None
         if self.kind == "regex":
-            m = self.pattern.search(name)
-            return None if m is None else (m.group(1) if m.groups() else m.group(0))
+            return label_from_name(rel.rsplit("/", 1)[-1], self.pattern)
         if self.kind == "csv":
-            return self.by_path.get(rel) or self.by_name.get(name) or None
+            return self.by_path.get(rel)
         return None
 
 

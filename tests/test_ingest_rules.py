@@ -147,7 +147,7 @@ def test_labels_regex_and_csv(tmp_path):
             load_dataset_list(_write_list(tmp_path, {"name": "pocus", "root": "pocus", "labels": bad}))
     (tmp_path / "nolabel.csv").write_text("path,class\nvideos/Cov_a.avi,covid\n")
     specs = load_dataset_list(_write_list(tmp_path, {"name": "pocus", "root": "pocus", "labels": "csv:nolabel.csv"}))
-    with pytest.raises(ValueError, match="header"):
+    with pytest.raises(ValueError, match="missing column"):
         list_sources(specs)
 
 

@@ -232,15 +232,13 @@ def test_closed_form_gradients_match_autograd():
     assert torch.allclose(gw, w.grad) and torch.allclose(gb, b.grad)
 
 
-def test_videos_in_class_folders_are_skipped_with_a_warning(tmp_path, caplog):
+def test_files_that_are_not_images_videos_or_volumes_are_not_probed(tmp_path):
     for c in ("a", "b"):
         for k in range(3):
             _touch_png(tmp_path / c / f"{c}{k}.png")
-        (tmp_path / c / f"{c}_clip.mp4").write_bytes(b"not probed")
-    with caplog.at_level("WARNING"):
-        ds = load_labelled(tmp_path)
+        (tmp_path / c / "notes.txt").write_text("not probed")
+    ds = load_labelled(tmp_path)
     assert len(ds.items) == 6
-    assert "skipped 2 video/volume file(s)" in caplog.text
     with pytest.raises(LabelledDataError, match="no labelled images"):
         load_labelled(tmp_path / "a")  # a folder whose sub-folders hold no images
 
@@ -252,3 +250,99 @@ def test_markdown_columns_rank_best_bold_second_underlined():
              "d": None}
     out = _ranked_column(cells)
     assert out == {"a": "50.0 ± 1.0", "b": "**70.0 ± 2.0**", "c": "<u>60.0 ± 0.0</u>", "d": "–"}
+
+
+def test_collapsed_seeds_are_flagged_never_ranked_and_zero_spread_is_named():
+    from usjepa.probe.report import _ranked_column
+    from usjepa.probe.run import score_seeds
+
+    class Majority:  # predicts class 0 for everything: the collapse the report must not rank
+        seeds = [0, 1]
+
+        def predict(self, x):
+            return np.zeros((2, len(x)), dtype=np.int64)
+
+    y = np.array([0] * 8 + [1, 2])
+    per_seed = score_seeds(Majority(), np.zeros((10, 4)), y, 3, with_training_info=False)
+    assert all(s["degenerate"] and s["top_class_share"] == 1.0 for s in per_seed)
+    cells = {"collapsed": {"mean": 0.9, "std": 0.0, "n_seeds": 5, "degenerate": 5},
+             "real": {"mean": 0.6, "std": 0.05, "n_seeds": 5, "degenerate": 0},
+             "same": {"mean": 0.5, "std": 0.0, "n_seeds": 5, "degenerate": 0}}
+    out = _ranked_column(cells)
+    assert out["collapsed"] == "90.0 ± 0 (=) ⚠5/5"  # highest mean, but neither bold nor underlined
+    assert out["real"] == "**60.0 ± 5.0**" and out["same"] == "<u>50.0 ± 0 (=)</u>"
+
+
+# ------------------------------------------------------------------------------ normalisation, logreg
+
+
+def test_standardised_probe_and_logreg_both_solve_separable_badly_scaled_features():
+    from usjepa.probe.logreg import train_logreg_probes
+
+    xa, ya = _blobs(70, 3, 16, sep=6.0, seed=10)
+    order = torch.randperm(len(ya), generator=torch.Generator().manual_seed(0))
+    (x, y), (xv, yv), (xt, yt) = ((xa[order[a:b]], ya[order[a:b]]) for a, b in ((0, 120), (120, 150), (150, 210)))
+    scale = torch.logspace(-3, -1, 16)  # an encoder with tiny class differences on a large offset
+    shift = 50.0
+    x, xv, xt = (a * scale + shift for a in (x, xv, xt))
+    cfg = ProbeConfig(max_epochs=60, patience=10)
+    lin = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2], cfg=cfg)
+    lr = train_logreg_probes(x, y, xv, yv, 3, seeds=[0, 1, 2])
+    for fitted in (lin, lr):
+        preds = fitted.predict(xt)
+        assert min(macro_f1(yt.numpy(), p, 3) for p in preds) >= 0.95
+    raw = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2], cfg=cfg, normalise=False)
+    assert max(macro_f1(yt.numpy(), p, 3) for p in raw.predict(xt)) < 0.95  # what normalising fixes
+
+
+def test_standardisation_is_folded_into_the_kept_weights():
+    xa, ya = _blobs(20, 3, 8, sep=1.5, seed=20)
+    x, y, xv, yv = xa[::2] * 7 + 3, ya[::2], xa[1::2] * 7 + 3, ya[1::2]
+    cfg = ProbeConfig(max_epochs=8, patience=100)
+    probes = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1], cfg=cfg)
+    mean, std = x.double().mean(0).float(), x.double().std(0, unbiased=False).float()
+    z = train_linear_probes((x - mean) / std, y, (xv - mean) / std, yv, 3, seeds=[0, 1], cfg=cfg, normalise=False)
+    assert torch.allclose(probes.logits(xv), z.logits((xv - mean) / std), atol=1e-4)
+    # few-shot: each seed standardises with the rows it trains on
+    subsets = [stratified_subset(y.numpy(), 0.4, s) for s in (0, 1)]
+    fs = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1], cfg=cfg, subsets=subsets)
+    for k in (0, 1):
+        rows = torch.as_tensor(subsets[k])
+        m, s = x[rows].double().mean(0).float(), x[rows].double().std(0, unbiased=False).float()
+        one = train_linear_probes((x - m) / s, y, (xv - m) / s, yv, 3, seeds=[[0, 1][k]], cfg=cfg,
+                                  subsets=[subsets[k]], normalise=False)
+        assert torch.allclose(fs.logits(xv)[k], one.logits((xv - m) / s)[0], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ leakage
+
+
+def test_sources_and_groups_unite_into_split_units(tmp_path):
+    rows = []
+    for p in range(12):
+        label = "abc"[p % 3]
+        for v in range(2):  # two videos per patient, two rows (frames) per video
+            rel = f"p{p:02d}_video{v}.png"
+            _touch_png(tmp_path / rel)
+            rows += [{"path": rel, "label": label, "group": f"patient{p}", "frame": f} for f in (0, 5)]
+    ds = load_labelled(_write_csv(tmp_path, rows))
+    assert len(ds.items) == 24  # the two frame rows of each file are one item
+    assert ds.leakage == {"sources": 24, "groups": 12, "sources_in_two_splits": 0, "groups_in_two_splits": 0,
+                          "examples": []}
+    # without a group column the files are still their own units; with a pattern, patients are
+    rows_no_group = [{k: v for k, v in r.items() if k != "group"} for r in rows]
+    ds2 = load_labelled(_write_csv(tmp_path, rows_no_group), group_pattern=r"^(p\d+)_")
+    by_patient: dict[str, set] = {}
+    for it in ds2.items:
+        by_patient.setdefault(it.rel[:3], set()).add(it.split)
+    assert all(len(s) == 1 for s in by_patient.values())
+
+
+def test_a_file_in_two_groups_joins_them():
+    from usjepa.probe.data import LabelledItem, split_units
+
+    def item(src, grp):
+        return LabelledItem(path=Path(src), rel=src, label="a", kind="still", source=src, group=grp)
+
+    units = split_units([item("x.png", "g1"), item("x.png", "g2"), item("y.png", "g2"), item("z.png", "g3")])
+    assert units[0] == units[1] == units[2] != units[3]

@@ -45,8 +45,8 @@ def labelled_roots(datasets_yaml: Path) -> dict[str, Path]:
         root = Path(e["root"])
         if not root.is_absolute():
             root = datasets_yaml.parent / root
-        # folder-per-class stills: class sub-folders holding image files
-        if e.get("kind", "stills") in ("stills", "images", "image") and root.is_dir():
+        # folder-per-class: class sub-folders holding stills, videos (K frames each) or volumes (K slices)
+        if e.get("kind", "stills") in ("stills", "images", "image", "video", "volume") and root.is_dir():
             out[e["name"]] = root
     return out
 

@@ -1,26 +1,36 @@
-"""Labelled image sets for probing: readers, grouped stratified splits, and the checks that make them usable.
+"""Labelled data for probing: readers, leak-proof grouped splits, and the checks that make a set usable.
 
-Three layouts are read (``load_labelled`` picks by what it finds):
+An item is one labelled *source* — a still image, a video, a volume, or the frames of one source inside
+ingest's shards — with the frames to take from it (``frames``: explicit indices, or ``None`` for the one
+image of a still and ``frames_per_video`` evenly spaced frames of a video or volume). Features are
+extracted per frame (``features.py``); splits are made per item, so frames of one source can never land in
+two splits. Layouts read (``load_labelled`` picks by what it finds):
 
-* folder-per-class: ``ROOT/<class>/**/<image>``; files whose stem ends in ``_mask`` (or ``_mask_<n>``),
-  like BUSI's lesion masks, are not images to probe;
-* CSV (``ROOT/labels.csv`` or a ``.csv`` path): columns ``path,label[,split][,group]``, paths relative to
-  the CSV's folder;
-* UltraBench's processed format: ``train_val.json`` / ``train.json`` / ``validation.json`` / ``test.json``,
-  each a list of ``{"image", "label", "class"|"pathology"|..., "patient"|"source", "scan_mask"}``.
+* folder-per-class: ``ROOT/<class>/**/<file>``, stills, videos and volumes (symlinked files and folders are
+  followed); files whose stem matches ``exclude`` (BUSI's ``*_mask.png`` lesion masks) are not probed;
+* file-name labels: ``label_pattern`` searched in every file name under ROOT (``'^(Cov|Pneu|Reg)'``); files
+  that do not match are left out (counted in the log);
+* CSV (``ROOT/labels.csv`` or a ``.csv`` path): ``path,label[,split][,group][,frame]`` (``usjepa.ingest.labels``);
+* ingest's shards (``ROOT/manifest.json``): the samples whose metadata carries a label; group and source
+  from the metadata; with several datasets in one manifest the classes are ``<dataset>/<label>``;
+* UltraBench's processed layout (``train_val.json`` / ``train.json`` / ``validation.json`` / ``test.json``,
+  at ROOT or in its one ``<task>_v<version>/`` folder): records with ``image``, ``label``, ``source`` or
+  ``patient``, ``scan_mask``; the test split is kept, validation is carved from ``train_val`` by group.
 
-Splits that the data does not carry are made here, by group (patient / video / file): a group never lands
-in two splits. Within each class the groups are ordered by a stable hash of their id and cut at the
-requested fractions, keeping at least one group per class in every split, so the split is the same on every
-run and machine and each class is present in train, val and test.
+Splitting: items sharing a source or a group (patient / video: CSV ``group`` column, UltraBench
+``patient``/``source``, shard metadata ``group``, or the first capture group of ``group_pattern`` on the
+relative path) form one unit; units are stratified by their majority class, ordered by a stable hash of
+their id, and cut at the requested fractions with at least one unit per class in every split. The same data
+gives the same split on every run and machine. ``leakage_check`` counts sources and groups found in two
+splits; for made splits it is 0 by construction, a source straddling given splits is an error.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
+import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -28,21 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
-from usjepa.shards.format import resolve_in_root, stable_unit_hash
+from usjepa.ingest.readers import file_ext, kind_of
+from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows, relative_inside
+from usjepa.shards.format import stable_unit_hash
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TRAIN_VAL = "train_val"  # a split the data names but does not divide (UltraBench's train_val.json)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-NOT_STILL_SUFFIXES = (".mp4", ".avi", ".mov", ".mpeg", ".mpg", ".gif", ".m4v", ".nii", ".nii.gz", ".nrrd", ".mha",
-                      ".dcm")
 DEFAULT_EXCLUDE = r"_mask(_\d+)?$"  # matched against the file stem (BUSI lesion masks)
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
+DEFAULT_FRAMES_PER_VIDEO = 16
 UB_FILES = {"train_val.json": TRAIN_VAL, "train.json": "train", "validation.json": "val", "val.json": "val",
             "test.json": "test"}
 UB_CLASS_KEYS = ("class", "pathology", "diagnosis", "organ", "region", "category")
-UB_GROUP_KEYS = ("patient", "patient_id", "source", "video", "case")
+UB_GROUP_KEYS = ("patient", "patient_id", "case")  # across sources; the source itself is always a group too
+UB_SOURCE_KEYS = ("source", "video")
 
 
 class LabelledDataError(ValueError):
@@ -54,21 +65,38 @@ class TooFewSamplesError(LabelledDataError):
 
 
 @dataclass(frozen=True)
-class LabelledImage:
-    path: Path
+class ShardFrame:
+    """Where one preprocessed frame of a labelled source lies in ingest's shards."""
+
+    tar: str
+    frame: int
+    image: tuple[int, int]  # (data offset, size) of KEY.jpg
+    mask: tuple[int, int]  # of KEY.mask.png
+
+
+@dataclass(frozen=True)
+class LabelledItem:
+    path: Path  # the file (ROOT / rel, symlinks kept); for shard items the first tar holding it
+    rel: str  # path relative to the dataset root: names the item in reports, cache keys and noise seeds
     label: str
-    group: str
+    kind: str  # still | video | volume | shard
+    source: str  # the file the frames come from; never split across train/val/test
+    group: str  # patient / video id; the source when the data names none
     split: str | None = None  # train / val / test, TRAIN_VAL, or None when the data has no split
+    frames: tuple[int, ...] | None = None  # explicit frame indices; None: the still, or K evenly spaced
     scan_mask: Path | None = None  # a precomputed valid-region mask (UltraBench); otherwise USrc computes it
+    shard_frames: tuple[ShardFrame, ...] = ()
 
 
 @dataclass
 class LabelledSet:
     name: str
     root: Path
-    items: list[LabelledImage]
+    items: list[LabelledItem]
     classes: list[str]
     split_source: str = "given by the data"
+    grouping: str = "by source file"
+    leakage: dict = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False)
 
     def indices(self, split: str) -> np.ndarray:
@@ -78,15 +106,17 @@ class LabelledSet:
         pos = {c: i for i, c in enumerate(self.classes)}
         return np.array([pos[it.label] for it in self.items], dtype=np.int64)
 
-    def digest(self) -> str:
-        """Hash of what the probe sees: every file's bytes, its label, split and group (computed once)."""
+    def input_digest(self) -> str:
+        """What the features depend on: every input file's relative path, size and mtime, and the frames
+        asked of it (labels, splits and groups are not part of it: re-splitting reuses the features)."""
         if self._digest is None:
             h = hashlib.sha256()
             for it in self.items:
-                h.update(f"{it.path.relative_to(self.root)}\0{it.label}\0{it.split}\0{it.group}\0".encode())
-                h.update(_file_sha1(it.path).encode())
+                h.update(f"{it.rel}\0{it.kind}\0{it.frames}\0{_stat(it.path)}\0".encode())
                 if it.scan_mask is not None:
-                    h.update(_file_sha1(it.scan_mask).encode())
+                    h.update(f"mask:{_stat(it.scan_mask)}\0".encode())
+                for sf in it.shard_frames:
+                    h.update(f"{sf.tar}:{_stat(Path(sf.tar))}:{sf.frame}:{sf.image}:{sf.mask}\0".encode())
             self._digest = h.hexdigest()
         return self._digest
 
@@ -97,96 +127,186 @@ class LabelledSet:
         return out
 
 
-def _file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _stat(path: Path) -> str:
+    st = os.stat(path)  # follows symlinks: a replaced target invalidates the cache
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 # -------------------------------------------------------------------------------------------- readers
 
 
-def read_folder_per_class(root: Path, exclude: str | None = DEFAULT_EXCLUDE) -> list[LabelledImage]:
+def walk_files(root: Path) -> list[Path]:
+    """Every regular file under ``root``, symlinked files and folders followed (each real folder once)."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if not name.startswith(".") and p.is_file():
+                out.append(p)
+    return out
+
+
+def _item(root: Path, path: Path, label: str, **kw) -> LabelledItem:
+    rel = path.relative_to(root).as_posix()
+    kind = kind_of(path)
+    frames = kw.pop("frames", None)
+    if kind == "still":
+        frames = None
+    return LabelledItem(path=path, rel=rel, label=label, kind=kind, source=rel, group=kw.pop("group", None) or rel,
+                        frames=frames, **kw)
+
+
+def _probe_files(files: list[Path], exclude: str | None) -> list[Path]:
+    """The stills, videos and volumes among ``files`` whose stem does not match ``exclude``."""
     exclude_re = re.compile(exclude, re.IGNORECASE) if exclude else None
-    items, not_stills = [], []
+    return [p for p in files if kind_of(p) is not None
+            and (exclude_re is None or not exclude_re.search(p.name[:-len(file_ext(p))]))]
+
+
+def read_folder_per_class(root: Path, exclude: str | None = DEFAULT_EXCLUDE) -> list[LabelledItem]:
+    items = []
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for cdir in class_dirs:
-        for p in sorted(cdir.rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
-                continue
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                if p.name.lower().endswith(NOT_STILL_SUFFIXES):
-                    not_stills.append(p)
-                continue
-            if exclude_re is not None and exclude_re.search(p.stem):
-                continue
-            rel = p.relative_to(root).as_posix()
-            items.append(LabelledImage(path=p, label=cdir.name, group=rel))
-    if not_stills:
-        log.warning("%s: skipped %d video/volume file(s) (e.g. %s): the probe reads still images; extract "
-                    "labelled frames to image files (or a CSV with a group column per video) to probe them",
-                    root, len(not_stills), not_stills[0].name)
+        items += [_item(root, p, cdir.name) for p in _probe_files(walk_files(cdir), exclude)]
     if not items:
-        raise LabelledDataError(f"no labelled images under {root}: expected ROOT/<class>/<image> "
-                                f"({', '.join(IMAGE_SUFFIXES)}), a labels.csv, or UltraBench JSON files")
+        raise LabelledDataError(f"no labelled images, videos or volumes under {root}: expected ROOT/<class>/<file>, "
+                                f"a labels.csv, a manifest.json of labelled shards, UltraBench JSON files, "
+                                f"or a --label-pattern for labels in the file names")
     return items
 
 
-def read_csv_labels(csv_path: Path) -> list[LabelledImage]:
+def read_pattern_labels(root: Path, pattern: str, exclude: str | None = DEFAULT_EXCLUDE) -> list[LabelledItem]:
+    rx = compile_label_pattern(pattern)
+    items, unmatched = [], []
+    for p in _probe_files(walk_files(root), exclude):
+        label = label_from_name(p.name, rx)
+        if label is None:
+            unmatched.append(p.name)
+        else:
+            items.append(_item(root, p, label))
+    if unmatched:
+        log.info("%s: %d file(s) do not match the label pattern %r and are not probed (e.g. %s)",
+                 root, len(unmatched), pattern, unmatched[0])
+    if not items:
+        raise LabelledDataError(f"no file under {root} matches the label pattern {pattern!r}")
+    return items
+
+
+def read_csv_labels(csv_path: Path) -> list[LabelledItem]:
     root = csv_path.parent
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = {c.strip().lower(): c for c in (reader.fieldnames or [])}
-        missing = {"path", "label"} - cols.keys()
-        if missing:
-            raise LabelledDataError(f"{csv_path}: missing column(s) {sorted(missing)}; "
-                                    f"expected path,label[,split][,group]")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            rel = (row[cols["path"]] or "").strip()
-            label = (row[cols["label"]] or "").strip()
-            if not rel or not label:
-                raise LabelledDataError(f"{csv_path}:{line}: empty path or label")
-            split = (row[cols["split"]] or "").strip().lower() if "split" in cols else ""
-            if split in ("validation", "valid"):
-                split = "val"
-            if split and split not in SPLITS + (TRAIN_VAL,):
-                raise LabelledDataError(f"{csv_path}:{line}: split {split!r} is not one of {SPLITS}")
-            group = (row[cols["group"]] or "").strip() if "group" in cols else ""
-            path = resolve_in_root(root, rel)
-            if not path.is_file():
-                raise LabelledDataError(f"{csv_path}:{line}: image {rel!r} not found")
-            items.append(LabelledImage(path=path, label=label, group=group or rel, split=split or None))
-    if not items:
-        raise LabelledDataError(f"{csv_path}: no rows")
+    rows = read_label_rows(csv_path)
+    merged: dict[tuple, list] = {}  # rows of one (file, label, split, group) -> one item with their frames
+    for r in rows:
+        if not r.path.is_file():
+            raise LabelledDataError(f"{csv_path}:{r.line}: file {r.rel!r} not found")
+        if kind_of(r.path) is None:
+            raise LabelledDataError(f"{csv_path}:{r.line}: {r.rel!r} is not an image, video or volume file")
+        merged.setdefault((r.rel, r.label, r.split, r.group), []).append(r)
+    items = []
+    for (rel, label, split, group), rs in merged.items():
+        frames = tuple(sorted({r.frame for r in rs if r.frame is not None})) or None
+        items.append(_item(root, rs[0].path, label, split=split, group=group, frames=frames))
     return items
 
 
-def read_ultrabench(root: Path) -> list[LabelledImage]:
+def _ultrabench_dir(root: Path) -> Path | None:
+    if any((root / f).is_file() for f in UB_FILES):
+        return root
+    subs = [d for d in sorted(root.iterdir()) if d.is_dir() and any((d / f).is_file() for f in UB_FILES)]
+    if len(subs) > 1:
+        raise LabelledDataError(f"{root} holds several UltraBench datasets ({', '.join(d.name for d in subs)}): "
+                                f"name one of them")
+    return subs[0] if subs else None
+
+
+def read_ultrabench(root: Path) -> list[LabelledItem]:
     items = []
     for fname, split in UB_FILES.items():
         fpath = root / fname
         if not fpath.is_file():
             continue
-        entries = json.loads(fpath.read_text())
+        try:
+            entries = json.loads(fpath.read_text())
+        except json.JSONDecodeError as e:
+            raise LabelledDataError(f"{fpath}: not valid JSON ({e})") from e
         if not isinstance(entries, list):
             raise LabelledDataError(f"{fpath}: expected a JSON array of examples")
         for k, e in enumerate(entries):
+            where = f"{fpath}[{k}]"
             if not isinstance(e, dict) or "image" not in e or "label" not in e:
-                raise LabelledDataError(f"{fpath}[{k}]: an example needs 'image' and 'label'")
+                raise LabelledDataError(f"{where}: an example needs 'image' and 'label'")
+            try:
+                number = int(e["label"])
+            except (TypeError, ValueError):
+                raise LabelledDataError(f"{where}: label {e['label']!r} is not an integer") from None
             name = next((str(e[key]) for key in UB_CLASS_KEYS if key in e), None)
-            label = f"{int(e['label'])}:{name}" if name is not None else str(int(e["label"]))
-            group = next((str(e[key]) for key in UB_GROUP_KEYS if key in e), str(e["image"]))
-            path = resolve_in_root(root, str(e["image"]))
+            label = f"{number}:{name}" if name is not None else str(number)
+            path = relative_inside(root, str(e["image"]), where)
             if not path.is_file():
-                raise LabelledDataError(f"{fpath}[{k}]: image {e['image']!r} not found")
-            mask = resolve_in_root(root, str(e["scan_mask"])) if e.get("scan_mask") else None
+                raise LabelledDataError(f"{where}: image {e['image']!r} not found")
+            mask = relative_inside(root, str(e["scan_mask"]), where) if e.get("scan_mask") else None
             if mask is not None and not mask.is_file():
+                log.warning("%s: scan mask %r not found; the USrc mask is computed instead", where, e["scan_mask"])
                 mask = None
-            items.append(LabelledImage(path=path, label=label, group=group, split=split, scan_mask=mask))
+            source = next((str(e[key]) for key in UB_SOURCE_KEYS if e.get(key) is not None), None)
+            patient = next((str(e[key]) for key in UB_GROUP_KEYS if e.get(key) is not None), None)
+            item = _item(root, path, label, split=split, scan_mask=mask)
+            items.append(replace(item, source=source or item.rel, group=patient or source or item.rel))
     return items
+
+
+def read_labelled_shards(root: Path, frames_per_video: int) -> list[LabelledItem]:
+    """Labelled samples of ingest's shards, one item per (dataset, source, label), K evenly spaced frames."""
+    from usjepa.shards.format import IMAGE_EXT, MASK_EXT, META_EXT, SampleMeta, load_manifest, read_index, read_member
+
+    manifest = load_manifest(root)
+    several = len(manifest["datasets"]) > 1  # "normal" of two anatomies are two classes: name them by dataset
+    frames: dict[tuple[str, str, str], list] = defaultdict(list)
+    groups: dict[tuple[str, str, str], str] = {}
+    unlabelled = 0
+    for shard in manifest["shards"]:
+        idx = read_index(shard["abs_index"], tar_size=os.path.getsize(shard["abs_path"]))
+        with open(shard["abs_path"], "rb") as f:
+            for i in range(len(idx)):
+                meta = SampleMeta.from_json(read_member(f, idx.offsets[META_EXT][i], idx.sizes[META_EXT][i]))
+                if meta.label is None:
+                    unlabelled += 1
+                    continue
+                key = (meta.dataset, meta.source, f"{meta.dataset}/{meta.label}" if several else meta.label)
+                groups[key] = f"{meta.dataset}/{meta.group}"
+                frames[key].append(ShardFrame(
+                    tar=shard["abs_path"], frame=meta.frame,
+                    image=(int(idx.offsets[IMAGE_EXT][i]), int(idx.sizes[IMAGE_EXT][i])),
+                    mask=(int(idx.offsets[MASK_EXT][i]), int(idx.sizes[MASK_EXT][i]))))
+    if not frames:
+        raise LabelledDataError(f"{root}: the shards hold no labelled sample ({unlabelled} unlabelled): ingest "
+                                f"the labelled set with labels (class folders or `labels:` in the dataset YAML)")
+    if unlabelled:
+        log.info("%s: %d unlabelled shard sample(s) are not probed", root, unlabelled)
+    items = []
+    for (dataset, source, label), fs in sorted(frames.items()):
+        fs = sorted(fs, key=lambda s: s.frame)
+        picked = tuple(fs[i] for i in evenly_spaced(len(fs), frames_per_video))
+        rel = f"{dataset}/{source}"
+        items.append(LabelledItem(path=Path(picked[0].tar), rel=rel, label=label, kind="shard", source=rel,
+                                  group=groups[(dataset, source, label)], frames=tuple(s.frame for s in picked),
+                                  shard_frames=picked))
+    return items
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` positions spread evenly over ``range(n)``, first and last included (all of them when n ≤ k)."""
+    if n <= k:
+        return list(range(n))
+    if k == 1:
+        return [n // 2]
+    return sorted({int(round(i * (n - 1) / (k - 1))) for i in range(k)})
 
 
 def _class_order(labels: list[str]) -> list[str]:
@@ -201,127 +321,184 @@ def _class_order(labels: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------- splits
 
 
-def group_by_pattern(items: list[LabelledImage], root: Path, pattern: str) -> list[LabelledImage]:
+def group_by_pattern(items: list[LabelledItem], pattern: str) -> list[LabelledItem]:
     """Group id = the first capture group (or the whole match) of ``pattern`` searched in the relative path."""
-    rx = re.compile(pattern)
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise LabelledDataError(f"group pattern {pattern!r} is not a valid regular expression: {e}") from e
     out = []
     for it in items:
-        rel = it.path.relative_to(root).as_posix()
-        m = rx.search(rel)
+        m = rx.search(it.rel)
         if m is None:
-            raise LabelledDataError(f"{rel!r} does not match the group pattern {pattern!r}")
+            raise LabelledDataError(f"{it.rel!r} does not match the group pattern {pattern!r}")
         out.append(replace(it, group=m.group(1) if rx.groups else m.group(0)))
     return out
 
 
-def assign_splits(items: list[LabelledImage], fractions=DEFAULT_FRACTIONS, salt: str = "probe") -> list[LabelledImage]:
-    """Give every item without a final split one, by group, stratified by class, stable across runs.
+def split_units(items: list[LabelledItem]) -> list[int]:
+    """Unit id per item: items sharing a source or a group are one unit (union-find), so a patient's videos
+    and a video's frames always land in one split, whatever the groups say."""
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, it in enumerate(items):
+        for key in (("source", it.source), ("group", it.group)):
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    return [find(i) for i in range(len(items))]
+
+
+def assign_splits(items: list[LabelledItem], fractions=DEFAULT_FRACTIONS, salt: str = "probe") -> list[LabelledItem]:
+    """Give every item without a final split one, by unit (``split_units``), stratified by class, stable.
 
     Items with split None may go to train/val/test; items marked TRAIN_VAL only to train/val (the data
-    fixed their test set). A group whose items disagree on what is fixed is an error.
+    fixed their test set); items with a given split keep it. A unit mixing None and TRAIN_VAL is an error.
     """
     f = np.asarray(fractions, dtype=float)
-    if f.shape != (3,) or (f < 0).any() or f[0] <= 0 or f[1] <= 0 or f.sum() <= 0:
+    if f.shape != (3,) or (f < 0).any() or f[0] <= 0 or f[1] <= 0:
         raise LabelledDataError(f"split fractions must be three non-negative numbers (train, val, test) "
-                                f"with train and val > 0, got {fractions}")
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        if it.split not in SPLITS:
-            groups[it.group].append(i)
-    fixed = {it.group: it.split for it in items if it.split in SPLITS}
+                                f"with train and val > 0, got {list(fractions)}")
+    free = [i for i, it in enumerate(items) if it.split not in SPLITS]
+    unit_of = split_units([items[i] for i in free])
+    units: dict[int, list[int]] = defaultdict(list)
+    for i, u in zip(free, unit_of):
+        units[u].append(i)
     out = list(items)
-    # Groups by (allowed splits, majority class); each bucket is cut independently.
-    buckets: dict[tuple[str | None, str], list[str]] = defaultdict(list)
-    for g, idx in groups.items():
+    buckets: dict[tuple[str | None, str], list[tuple[str, int]]] = defaultdict(list)
+    for u, idx in units.items():
         kinds = {items[i].split for i in idx}
         if len(kinds) > 1:
-            raise LabelledDataError(f"group {g!r} mixes examples with different split markings "
+            raise LabelledDataError(f"group {items[idx[0]].group!r} mixes examples with different split markings "
                                     f"{sorted(map(str, kinds))}")
-        if g in fixed:
-            raise LabelledDataError(f"group {g!r} has examples already in split {fixed[g]!r} "
-                                    f"and examples without one")
         majority = Counter(items[i].label for i in idx).most_common()
         top = min(lab for lab, n in majority if n == majority[0][1])
-        buckets[(kinds.pop(), top)].append(g)
-    for (kind, label), gs in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        gs.sort(key=lambda g: (stable_unit_hash(f"{salt}\0{g}"), g))
-        n = len(gs)
-        if kind == TRAIN_VAL:
-            fr = np.array([f[0], f[1], 0.0]) / (f[0] + f[1])
-        else:
-            fr = f / f.sum()
+        name = min(f"{items[i].group}\0{items[i].source}" for i in idx)  # stable id of the unit
+        buckets[(kinds.pop(), top)].append((name, u))
+    for (kind, label), members in sorted(buckets.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+        members.sort(key=lambda m: (stable_unit_hash(f"{salt}\0{m[0]}"), m[0]))
+        n = len(members)
+        fr = np.array([f[0], f[1], 0.0]) / (f[0] + f[1]) if kind == TRAIN_VAL else f / f.sum()
         need = [s for s, x in zip(SPLITS, fr) if x > 0]
         if n < len(need):
             where = "train and val" if kind == TRAIN_VAL else "train, val and test"
             raise TooFewSamplesError(
-                f"class {label!r} has only {n} group(s) (patients/videos/files) to split into {where}; "
-                f"it needs at least {len(need)}: add examples or drop the class")
+                f"class {label!r} has only {n} independent source(s)/group(s) (patients/videos/files) to split "
+                f"into {where}; it needs at least {len(need)}: add examples or leave the class out")
         n_test = max(1, int(round(n * fr[2]))) if fr[2] > 0 else 0
         n_val = max(1, int(round(n * fr[1])))
-        while n_test + n_val > n - 1:  # keep a training group: shrink the larger held-out part
+        while n_test + n_val > n - 1:  # keep a training unit: shrink the larger held-out part
             if n_test > n_val or (n_test == n_val and n_test > 1):
                 n_test -= 1
             else:
                 n_val -= 1
-        cuts = {"test": gs[:n_test], "val": gs[n_test:n_test + n_val], "train": gs[n_test + n_val:]}
-        for split, members in cuts.items():
-            for g in members:
-                for i in groups[g]:
+        cuts = {"test": members[:n_test], "val": members[n_test:n_test + n_val], "train": members[n_test + n_val:]}
+        for split, ms in cuts.items():
+            for _, u in ms:
+                for i in units[u]:
                     out[i] = replace(out[i], split=split)
     return out
 
 
-def check_splits(items: list[LabelledImage], classes: list[str]) -> None:
-    """Every class in every split (a probe can neither learn nor be scored on an absent class)."""
-    present = {(it.split, it.label) for it in items}
-    missing = [(c, s) for c in classes for s in SPLITS if (s, c) not in present]
-    if missing:
-        counts = Counter((it.label, it.split) for it in items)
-        c, s = missing[0]
-        have = ", ".join(f"{sp}={counts[(c, sp)]}" for sp in SPLITS)
-        raise TooFewSamplesError(f"class {c!r} has no example in the {s!r} split ({have}); every class needs "
-                                 f"at least one example in train, val and test")
-    by_group: dict[str, set[str]] = defaultdict(set)
+def check_sources_in_one_split(items: list[LabelledItem]) -> None:
+    """Frames of one source share one split marking (or none), whatever the labels file says."""
+    marks: dict[str, set] = defaultdict(set)
     for it in items:
-        by_group[it.group].add(it.split)
-    straddling = [g for g, s in by_group.items() if len(s) > 1]
-    if straddling:
-        log.warning("%d group(s) appear in more than one split as the data gives them (e.g. %r)",
-                    len(straddling), straddling[0])
+        marks[it.source].add(it.split)
+    for source, m in marks.items():
+        if len(m) > 1:
+            raise LabelledDataError(f"source {source!r} has examples marked {sorted(map(str, m))}: frames of one "
+                                    f"video / volume / file must all be in one split (or none, to let the "
+                                    f"probe split them)")
+
+
+def leakage_check(items: list[LabelledItem]) -> dict:
+    """How many sources and groups have items in more than one split (0 and 0 for a leak-free split)."""
+    def straddling(key) -> list[str]:
+        where: dict[str, set] = defaultdict(set)
+        for it in items:
+            where[key(it)].add(it.split)
+        return sorted(g for g, s in where.items() if len(s) > 1)
+
+    sources, groups = straddling(lambda it: it.source), straddling(lambda it: it.group)
+    return {"sources": len({it.source for it in items}), "groups": len({it.group for it in items}),
+            "sources_in_two_splits": len(sources), "groups_in_two_splits": len(groups),
+            "examples": (sources + groups)[:3]}
+
+
+def check_class_counts(classes: list[str], counts: dict[str, dict[str, int]], what: str = "example") -> None:
+    """Every class in every split: a probe can neither learn nor be scored on an absent class."""
+    for c in classes:
+        for s in SPLITS:
+            if counts[s][c] < 1:
+                have = ", ".join(f"{sp}={counts[sp][c]}" for sp in SPLITS)
+                raise TooFewSamplesError(f"class {c!r} has no {what} in the {s!r} split ({have}); every class "
+                                         f"needs at least one in train, val and test")
 
 
 def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: str | None = None,
-                  fractions=DEFAULT_FRACTIONS, exclude: str | None = DEFAULT_EXCLUDE) -> LabelledSet:
-    """Read a labelled set (folder-per-class, CSV, or UltraBench JSON) and complete its splits."""
-    root = Path(root)
-    if root.is_file() and root.suffix.lower() == ".csv":
-        items, base = read_csv_labels(root), root.parent
-    elif not root.is_dir():
-        raise LabelledDataError(f"labelled data {root} is neither a folder nor a .csv file")
-    elif (root / "labels.csv").is_file():
-        items, base = read_csv_labels(root / "labels.csv"), root
-    elif any((root / f).is_file() for f in UB_FILES):
-        items, base = read_ultrabench(root), root
-    else:
-        items, base = read_folder_per_class(root, exclude), root
-    base = base.resolve()
-    items = [replace(it, path=it.path.resolve()) for it in items]
+                  label_pattern: str | None = None, fractions=DEFAULT_FRACTIONS,
+                  exclude: str | None = DEFAULT_EXCLUDE,
+                  frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO) -> LabelledSet:
+    """Read a labelled set (see the module docstring for the layouts) and complete its splits."""
+    if frames_per_video < 1:
+        raise LabelledDataError(f"frames per video must be ≥ 1, got {frames_per_video}")
+    root = Path(os.path.abspath(Path(root).expanduser()))  # absolute, symlinks kept (relative paths stay valid)
+    try:
+        items, base = _read_any(root, label_pattern, exclude, frames_per_video)
+    except LabelError as e:
+        raise LabelledDataError(str(e)) from e
+    except re.error as e:
+        raise LabelledDataError(f"exclude pattern {exclude!r} is not a valid regular expression: {e}") from e
     if group_pattern:
-        items = group_by_pattern(items, base, group_pattern)
+        items = group_by_pattern(items, group_pattern)
+    check_sources_in_one_split(items)
     splits = {it.split for it in items}
     if splits <= set(SPLITS) and "val" not in splits and "train" in splits:
-        # Train and test given, no validation set (GBCU, MMOTU): carve val out of train, by group.
+        # Train and test given, no validation set (GBCU, MMOTU): carve val out of train, by unit.
         items = [replace(it, split=TRAIN_VAL) if it.split == "train" else it for it in items]
+    grouping = "by source file (video / volume / image)"
+    named = {it.group for it in items} != {it.source for it in items}
+    if group_pattern:
+        grouping += f" and by group pattern {group_pattern!r} on the relative path"
+    elif named:
+        grouping += " and by the data's groups (patient / video)"
     split_source = "given by the data"
     if any(it.split not in SPLITS for it in items):
         made = "val carved from train" if all(it.split in (TRAIN_VAL, "test") for it in items) else "train/val/test"
-        grouping = (f"groups from pattern {group_pattern!r}" if group_pattern
-                    else "groups from the data (else one per file)")
-        split_source = f"{made} made here: {grouping}, stratified by class, stable hash"
-        items = assign_splits(items, fractions)
+        split_source = f"{made} made here, stratified by class, stable hash"
+    items = assign_splits(items, fractions)
     classes = _class_order([it.label for it in items])
     if len(classes) < 2:
-        raise LabelledDataError(f"{root}: a probe needs at least two classes, found {classes}")
-    check_splits(items, classes)
-    return LabelledSet(name=name or (root.stem if root.is_file() else root.name), root=base, items=items,
-                       classes=classes, split_source=split_source)
+        raise LabelledDataError(f"{root}: a probe needs at least two classes, found {classes or 'none'}")
+    leak = leakage_check(items)
+    if leak["groups_in_two_splits"]:
+        log.warning("%s: %d group(s) appear in more than one split as the data gives them (e.g. %r)",
+                    root, leak["groups_in_two_splits"], leak["examples"][0])
+    data = LabelledSet(name=name or (root.stem if root.is_file() else root.name), root=base, items=items,
+                       classes=classes, split_source=split_source, grouping=grouping, leakage=leak)
+    check_class_counts(classes, data.counts())
+    return data
+
+
+def _read_any(root: Path, label_pattern, exclude, frames_per_video) -> tuple[list[LabelledItem], Path]:
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return read_csv_labels(root), root.parent
+    if not root.is_dir():
+        raise LabelledDataError(f"labelled data {root} is neither a folder nor a .csv file")
+    if label_pattern:
+        return read_pattern_labels(root, label_pattern, exclude), root
+    if (root / "labels.csv").is_file():
+        return read_csv_labels(root / "labels.csv"), root
+    if (root / "manifest.json").is_file():
+        return read_labelled_shards(root, frames_per_video), root
+    ub = _ultrabench_dir(root)
+    if ub is not None:
+        return read_ultrabench(ub), ub
+    return read_folder_per_class(root, exclude), root

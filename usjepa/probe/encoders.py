@@ -72,8 +72,11 @@ class ProbeEncoder:
         return p.device if p is not None else torch.device("cpu")
 
     @torch.inference_mode()
-    def pooled_features(self, images_u8: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
-        """uint8 ``[B, H, W]`` (already ``img_size``²) -> float32 ``[B, D]`` pooled after the final norm."""
+    def pooled_features(self, images_u8: torch.Tensor, pooling: str = "mean", precision: str = "fp32") -> torch.Tensor:
+        """uint8 ``[B, H, W]`` (already ``img_size``²) -> float32 ``[B, D]`` pooled after the final norm.
+
+        ``precision="bf16"`` runs the encoder under bf16 autocast (matmuls in bf16, norms and the pooling
+        in fp32); ``"fp32"`` is exact."""
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         x = images_u8.to(self.device, torch.float32).div_(255.0).unsqueeze(1)
@@ -82,7 +85,8 @@ class ProbeEncoder:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
-        out = self.model.forward_features(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = self.model.forward_features(x)
         if out.ndim == 4:  # a convolutional timm model: [B, C, H, W]
             if pooling == "cls":
                 raise EncoderSpecError(f"{self.spec}: a convolutional model has no CLS token; use pooling 'mean'")
@@ -148,22 +152,32 @@ def _load_keyed(path: Path, key: str, arch) -> VisionTransformer:
     return model
 
 
+def _load_file(path: Path, key: str, arch: str | None) -> VisionTransformer:
+    if key:
+        return _load_keyed(path, key, arch)
+    try:
+        return load_encoder(path, arch)
+    except ValueError as e:
+        if arch is not None or "record" not in str(e):
+            raise
+        log.info("%s records no architecture; assuming %s (pass --arch to override)", path, DEFAULT_ARCH)
+        return load_encoder(path, DEFAULT_ARCH)
+
+
 def file_encoder(spec: str, arch: str | None = None) -> ProbeEncoder:
     path_s, _, key = spec.partition("#")
     path = Path(path_s).expanduser()
     if not path.is_file():
         raise EncoderSpecError(f"encoder weights file not found: {path} (spec {spec!r}); "
                                f"other forms: 'random:ARCH', 'timm:MODEL:PATH'")
-    if key:
-        model = _load_keyed(path, key, arch)
-    else:
-        try:
-            model = load_encoder(path, arch)
-        except ValueError as e:
-            if arch is not None or "record" not in str(e):
-                raise
-            log.info("%s records no architecture; assuming %s (pass --arch to override)", path, DEFAULT_ARCH)
-            model = load_encoder(path, DEFAULT_ARCH)
+    try:
+        model = _load_file(path, key, arch)
+    except EncoderSpecError:
+        raise
+    except (ValueError, KeyError, RuntimeError, OSError) as e:  # wrong shapes, foreign file, unreadable
+        text = " ".join(part.strip() for part in str(e).splitlines()) or type(e).__name__
+        text = text if len(text) <= 300 else text[:297] + "..."  # one readable line, not 200 key names
+        raise EncoderSpecError(f"cannot load encoder {spec!r}: {text}") from e
     identity = f"file:{file_sha256(path)}" + (f"#{key}" if key else "")
     return _ours(model, spec, identity, f"{path.name}{'#' + key if key else ''}, {_arch_name(model)}")
 
@@ -195,7 +209,10 @@ def timm_encoder(spec: str) -> ProbeEncoder:
 def load_probe_encoder(spec: str, arch: str | None = None, device: str | torch.device | None = None) -> ProbeEncoder:
     """Load an encoder from its spec (see the module docstring), frozen, in eval mode, on ``device``."""
     if spec.startswith("random:"):
-        enc = random_encoder(spec.split(":", 1)[1] or arch or DEFAULT_ARCH, spec)
+        try:
+            enc = random_encoder(spec.split(":", 1)[1] or arch or DEFAULT_ARCH, spec)
+        except (ValueError, KeyError) as e:
+            raise EncoderSpecError(f"{spec}: {e}") from e
     elif spec.startswith("timm:"):
         enc = timm_encoder(spec)
     else:

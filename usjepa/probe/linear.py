@@ -1,5 +1,10 @@
 """Linear probes on frozen features (paper Table 6), trained for all seeds at once.
 
+Features are standardised first (``standardise_stats``): each dimension z-scored with the mean and std of the
+training split's features, as MAE's linear probe does with a non-affine BatchNorm in front of the head (for
+a frozen encoder the two are the same map). Without it, an encoder whose features have a large offset or
+scale is ranked by how well AdamW copes with the conditioning, not by what the features hold.
+
 One probe per seed: AdamW (lr 1e-3, wd 1e-4), batch 32, cross-entropy, cosine annealing over at most 150
 epochs, early stopping on validation loss with patience 15, restoring the best epoch's weights.
 
@@ -9,8 +14,8 @@ AdamW and weight decay act element-wise and the summed loss separates by seed, s
 computation as S independent runs — a seed's result does not depend on which other seeds run beside it —
 done with S times fewer Python-level steps. The feature matrix is one tensor; minibatches are index
 gathers; the cross-entropy gradient is taken in closed form (no autograd graph) and AdamW is the fused
-kernel, on one CPU thread. ``benchmarks/bench_probe.py`` measures it against five plain autograd runs (same weights to 1e-7,
-about 5x faster on a 2-core CPU).
+kernel, on one CPU thread. ``benchmarks/bench_probe.py`` measures it against five plain autograd runs
+(same weights to 1e-7, about 4x faster on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +38,16 @@ class ProbeConfig:
     patience: int = 15
 
 
+def standardise_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of training features ``[..., N, D]``; a constant dimension gets std 1 (it
+    carries nothing, and dividing by ~0 would blow it up)."""
+    xd = x.double()
+    mean = xd.mean(-2)
+    std = xd.std(-2, unbiased=False) if x.shape[-2] > 1 else torch.ones_like(mean)
+    std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
+    return mean.float(), std.float()
+
+
 @dataclass
 class TrainedProbes:
     weight: torch.Tensor  # [S, D, C], the best epoch of each seed
@@ -43,20 +58,25 @@ class TrainedProbes:
     best_val_loss: list[float]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, D] -> [S, N, C]."""
+        """Raw features [N, D] -> [S, N, C] (a standardisation is folded into the weights)."""
         return torch.matmul(x.unsqueeze(0), self.weight) + self.bias.unsqueeze(1)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
+        """Raw features [N, D] -> predicted classes [S, N]."""
         with torch.no_grad():
-            return self.logits(x).argmax(-1).cpu().numpy()
+            return self.logits(torch.as_tensor(x)).argmax(-1).cpu().numpy()
+
+    def seed_info(self, i: int) -> dict:
+        return {"best_epoch": self.best_epoch[i], "epochs_run": self.epochs_run[i],
+                "best_val_loss": self.best_val_loss[i]}
 
 
 def _init_linear(gen: torch.Generator, d: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # torch.nn.Linear's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    bound = 1.0 / math.sqrt(d)
-    w = (torch.rand(c, d, generator=gen) * 2 - 1) * bound
-    b = (torch.rand(c, generator=gen) * 2 - 1) * bound
-    return w.t().contiguous(), b
+    """MAE's linear-probe head init: weights ~ N(0, 0.01²) truncated at ±2σ, bias 0. Small on purpose:
+    early stopping can keep an early epoch, and with ``nn.Linear``'s U(±1/sqrt(D)) the kept weights are then
+    mostly the random init (near-chance predictions); from ~0 they are the first steps of the gradient."""
+    w = torch.nn.init.trunc_normal_(torch.empty(c, d), std=0.01, a=-0.02, b=0.02, generator=gen)
+    return w.t().contiguous(), torch.zeros(c)
 
 
 def cross_entropy_grads(xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
@@ -93,22 +113,46 @@ def one_cpu_thread():
 
 def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                         n_classes: int, seeds: list[int], cfg: ProbeConfig = ProbeConfig(),
-                        subsets: list[np.ndarray] | None = None) -> TrainedProbes:
-    """Train one linear probe per seed; ``subsets[s]`` (equal lengths) restricts seed s to those rows."""
+                        subsets: list[np.ndarray] | None = None, normalise: bool = True) -> TrainedProbes:
+    """Train one linear probe per seed; ``subsets[s]`` (equal lengths) restricts seed s to those rows.
+
+    ``normalise``: standardise with the mean and std of the rows each seed trains on (its few-shot subset, or
+    the whole training split), train, then fold the map into the kept weights, so the returned probes score
+    raw features: ``W' = W / std``, ``b' = b - (mean / std) @ W``."""
+    if x_train.ndim != 2 or x_val.ndim != 2:
+        raise ValueError("features must be [N, D] matrices")
+    mean = std = None
+    if normalise:
+        if subsets is None:
+            mean, std = standardise_stats(x_train)
+            x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+        else:
+            rows = torch.as_tensor(np.stack(subsets), dtype=torch.int64)
+            mean, std = standardise_stats(x_train[rows])  # [S, D] each
+            x_train = (x_train.unsqueeze(0) - mean.unsqueeze(1)) / std.unsqueeze(1)  # [S, N, D]
+            x_val = (x_val.unsqueeze(0) - mean.unsqueeze(1)) / std.unsqueeze(1)
     with one_cpu_thread():
-        return _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets)
+        probes = _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets)
+    if normalise:
+        mean = mean.expand(len(seeds), -1) if mean.ndim == 1 else mean
+        std = std.expand(len(seeds), -1) if std.ndim == 1 else std
+        w = probes.weight / std.unsqueeze(-1)
+        probes.bias = probes.bias - torch.bmm(mean.unsqueeze(1), w).squeeze(1)
+        probes.weight = w
+    return probes
 
 
 def _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets) -> TrainedProbes:
-    if x_train.ndim != 2 or x_val.ndim != 2:
-        raise ValueError("features must be [N, D] matrices")
-    s_count, d = len(seeds), x_train.shape[1]
+    """``x_train`` / ``x_val``: [N, D] shared by all seeds, or [S, N, D] one (standardised) copy per seed."""
+    s_count, d = len(seeds), x_train.shape[-1]
+    per_seed = x_train.ndim == 3
+    seed_rows = torch.arange(s_count).unsqueeze(1)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     inits = [_init_linear(g, d, n_classes) for g in gens]
     weight = torch.nn.Parameter(torch.stack([w for w, _ in inits]))
     bias = torch.nn.Parameter(torch.stack([b for _, b in inits]))
     if subsets is None:
-        rows = torch.arange(x_train.shape[0]).expand(s_count, -1)
+        rows = torch.arange(x_train.shape[-2]).expand(s_count, -1)
     else:
         if len(subsets) != s_count or len({len(s) for s in subsets}) != 1:
             raise ValueError("one subset per seed, all of the same length")
@@ -132,12 +176,12 @@ def _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets) -> Tr
         with torch.no_grad():
             for start in range(0, n, cfg.batch_size):
                 idx = order[:, start:start + cfg.batch_size]  # [S, b]
-                xb = x_train[idx]  # [S, b, D]
+                xb = x_train[seed_rows, idx] if per_seed else x_train[idx]  # [S, b, D]
                 weight.grad, bias.grad = cross_entropy_grads(xb, y_train[idx], weight, bias)
                 opt.step()
         sched.step()
         with torch.no_grad():
-            val_logits = torch.matmul(x_val.unsqueeze(0), weight) + bias.unsqueeze(1)
+            val_logits = torch.matmul(x_val if per_seed else x_val.unsqueeze(0), weight) + bias.unsqueeze(1)
             val_loss = F.cross_entropy(val_logits.reshape(-1, n_classes), y_val_rep,
                                        reduction="none").view(s_count, -1).mean(1)
             improved = (val_loss < best_loss) & ~stopped

@@ -39,9 +39,10 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
 
 
 def mean_std(values) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for a single value) over seeds."""
+    """Mean and sample standard deviation (ddof=1) over seeds; exactly 0 when all values are equal (one value,
+    or seeds that agree), not a rounding residue, so the report can say the spread was not measured."""
     v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 and np.ptp(v) > 0 else 0.0}
 
 
 def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,11 +1,14 @@
-"""The evaluation protocol end to end: encoders × labelled datasets -> linear / few-shot / robustness -> files.
+"""The evaluation protocol end to end: encoders × labelled datasets -> classifiers -> few-shot / robustness -> files.
 
 ``probe_encoders`` is the Python entry point (the demo calls it); ``usjepa-probe`` (``cli.py``) wraps it.
-For each dataset and encoder: features of every labelled image are extracted once (cached), the linear
-probes of all seeds train together on the training features (``linear.py``), and the test set is scored per
-seed. Few-shot trains the same probes on stratified fractions of the training set (validation set kept
-whole, as the paper preserves the splits). Robustness scores the clean-trained probes on test features of
-corrupted images. Writes ``probe_results.json``, ``probe_table.md`` and PNG curves into ``out_dir``.
+For each dataset and encoder: features of every labelled frame are extracted once (cached); each classifier
+(``linear``: our Table 6 probe, all seeds at once; ``logreg``: scikit-learn's logistic regression, the
+reference) trains on the training split's features, standardised with their statistics, and scores the
+test split per seed. Few-shot trains the same classifiers on stratified fractions of the training frames
+(validation split kept whole). Robustness scores the clean-trained classifiers on test features of
+corrupted images. A seed that predicts one class for ≥ 95 % of the test set is flagged (``degenerate``):
+it is a collapse, not a result, and the report never ranks it. Writes ``probe_results.json``,
+``probe_table.md`` and PNG curves into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from usjepa.probe.data import DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, LabelledSet, load_labelled
+from usjepa.probe.data import (DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, DEFAULT_FRAMES_PER_VIDEO, SPLITS, LabelledSet,
+                               check_class_counts, load_labelled)
 from usjepa.probe.encoders import load_probe_encoder
 from usjepa.probe.features import extract_features, preprocess_dict
-from usjepa.probe.linear import ProbeConfig, TrainedProbes, train_linear_probes
+from usjepa.probe.linear import ProbeConfig, train_linear_probes
+from usjepa.probe.logreg import C_GRID, train_logreg_probes
 from usjepa.probe.metrics import mean_std, scores, stratified_subset
 from usjepa.probe.report import markdown_report, plot_fewshot, plot_robustness
 from usjepa.shards.format import write_json_atomic
@@ -33,8 +38,18 @@ log = logging.getLogger(__name__)
 FEWSHOT_FRACTIONS = (0.01, 0.05, 0.10, 0.50, 1.0)
 CORRUPTIONS = ("blur", "contrast", "speckle")
 SEVERITIES = (1, 2, 3)
+CLASSIFIERS = ("linear", "logreg")
+DEGENERATE_SHARE = 0.95  # a seed predicting one class for this share of the test set has collapsed
 RESULTS_JSON = "probe_results.json"
 RESULTS_MD = "probe_table.md"
+
+
+def classifier_list(classifier: str) -> tuple[str, ...]:
+    if classifier == "both":
+        return CLASSIFIERS
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS + ('both',)}, got {classifier!r}")
+    return (classifier,)
 
 
 def _seed_list(seeds) -> list[int]:
@@ -52,7 +67,7 @@ def _datasets(data_root) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for r in roots:
         p = Path(r)
-        name = p.stem if p.is_file() else p.resolve().name
+        name = p.stem if p.is_file() else Path(os.path.abspath(p)).name
         out[name if name not in out else f"{name}-{len(out)}"] = p
     return out
 
@@ -62,21 +77,30 @@ def _summarise(per_seed: list[dict], classes: list[str]) -> dict:
         "macro_f1": mean_std([s["macro_f1"] for s in per_seed]),
         "accuracy": mean_std([s["accuracy"] for s in per_seed]),
         "per_class_f1": {c: mean_std([s["per_class_f1"][i] for s in per_seed]) for i, c in enumerate(classes)},
+        "degenerate_seeds": sum(s["degenerate"] for s in per_seed),
         "seeds": per_seed,
     }
 
 
-def _score_probes(probes: TrainedProbes, x_test: torch.Tensor, y_test: np.ndarray, n_classes: int,
-                  with_training_info: bool) -> list[dict]:
-    preds = probes.predict(x_test)
+def score_seeds(fitted, x_test, y_test: np.ndarray, n_classes: int, with_training_info: bool) -> list[dict]:
+    """Per-seed test scores; ``degenerate`` marks a seed whose predictions are ≥ 95 % one class."""
+    preds = fitted.predict(x_test)
     out = []
-    for i, seed in enumerate(probes.seeds):
-        s = {"seed": seed, **scores(y_test, preds[i], n_classes)}
+    for i, seed in enumerate(fitted.seeds):
+        share = float(np.bincount(preds[i], minlength=n_classes).max() / max(1, len(preds[i])))
+        s = {"seed": seed, **scores(y_test, preds[i], n_classes), "top_class_share": share,
+             "degenerate": share >= DEGENERATE_SHARE}
         if with_training_info:
-            s.update(best_epoch=probes.best_epoch[i], epochs_run=probes.epochs_run[i],
-                     best_val_loss=probes.best_val_loss[i])
+            s.update(fitted.seed_info(i))
         out.append(s)
     return out
+
+
+def _fit(classifier: str, x_tr, y_tr, x_va, y_va, n_classes, seeds, probe_cfg, normalise, subsets=None):
+    if classifier == "linear":
+        return train_linear_probes(x_tr, y_tr, x_va, y_va, n_classes, seeds, probe_cfg, subsets=subsets,
+                                   normalise=normalise)
+    return train_logreg_probes(x_tr, y_tr, x_va, y_va, n_classes, seeds, subsets=subsets)
 
 
 def _default_preprocess():
@@ -95,88 +119,127 @@ def _preprocess_cfg(preprocess):
     return preprocess
 
 
+def _frame_counts(data: LabelledSet, table) -> dict[str, dict[str, int]]:
+    out = {s: {c: 0 for c in data.classes} for s in SPLITS}
+    for i in table.item:
+        it = data.items[int(i)]
+        out[it.split][it.label] += 1
+    return out
+
+
 def probe_dataset(encoder, data: LabelledSet, seeds: list[int], *, preprocess_cfg, pooling: str,
-                  probe_cfg: ProbeConfig, fewshot_fractions, corruptions, severities, cache_dir,
-                  batch_size: int, workers: int | None, progress: bool) -> tuple[dict, dict]:
+                  probe_cfg: ProbeConfig, classifiers=CLASSIFIERS, normalise: bool = True,
+                  fewshot_fractions=(), corruptions=(), severities=SEVERITIES, cache_dir=None,
+                  batch_size: int = 32, workers: int | None = None,
+                  frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO, precision: str = "auto",
+                  progress: bool = False) -> tuple[dict, dict]:
     """One encoder on one labelled set: (results, timing)."""
     n_classes = len(data.classes)
-    labels = data.labels()
-    tr, va, te = data.indices("train"), data.indices("val"), data.indices("test")
-    everything = np.concatenate([tr, va, te])
+    item_labels = data.labels()
+    extract = dict(pooling=pooling, cache_dir=cache_dir, batch_size=batch_size, workers=workers,
+                   frames_per_video=frames_per_video, precision=precision, progress=progress)
     t0 = time.perf_counter()
-    table = extract_features(encoder, data, everything, preprocess_cfg, pooling=pooling, cache_dir=cache_dir,
-                             batch_size=batch_size, workers=workers, progress=progress)
+    table = extract_features(encoder, data, np.arange(len(data.items)), preprocess_cfg, **extract)
     t_feat = time.perf_counter() - t0
+    counts = _frame_counts(data, table)
+    check_class_counts(data.classes, counts, "usable frame")
+    row_split = np.array([data.items[int(i)].split for i in table.item])
+    labels = item_labels[table.item]
     feats = torch.from_numpy(table.features)
-    x_tr, x_va, x_te = feats[:len(tr)], feats[len(tr):len(tr) + len(va)], feats[len(tr) + len(va):]
-    y_tr, y_va, y_te = (torch.from_numpy(labels[i]) for i in (tr, va, te))
+    rows = {s: np.flatnonzero(row_split == s) for s in SPLITS}
+    x = {s: feats[rows[s]] for s in SPLITS}
+    y = {s: torch.from_numpy(labels[rows[s]]) for s in SPLITS}
+    y_test = labels[rows["test"]]
 
-    t0 = time.perf_counter()
-    probes = train_linear_probes(x_tr, y_tr, x_va, y_va, n_classes, seeds, probe_cfg)
-    t_probe = time.perf_counter() - t0
-    out = {"feature_dim": int(feats.shape[1]), "features_from_cache": table.from_cache,
-           "linear": _summarise(_score_probes(probes, x_te, labels[te], n_classes, True), data.classes)}
-
-    t0 = time.perf_counter()
-    if fewshot_fractions:
-        fs = {}
-        for f in fewshot_fractions:
-            if float(f) >= 1.0:
-                fs[f"{float(f):g}"] = {"n_train": len(tr), **{k: v for k, v in out["linear"].items() if k != "seeds"},
-                                       "seeds": out["linear"]["seeds"]}
-                continue
-            subsets = [stratified_subset(labels[tr], float(f), s) for s in seeds]
-            sub_probes = train_linear_probes(x_tr, y_tr, x_va, y_va, n_classes, seeds, probe_cfg, subsets=subsets)
-            per_seed = _score_probes(sub_probes, x_te, labels[te], n_classes, True)
-            fs[f"{float(f):g}"] = {"n_train": len(subsets[0]), **_summarise(per_seed, data.classes)}
-        out["fewshot"] = fs
-    t_fewshot = time.perf_counter() - t0
-
+    corrupted_sets = []  # (kind, eps, features, labels) of the test split
     t0 = time.perf_counter()
     if corruptions:
-        rob: dict[str, dict] = {}
+        test_items = np.unique(table.item[rows["test"]])
         for kind in corruptions:
-            rob[kind] = {}
             for eps in severities:
-                ct = extract_features(encoder, data, te, preprocess_cfg, pooling=pooling,
-                                      corruption=(kind, float(eps)), cache_dir=cache_dir, batch_size=batch_size,
-                                      workers=workers, progress=progress)
-                per_seed = _score_probes(probes, torch.from_numpy(ct.features), labels[te], n_classes, False)
-                rob[kind][f"{eps:g}"] = _summarise(per_seed, data.classes)
-        out["robustness"] = rob
-    t_rob = time.perf_counter() - t0
-    timing = {"features_s": round(t_feat, 3), "linear_s": round(t_probe, 3), "fewshot_s": round(t_fewshot, 3),
-              "robustness_s": round(t_rob, 3)}
+                ct = extract_features(encoder, data, test_items, preprocess_cfg, corruption=(kind, float(eps)),
+                                      **extract)
+                corrupted_sets.append((kind, eps, torch.from_numpy(ct.features), item_labels[ct.item]))
+    t_corrupt = time.perf_counter() - t0
+
+    out = {"feature_dim": int(feats.shape[1]), "features_from_cache": table.from_cache,
+           "frames": counts, "skipped": table.skipped,
+           "extraction_frames_per_s": table.frames_per_s}
+    timing = {"features_s": round(t_feat, 3), "corrupted_features_s": round(t_corrupt, 3)}
+    for clf in classifiers:
+        t0 = time.perf_counter()
+        fitted = _fit(clf, x["train"], y["train"], x["val"], y["val"], n_classes, seeds, probe_cfg, normalise)
+        res = _summarise(score_seeds(fitted, x["test"], y_test, n_classes, True), data.classes)
+        if fewshot_fractions:
+            fs = {}
+            for f in fewshot_fractions:
+                if float(f) >= 1.0:
+                    fs[f"{float(f):g}"] = {"n_train": len(rows["train"]),
+                                           **{k: v for k, v in res.items() if k != "fewshot"}}
+                    continue
+                subsets = [stratified_subset(labels[rows["train"]], float(f), s) for s in seeds]
+                sub = _fit(clf, x["train"], y["train"], x["val"], y["val"], n_classes, seeds, probe_cfg, normalise,
+                           subsets=subsets)
+                fs[f"{float(f):g}"] = {"n_train": len(subsets[0]),
+                                       **_summarise(score_seeds(sub, x["test"], y_test, n_classes, True),
+                                                    data.classes)}
+            res["fewshot"] = fs
+        if corrupted_sets:
+            rob: dict[str, dict] = {}
+            for kind, eps, xc, yc in corrupted_sets:
+                rob.setdefault(kind, {})[f"{eps:g}"] = _summarise(score_seeds(fitted, xc, yc, n_classes, False),
+                                                                  data.classes)
+            res["robustness"] = rob
+        out[clf] = res
+        timing[f"{clf}_s"] = round(time.perf_counter() - t0, 3)
+        for s in res["seeds"]:
+            if s["degenerate"]:
+                log.warning("%s on %s, %s seed %d: %.0f %% of the test set predicted as one class — a collapsed "
+                            "probe, flagged in the report and not ranked", encoder.spec, data.name, clf, s["seed"],
+                            100 * s["top_class_share"])
     return out, timing
 
 
 def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewshot: bool = False,
                    robustness: bool = False, *, arch: str | None = None, pooling: str = "mean",
-                   split_fractions=DEFAULT_FRACTIONS, group_pattern: str | None = None,
+                   classifier: str = "both", normalise: bool = True,
+                   split_fractions=DEFAULT_FRACTIONS, group_pattern: str | dict | None = None,
+                   label_pattern: str | dict | None = None, frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO,
                    exclude: str | None = DEFAULT_EXCLUDE, fewshot_fractions=FEWSHOT_FRACTIONS,
                    corruptions=CORRUPTIONS, severities=SEVERITIES, probe: ProbeConfig | dict | None = None,
                    preprocess=None, cache_dir=None, batch_size: int = 32, workers: int | None = None,
-                   device=None, plots: bool = True, progress: bool = False) -> dict:
+                   precision: str = "auto", device=None, plots: bool = True, progress: bool = False) -> dict:
     """Probe several encoders on one or more labelled datasets and write JSON, markdown and PNGs.
 
     ``encoders``: display name -> spec (checkpoint path, ``PATH#KEY``, ``random:ARCH``, ``timm:MODEL:PATH``).
     ``data_root``: a labelled-data path, a list of them, or {name: path} (columns of the table).
-    ``seeds``: a count (seeds 0..n-1) or an explicit list. Returns the results dict also written as JSON.
+    ``seeds``: a count (seeds 0..n-1) or an explicit list. ``classifier``: linear | logreg | both.
+    ``label_pattern`` / ``group_pattern``: a regex for every dataset, or {dataset name: regex}.
+    Returns the results dict also written as JSON; ``res["skipped_frames"]`` counts skipped inputs.
     """
     if not encoders:
         raise ValueError("no encoders to probe")
+    clfs = classifier_list(classifier)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir) if cache_dir is not None else out_dir / "feature_cache"
     seed_list = _seed_list(seeds)
     probe_cfg = ProbeConfig(**probe) if isinstance(probe, dict) else (probe or ProbeConfig())
     pre_cfg = _preprocess_cfg(preprocess)
-    datasets = {name: load_labelled(p, name=name, group_pattern=group_pattern, fractions=split_fractions,
-                                    exclude=exclude) for name, p in _datasets(data_root).items()}
+    def one(option, name):  # a str applies to every dataset; a dict names its datasets
+        return option.get(name) if isinstance(option, dict) else option
+
+    datasets = {name: load_labelled(p, name=name, group_pattern=one(group_pattern, name),
+                                    label_pattern=one(label_pattern, name), fractions=split_fractions,
+                                    exclude=exclude, frames_per_video=frames_per_video)
+                for name, p in _datasets(data_root).items()}
 
     res: dict = {
-        "protocol": {"seeds": seed_list, "pooling": pooling, "probe": asdict(probe_cfg),
+        "protocol": {"seeds": seed_list, "pooling": pooling, "classifiers": list(clfs), "normalise": normalise,
+                     "probe": asdict(probe_cfg), "logreg_c_grid": list(C_GRID),
                      "preprocess": preprocess_dict(pre_cfg), "split_fractions": list(split_fractions),
+                     "frames_per_video": frames_per_video, "precision": precision,
+                     "degenerate_share": DEGENERATE_SHARE,
                      "fewshot_fractions": [float(f) for f in fewshot_fractions] if fewshot else [],
                      "corruptions": list(corruptions) if robustness else [],
                      "severities": [float(s) for s in severities] if robustness else []},
@@ -185,10 +248,12 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
     for name, data in datasets.items():
         res["datasets"][name] = {
             "root": str(data.root), "classes": data.classes, "counts": data.counts(),
-            "groups": len({it.group for it in data.items}),
-            "split_source": data.split_source,
+            "sources": data.leakage["sources"], "groups": data.leakage["groups"],
+            "split_source": data.split_source, "grouping": data.grouping, "leakage": data.leakage,
         }
-        log.info("%s: %d images, %d classes, counts %s", name, len(data.items), len(data.classes), data.counts())
+        log.info("%s: %d labelled files, %d classes, counts %s; leakage check: %d source(s) and %d group(s) in "
+                 "two splits", name, len(data.items), len(data.classes), data.counts(),
+                 data.leakage["sources_in_two_splits"], data.leakage["groups_in_two_splits"])
 
     for enc_name, spec in encoders.items():
         enc = load_probe_encoder(spec, arch=arch, device=device)
@@ -197,12 +262,16 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
             log.info("probing %s on %s", enc_name, dname)
             r, timing = probe_dataset(
                 enc, data, seed_list, preprocess_cfg=pre_cfg, pooling=pooling, probe_cfg=probe_cfg,
-                fewshot_fractions=fewshot_fractions if fewshot else (),
-                corruptions=corruptions if robustness else (), severities=severities,
-                cache_dir=cache_dir, batch_size=batch_size, workers=workers, progress=progress)
+                classifiers=clfs, normalise=normalise, fewshot_fractions=fewshot_fractions if fewshot else (),
+                corruptions=corruptions if robustness else (), severities=severities, cache_dir=cache_dir,
+                batch_size=batch_size, workers=workers, frames_per_video=frames_per_video, precision=precision,
+                progress=progress)
             res["results"][dname][enc_name] = r
             res["timing"][f"{enc_name}/{dname}"] = timing
+            res["datasets"][dname].setdefault("frames", r["frames"])
+            res["datasets"][dname].setdefault("skipped", r["skipped"])
         del enc
+    res["skipped_frames"] = sum(len(d.get("skipped", [])) for d in res["datasets"].values())
 
     files = {"json": str(out_dir / RESULTS_JSON), "markdown": str(out_dir / RESULTS_MD), "plots": []}
     if plots:
@@ -215,4 +284,3 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
     (out_dir / RESULTS_MD).write_text(markdown_report(res))
     write_json_atomic(out_dir / RESULTS_JSON, json.loads(json.dumps(res, default=str)))
     return res
-
