@@ -237,12 +237,15 @@ def last_train_record(run: Path) -> dict:
 
 
 def table(res: dict, datasets: list[str]) -> str:
-    head = "| encoder | " + " | ".join(f"{d} macro-F1" for d in datasets) + " | last train loss | std student |"
-    lines = [head, "|" + "---|" * (len(datasets) + 3)]
+    first = res["probe"]["results"][datasets[0]]
+    classifiers = [c for c in ("linear", "logreg") if c in next(iter(first.values()))]
+    cols = [(d, c) for d in datasets for c in classifiers]
+    head = "| encoder | " + " | ".join(f"{d} macro-F1 ({c})" for d, c in cols) + " | last train loss | std student |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
     for enc in res["encoders"]:
         cells = []
-        for d in datasets:
-            f1 = res["probe"]["results"][d][enc]["linear"]["macro_f1"]
+        for d, c in cols:
+            f1 = res["probe"]["results"][d][enc][c]["macro_f1"]
             cells.append(f"{f1['mean']:.3f} ± {f1['std']:.3f}")
         tr = res["training"].get(enc, {})
         loss = f"{tr['loss']:.4f}" if "loss" in tr else "–"
@@ -263,6 +266,9 @@ def main(argv=None) -> int:
     ap.add_argument("--students", help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("--probe-lr", type=float, help="the linear probe's lr (default: the probe's own)")
     ap.add_argument("--probe-patience", type=int, help="the probe's early-stopping patience (default: its own)")
+    ap.add_argument("--reuse-shards", action="store_true",
+                    help="use OUT/shards as they are (e.g. to re-probe after the ingest code changed, which makes "
+                         "usjepa-ingest refuse the old folder)")
     ap.add_argument("--realdata", type=Path, default=REALDATA)
     ap.add_argument("--results", type=Path, help="also copy reproduce.json / .md here")
     args = ap.parse_args(argv)
@@ -298,9 +304,10 @@ def main(argv=None) -> int:
     corpus.write_text(yaml.safe_dump({"datasets": [
         {"name": "pocus", "root": str(args.realdata / "pocus")}, {"name": "busi", "root": str(args.realdata / "busi")},
         {"name": "ddti", "root": str(args.realdata / "ddti" / "cropped")}]}))
-    rc = ingest_main(["run", str(corpus), "--out", str(shards)])
-    if rc not in (0, 3):
-        raise SystemExit(f"usjepa-ingest failed with status {rc}")
+    if not (args.reuse_shards and (shards / "manifest.json").is_file()):
+        rc = ingest_main(["run", str(corpus), "--out", str(shards)])
+        if rc not in (0, 3):
+            raise SystemExit(f"usjepa-ingest failed with status {rc}")
     labelled = {"ddti": ddti_labelled(args.realdata / "ddti", out / "labelled" / "ddti"),
                 "pocus": pocus_labelled(args.realdata / "pocus", out / "labelled" / "pocus", preset.frames_per_video)}
     times["ingest + labelled sets"] = time.perf_counter() - t0
@@ -337,7 +344,7 @@ def main(argv=None) -> int:
         "benchmark": "small reproduction on real ultrasound (ingest -> MAE teacher -> SALT students -> probe)",
         "command": "python -m benchmarks.reproduce " + " ".join(argv_used),
         "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.students or args.seeds),
-        "probe_overrides": probe_cfg,
+        "probe_overrides": probe_cfg, "reused_shards": bool(args.reuse_shards),
         "preset": args.preset, "config": asdict(preset), "variants": {k: VARIANTS[k] for k in preset.students},
         "steps_per_epoch": spe, "encoders": encoders, "training": training,
         "probe": {"datasets": probe["datasets"], "results": probe["results"], "protocol": probe["protocol"]},
