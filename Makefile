@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench reproduce clean
 
 install: $(STAMP)
 
@@ -26,5 +26,9 @@ demo: install
 bench: install
 	$(PY) -m benchmarks.run_all --out bench_out
 
+# ingest ../shared/realdata -> MAE teacher -> SALT students -> probe (CPU size; --quick, --preset vitb16)
+reproduce: install
+	$(PY) -m benchmarks.reproduce --out repro_out
+
 clean:
-	rm -rf demo_out bench_out runs .pytest_cache
+	rm -rf demo_out bench_out repro_out runs .pytest_cache

@@ -8,6 +8,12 @@ linear-probe rectangles), rasterised at 224 x 224 and reduced to 14 x 14 by "any
 real images and video frames of ../shared/realdata when present, whose USrc masks come from
 `usjepa.ingest.preprocess.compute_usrc_mask` when it exists, else from a stand-in (threshold + largest
 connected component + hole filling; the JSON says which). Prints and saves JSON and a markdown row.
+
+``--shards DIR`` (a usjepa-ingest output) adds the context lengths of real training batches: the validity
+grids of ``--real-batches`` batches from ``build_loader(..., backend="torch")`` (augmented as in training),
+masked with per-image and with batch-minimum lengths, against the same images masked one at a time, and
+the share of the student's and predictor's compute spent on padding slots (ViT-B/16 student, the paper's
+384 x 12 predictor). Saved as ``context_lengths.json`` / ``.md`` next to the timing.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import numpy as np
 
 from benchmarks.common import hardware, hardware_line, save_result, utc_now
 from usjepa.kernels import block_masks as bm
-from usjepa.kernels.block_masks import MaskConfig, sample_block_masks, sample_block_masks_reference
+from usjepa.kernels.block_masks import MaskConfig, mask_lengths, sample_block_masks, sample_block_masks_reference
 from usjepa.kernels.patch_grid import patch_validity
+from usjepa.models.vit import transformer_flops
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
@@ -106,6 +113,7 @@ def real_grids() -> tuple[list[np.ndarray], str]:
     except ImportError:
         compute_usrc_mask, source = standin_usrc_mask, "stand-in (threshold + largest component)"
     paths = sorted(p for p in REALDATA.rglob("*") if p.is_file() and not p.name.endswith("_mask.png")
+                   and "mask" not in p.parts  # DDTI's nodule masks (mask/*.gif) are no scans
                    and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".mp4", ".avi", ".mov", ".mpeg"))
     grids = []
     for path in paths:
@@ -138,13 +146,78 @@ def numba_hardware() -> dict:
             "numba": numba.__version__, "numpy": np.__version__}
 
 
+def loader_grids(shards: Path, batch: int, n_batches: int, mask_cfg: MaskConfig) -> list[np.ndarray]:
+    """Validity grids [B, G, G] of the first training batches, as the loader computes them (augmented)."""
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(shards, "train", batch, {"num_workers": 1}, mask_cfg, backend="torch", seed=0)
+    loader.set_epoch(0)
+    grids = []
+    for b in loader:
+        grids.append(b.valid.numpy())
+        if len(grids) == n_batches:
+            break
+    loader.close()
+    return grids
+
+
+def padding_compute(ctx_len: np.ndarray, tgt_len: np.ndarray) -> float:
+    """Share of the forward FLOPs of a ViT-B/16 student (on CLS + context) and a 384 x 12 predictor (T
+    sequences of context + one target) spent on padding slots, for one batch's lengths [B], [T, B]."""
+    kc, kt = ctx_len.max(), tgt_len.max()
+    student = lambda n: transformer_flops(n + 1, 768, 12)  # noqa: E731
+    predictor = lambda n: transformer_flops(n, 384, 12)  # noqa: E731
+    padded = len(ctx_len) * student(kc) + tgt_len.size * predictor(kc + kt)
+    real = sum(student(c) for c in ctx_len) + sum(predictor(ctx_len[i] + t) for (_, i), t in np.ndenumerate(tgt_len))
+    return float(1.0 - real / padded)
+
+
+def context_lengths(grids: list[np.ndarray], usrc: bool = True) -> dict:
+    """Mean context / target lengths per image in the batch vs one image at a time, both length modes."""
+    out = {}
+    for lengths in ("batch_min", "per_image"):
+        for scale_of in ("grid", "valid"):
+            cfg = MaskConfig(usrc=usrc, lengths=lengths, tgt_scale_of=scale_of)
+            ctx, alone, tgt, pad = [], [], [], []
+            for k, valid in enumerate(grids):
+                c, t = sample_block_masks(valid, cfg, 1000 + k)
+                cl, tl = mask_lengths(c), mask_lengths(t)
+                ctx.append(cl), tgt.append(tl.ravel()), pad.append(padding_compute(cl, tl))
+                alone.append([mask_lengths(sample_block_masks(valid[i : i + 1], cfg, 1000 + k)[0])[0]
+                              for i in range(len(valid))])
+            ctx, alone, tgt = np.concatenate(ctx), np.concatenate(alone), np.concatenate(tgt)
+            out[f"{lengths}, targets x {scale_of}"] = {
+                "ctx_mean": float(ctx.mean()), "ctx_min": int(ctx.min()), "ctx_max": int(ctx.max()),
+                "ctx_alone_mean": float(alone.mean()), "ctx_vs_alone": float(ctx.mean() / alone.mean()),
+                "tgt_mean": float(tgt.mean()), "padding_compute_frac": float(np.mean(pad)),
+            }
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=20, help="interleaved rounds (reference once per round)")
     ap.add_argument("--calls", type=int, default=25, help="kernel calls per round and kernel")
+    ap.add_argument("--shards", type=Path, help="an ingested corpus: also measure context lengths on its batches")
+    ap.add_argument("--real-batches", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.shards is not None:
+        grids = loader_grids(args.shards, args.batch, args.real_batches, MaskConfig())
+        record = {"benchmark": f"context lengths, {len(grids)} training batches of {args.batch} from {args.shards}",
+                  "command": "python -m benchmarks.bench_masks " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "usrc_true": context_lengths(grids, True), "usrc_false": context_lengths(grids, False),
+                  "valid_fraction_mean": float(np.mean([g.mean() for g in grids])),
+                  "hardware": hardware(), "date_utc": utc_now()}
+        rows = ["| usrc | lengths, target size | context mean (min–max) | one at a time | ratio | targets | padding compute |",
+                "|---|---|---|---|---|---|---|"]
+        for usrc in ("usrc_true", "usrc_false"):
+            for name, r in record[usrc].items():
+                rows.append(f"| {usrc[5:]} | {name} | {r['ctx_mean']:.1f} ({r['ctx_min']}–{r['ctx_max']}) | "
+                            f"{r['ctx_alone_mean']:.1f} | {100 * r['ctx_vs_alone']:.0f} % | {r['tgt_mean']:.1f} | "
+                            f"{100 * r['padding_compute_frac']:.1f} % |")
+        save_result(args.out, "context_lengths", record, "\n".join(rows))
 
     cfg = MaskConfig()
     synth = synthetic_grids()
@@ -183,18 +256,18 @@ def main(argv=None) -> dict:
     b_one, b_par, b_ref = (min(times[k]) for k in ("serial", "parallel", "reference"))
     first = first_call_latency()
 
-    # What equal lengths cost on these grids, and how tau moves the target length Kt.
-    lengths = {}
-    for tau in (0.25, 0.5, 0.75, 1.0):
-        c = MaskConfig(tau=tau)
-        ks = np.array([[s.shape[-1] for s in sample_block_masks(batches[r % 16], c, r)] for r in range(200)])
-        lengths[str(tau)] = {"Kc_mean": float(ks[:, 0].mean()), "Kc_min": int(ks[:, 0].min()),
-                             "Kt_mean": float(ks[:, 1].mean()), "Kt_min": int(ks[:, 1].min())}
+    # How tau moves the lengths: per image (the default) and the batch minimum (lengths="batch_min").
+    def length_stats(grids_of_round, c):
+        per_image = [[mask_lengths(s).ravel() for s in sample_block_masks(grids_of_round(r), c, r)] for r in range(200)]
+        kc, kt = np.concatenate([p[0] for p in per_image]), np.concatenate([p[1] for p in per_image])
+        ctx_min, tgt_min = np.array([p[0].min() for p in per_image]), np.array([p[1].min() for p in per_image])
+        return {"ctx_mean_per_image": float(kc.mean()), "tgt_mean_per_image": float(kt.mean()),
+                "Kc_batch_min_mean": float(ctx_min.mean()), "Kc_min": int(ctx_min.min()),
+                "Kt_batch_min_mean": float(tgt_min.mean()), "Kt_min": int(tgt_min.min())}
+
+    lengths = {str(tau): length_stats(lambda r: batches[r % 16], MaskConfig(tau=tau)) for tau in (0.25, 0.5, 0.75, 1.0)}
     big = np.stack([g for g in pool if g.mean() >= 0.5])  # the same, without the small fans
-    ks = np.array([[s.shape[-1] for s in sample_block_masks(big[rng.integers(len(big), size=args.batch)], cfg, r)]
-                   for r in range(200)])
-    lengths["0.75, grids >= 50% valid"] = {"Kc_mean": float(ks[:, 0].mean()), "Kc_min": int(ks[:, 0].min()),
-                                          "Kt_mean": float(ks[:, 1].mean()), "Kt_min": int(ks[:, 1].min())}
+    lengths["0.75, grids >= 50% valid"] = length_stats(lambda r: big[rng.integers(len(big), size=args.batch)], cfg)
 
     result = {
         "benchmark": "block masks, batch of %d realistic USrc grids" % args.batch,

@@ -74,7 +74,7 @@ def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch,
 
     def step():
         with ac:
-            loss = salt_loss(net(images, ctx, tgt), teacher_targets(tnet, images, tgt))
+            loss = salt_loss(net(images, ctx, tgt)[1], teacher_targets(tnet, images, tgt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

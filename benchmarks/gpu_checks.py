@@ -15,7 +15,7 @@ import math
 import torch
 
 from usjepa.data_wait import DataWaitTimer
-from usjepa.models import Predictor, PredictorConfig, SALTModel, build_vit, freeze, salt_loss, teacher_targets
+from usjepa.models import Predictor, PredictorConfig, SALTModel, build_vit, freeze, salt_forward
 from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
 
 
@@ -44,8 +44,7 @@ def salt_steps_without_sync(loader, device: torch.device, arch: str, predictor: 
         timer.batch_ready()
         set_optimizer_hparams(opt, lr_at(k, total, 1, 1e-6, 1e-5, 1e-7), wd_at(k, total, 0.04, 0.4))
         with autocast:
-            loss = salt_loss(model(batch.images, batch.ctx_idx, batch.tgt_idx),
-                             teacher_targets(teacher, batch.images, batch.tgt_idx))
+            loss, _ = salt_forward(model, teacher, batch.images, batch.ctx_idx, batch.tgt_idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)

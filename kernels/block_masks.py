@@ -1,10 +1,13 @@
 """Multi-block JEPA masks with ultrasound-region conditioning (USrc), as a Numba kernel.
 
 ``sample_block_masks(valid, cfg, seed) -> (ctx_idx int64[B, Kc], tgt_idx int64[T, B, Kt])``: raster indices
-``row * G + col`` into the patch sequence (no CLS), sorted ascending, equal lengths across the batch.
+``row * G + col`` into the patch sequence (no CLS), sorted ascending; each row holds its image's whole mask
+and ends in ``PAD`` (-1) slots up to the batch's longest (Kc, Kt = the longest masks).
 The algorithm (docs/kernels.md has the full description, its fallbacks and measured speed):
 
 1. One target size and one context size per batch (I-JEPA), from scale x G² and aspect; sides up to G.
+   With ``tgt_scale_of="valid"`` the batch draws one target scale and aspect, and each image sizes its
+   targets as scale x |V| (step 2's V).
 2. Per image, V = the valid patches (all patches when ``cfg.usrc`` is False), grown by the nearest
    invalid patches when it holds fewer than min_keep + T (fallback 1).
 3. Each target block: top-left uniform over *all* positions (last row/column included) whose block has
@@ -13,7 +16,8 @@ The algorithm (docs/kernels.md has the full description, its fallbacks and measu
 4. Context block: uniform over positions with |B_c ∩ V| >= tau' (Eq. 4) that leave >= min_keep patches
    once the targets are removed; M_c = (B_c ∩ V) minus all targets. Up to max_tries whole-image attempts,
    then fallback 3 (best block, then free valid patches, then patches handed back from targets).
-5. Kc, Kt = the smallest mask in the batch; every mask is cut to it by a uniformly random subset.
+5. Lengths: every mask whole, padded with PAD (``lengths="per_image"``); or, with ``"batch_min"``, every
+   mask cut to the smallest one of the batch by a uniformly random subset.
 
 Every draw of image i comes from a counter-based stream seeded by (seed, i), so the result depends on
 the seed only, never on the number of threads. `sample_block_masks_reference` is the plain-Python twin.
@@ -34,9 +38,10 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .block_masks_reference import sample_block_masks_reference
-from .mask_config import MaskConfig, block_size, check_inputs
+from .mask_config import PAD, MaskConfig, block_hw, block_size, check_inputs, scale_aspect
 
-__all__ = ["MaskConfig", "sample_block_masks", "sample_block_masks_reference", "MAX_GRID", "PARALLEL_MIN_BATCH"]
+__all__ = ["MaskConfig", "PAD", "mask_lengths", "sample_block_masks", "sample_block_masks_reference", "MAX_GRID",
+           "PARALLEL_MIN_BATCH"]
 
 MAX_GRID = 63  # row words are uint64 and a block's column mask is (1 << w) - 1
 # Batches at least this large run the prange kernel when Numba has more than one thread. Below it the
@@ -138,6 +143,9 @@ def _count(rows, t, l, h, w):
 @njit(cache=True, error_model="numpy")
 def _has_bit(rows, G, p):
     return (rows[p // G] >> np.uint64(p % G)) & _U1
+
+
+_block_hw = njit(cache=True, error_model="numpy")(block_hw)
 
 
 # ---------------------------------------------------------------- block placement
@@ -299,11 +307,15 @@ def _hand_back(V, F, masks, counts, G, T, min_keep, nc, st, buf):
 
 
 @njit(cache=True, error_model="numpy")
-def _sample_one(V, G, T, th, tw, ch, cw, tau, min_keep, max_tries, st, F, masks, counts, blocks, buf, cand):
+def _sample_one(V, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, st, F, masks, counts, blocks,
+                buf, cand):
     """Masks of one image as row words: masks[0] the context, masks[1:] the targets; their sizes into
     counts and the raw rectangles (top, left, h, w) into blocks. V is the image's valid row words, grown
-    in place. After fallback 3 the context may reach outside its block (pass 2 walks every row)."""
+    in place. After fallback 3 the context may reach outside its block (pass 2 walks every row).
+    t_scale > 0 sizes the targets as t_scale x |V| (tgt_scale_of="valid") instead of the batch's th x tw."""
     nv = _grow_valid(V, G, min_keep + T)
+    if t_scale > 0.0:
+        th, tw = _block_hw(t_scale * nv, t_aspect, G)
     tau_t = max(1, int(math.ceil(tau * min(th * tw, nv) - 1e-9)))
     tau_c = max(1, int(math.ceil(tau * min(ch * cw, nv) - 1e-9)))
     n_cand = -1  # target positions: rejection until it first fails, then the enumerated list
@@ -401,8 +413,8 @@ def _workspace(B, G, T):
 
 
 @njit(cache=True, error_model="numpy")
-def _masks_of_image(i, packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, usrc, seed, V, F, masks, counts,
-                    blocks, buf, cand, states):
+def _masks_of_image(i, packed, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, usrc, seed, V, F,
+                    masks, counts, blocks, buf, cand, states):
     """Pass 1 for image i: unpack its valid rows and draw its blocks."""
     # Counter-based seeding: image i's stream depends on (seed, i) only, not on the thread running it.
     states[i, 0] = _mix(_mix(np.uint64(seed)) + np.uint64(i + 1) * _U_GOLDEN)
@@ -414,58 +426,67 @@ def _masks_of_image(i, packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, u
         else:
             word = _cols(0, G)
         V[i, r] = word
-    _sample_one(V[i], G, T, th, tw, ch, cw, tau, min_keep, max_tries, states[i], F[i], masks[i], counts[i],
-                blocks[i], buf[i], cand[i])
+    _sample_one(V[i], G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, states[i], F[i], masks[i],
+                counts[i], blocks[i], buf[i], cand[i])
 
 
 @njit(cache=True, error_model="numpy")
-def _equal_lengths(counts):
-    """Kc, Kt: the smallest context and the smallest target in the batch."""
+def _mask_lengths(counts, batch_min):
+    """Kept lengths [B, 1 + T] and the padded widths (Kc, Kt). Per image: every mask whole, the widths
+    the longest context and target. batch_min: all cut to the smallest context / target of the batch."""
+    B, T1 = counts.shape
     k_ctx, k_tgt = counts[0, 0], counts[0, 1]
-    for i in range(counts.shape[0]):
-        k_ctx = min(k_ctx, counts[i, 0])
-        for j in range(1, counts.shape[1]):
-            k_tgt = min(k_tgt, counts[i, j])
-    return k_ctx, k_tgt
+    for i in range(B):
+        k_ctx = min(k_ctx, counts[i, 0]) if batch_min else max(k_ctx, counts[i, 0])
+        for j in range(1, T1):
+            k_tgt = min(k_tgt, counts[i, j]) if batch_min else max(k_tgt, counts[i, j])
+    lens = counts.copy()
+    if batch_min:
+        lens[:, 0] = k_ctx
+        lens[:, 1:] = k_tgt
+    return lens, k_ctx, k_tgt
 
 
 @njit(cache=True, error_model="numpy")
-def _cut_image(i, G, T, masks, counts, k_ctx, k_tgt, states, flags, ctx_idx, tgt_idx):
-    """Pass 2 for image i: a random subset of each of its masks, of the batch's common length."""
-    _subsample_sorted(masks[i, 0], G, counts[i, 0], k_ctx, states[i], flags[i], ctx_idx[i])
+def _cut_image(i, G, T, masks, counts, lens, states, flags, ctx_idx, tgt_idx):
+    """Pass 2 for image i: each of its masks (a random subset of lens[i, j] patches when that is shorter),
+    into rows already filled with PAD."""
+    _subsample_sorted(masks[i, 0], G, counts[i, 0], lens[i, 0], states[i], flags[i], ctx_idx[i])
     for j in range(1, T + 1):
-        _subsample_sorted(masks[i, j], G, counts[i, j], k_tgt, states[i], flags[i], tgt_idx[j - 1, i])
+        _subsample_sorted(masks[i, j], G, counts[i, j], lens[i, j], states[i], flags[i], tgt_idx[j - 1, i])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _sample_batch_parallel(packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, usrc, seed):
+def _sample_batch_parallel(packed, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, usrc,
+                          batch_min, seed):
     """packed: uint8 [B, G, ceil(G / 8)], the valid grid bit-packed along the row (little bit order)."""
     B = packed.shape[0]
     V, F, masks, counts, blocks, buf, cand, flags, states = _workspace(B, G, T)
     for i in prange(B):
-        _masks_of_image(i, packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, usrc, seed, V, F, masks,
-                        counts, blocks, buf, cand, states)
-    k_ctx, k_tgt = _equal_lengths(counts)
-    ctx_idx = np.empty((B, k_ctx), np.int64)
-    tgt_idx = np.empty((T, B, k_tgt), np.int64)
+        _masks_of_image(i, packed, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, usrc, seed,
+                        V, F, masks, counts, blocks, buf, cand, states)
+    lens, k_ctx, k_tgt = _mask_lengths(counts, batch_min)
+    ctx_idx = np.full((B, k_ctx), -1, np.int64)
+    tgt_idx = np.full((T, B, k_tgt), -1, np.int64)
     for i in prange(B):
-        _cut_image(i, G, T, masks, counts, k_ctx, k_tgt, states, flags, ctx_idx, tgt_idx)
+        _cut_image(i, G, T, masks, counts, lens, states, flags, ctx_idx, tgt_idx)
     return ctx_idx, tgt_idx, blocks
 
 
 @njit(cache=True, error_model="numpy")
-def _sample_batch_serial(packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, usrc, seed):
+def _sample_batch_serial(packed, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, usrc,
+                          batch_min, seed):
     """The same as _sample_batch_parallel on the calling thread (identical results)."""
     B = packed.shape[0]
     V, F, masks, counts, blocks, buf, cand, flags, states = _workspace(B, G, T)
     for i in range(B):
-        _masks_of_image(i, packed, G, T, th, tw, ch, cw, tau, min_keep, max_tries, usrc, seed, V, F, masks,
-                        counts, blocks, buf, cand, states)
-    k_ctx, k_tgt = _equal_lengths(counts)
-    ctx_idx = np.empty((B, k_ctx), np.int64)
-    tgt_idx = np.empty((T, B, k_tgt), np.int64)
+        _masks_of_image(i, packed, G, T, th, tw, t_scale, t_aspect, ch, cw, tau, min_keep, max_tries, usrc, seed,
+                        V, F, masks, counts, blocks, buf, cand, states)
+    lens, k_ctx, k_tgt = _mask_lengths(counts, batch_min)
+    ctx_idx = np.full((B, k_ctx), -1, np.int64)
+    tgt_idx = np.full((T, B, k_tgt), -1, np.int64)
     for i in range(B):
-        _cut_image(i, G, T, masks, counts, k_ctx, k_tgt, states, flags, ctx_idx, tgt_idx)
+        _cut_image(i, G, T, masks, counts, lens, states, flags, ctx_idx, tgt_idx)
     return ctx_idx, tgt_idx, blocks
 
 
@@ -475,7 +496,8 @@ def sample_block_masks(valid, cfg: MaskConfig, seed: int, *, return_blocks: bool
     valid: bool [B, G, G] (numpy, or a torch tensor), True = the patch holds ultrasound signal (any valid
         pixel). Ignored, apart from B, when ``cfg.usrc`` is False.
     seed: int in [0, 2**63); the same (valid, cfg, seed) gives the same masks on any number of threads.
-    Returns ``ctx_idx`` int64 [B, Kc] and ``tgt_idx`` int64 [T, B, Kt], each row sorted ascending; with
+    Returns ``ctx_idx`` int64 [B, Kc] and ``tgt_idx`` int64 [T, B, Kt]: each row its mask's indices sorted
+    ascending, then PAD (-1) up to the widest mask of the batch (``mask_lengths`` counts them); with
     ``return_blocks=True`` also ``blocks`` int64 [B, 1 + T, 4]: the raw (top, left, height, width) of the
     context block (row 0) and the target blocks, before the intersection with the valid patches.
     """
@@ -494,6 +516,15 @@ def _kernel_args(valid, cfg: MaskConfig, seed: int) -> tuple:
         raise ValueError(f"the Numba kernel supports grids up to {MAX_GRID} patches per side, got {G}")
     u = _batch_uniforms(seed, 4)
     th, tw = block_size(u[0], u[1], cfg.tgt_scale, cfg.tgt_aspect, G)
+    t_scale, t_aspect = scale_aspect(u[0], u[1], cfg.tgt_scale, cfg.tgt_aspect)
+    if cfg.tgt_scale_of == "grid":
+        t_scale = 0.0  # the kernel's flag for "one target size per batch"
     ch, cw = block_size(u[2], u[3], cfg.ctx_scale, cfg.ctx_aspect, G)
     packed = np.packbits(valid, axis=-1, bitorder="little")
-    return packed, G, cfg.n_targets, th, tw, ch, cw, cfg.tau, cfg.min_keep, cfg.max_tries, cfg.usrc, seed
+    return (packed, G, cfg.n_targets, th, tw, t_scale, t_aspect, ch, cw, cfg.tau, cfg.min_keep, cfg.max_tries,
+            cfg.usrc, cfg.lengths == "batch_min", seed)
+
+
+def mask_lengths(idx):
+    """Real (non-PAD) entries per row of a padded index array or tensor: ``[B, K] -> [B]``, ``[T, B, K] -> [T, B]``."""
+    return (idx >= 0).sum(-1)

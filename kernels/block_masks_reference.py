@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .mask_config import MaskConfig, block_size, check_inputs, threshold
+from .mask_config import PAD, MaskConfig, block_hw, block_size, check_inputs, scale_aspect, threshold
 
 
 def grow_valid(valid: np.ndarray, n_min: int) -> np.ndarray:
@@ -65,9 +65,11 @@ def _block(G, top, left, h, w) -> np.ndarray:
 def _sample_one(valid, cfg, sizes, rng):
     """Masks of one image before equalisation: (context mask, [target masks], [rectangles])."""
     G, T = cfg.grid, cfg.n_targets
-    (th, tw), (ch, cw) = sizes
+    (th, tw), (ch, cw), (t_scale, t_aspect) = sizes
     V = grow_valid(valid if cfg.usrc else np.ones((G, G), bool), cfg.min_keep + T)
     n_valid = int(V.sum())
+    if cfg.tgt_scale_of == "valid":  # targets sized against this image's scan region
+        th, tw = block_hw(t_scale * n_valid, t_aspect, G)
     tau_t = threshold(cfg.tau, th * tw, n_valid)
     tau_c = threshold(cfg.tau, ch * cw, n_valid)
 
@@ -87,7 +89,7 @@ def _sample_one(valid, cfg, sizes, rng):
         )
         if ctx_pos is not None:
             context = _block(G, *ctx_pos, ch, cw) & free
-            return context, targets, [ctx_pos] + tgt_pos
+            return context, targets, [ctx_pos] + tgt_pos, (th, tw)
 
     # Fallback 3 (every attempt left too little context): best context block of the last attempt, then
     # free valid patches outside it, then patches handed back from targets (never emptying a target),
@@ -107,7 +109,7 @@ def _sample_one(valid, cfg, sizes, rng):
         for t in holders:
             t[p] = False
         cflat[p] = True
-    return context, targets, [ctx_pos] + tgt_pos
+    return context, targets, [ctx_pos] + tgt_pos, (th, tw)
 
 
 def sample_block_masks_reference(valid, cfg: MaskConfig, seed: int, *, return_blocks: bool = False):
@@ -119,22 +121,33 @@ def sample_block_masks_reference(valid, cfg: MaskConfig, seed: int, *, return_bl
     # the same length and equalisation drops nothing.
     u = batch_rng.random(4)
     sizes = (block_size(u[0], u[1], cfg.tgt_scale, cfg.tgt_aspect, G),
-             block_size(u[2], u[3], cfg.ctx_scale, cfg.ctx_aspect, G))
+             block_size(u[2], u[3], cfg.ctx_scale, cfg.ctx_aspect, G),
+             scale_aspect(u[0], u[1], cfg.tgt_scale, cfg.tgt_aspect))
     rngs = [np.random.default_rng([seed, i + 1]) for i in range(B)]
     per_image = [_sample_one(valid[i], cfg, sizes, rngs[i]) for i in range(B)]
 
-    # Equal lengths across the batch: a uniformly random subset of each mask (not raster truncation).
-    k_ctx = min(int(c.sum()) for c, _, _ in per_image)
-    k_tgt = min(int(t.sum()) for _, ts, _ in per_image for t in ts)
-    ctx_idx = np.empty((B, k_ctx), np.int64)
-    tgt_idx = np.empty((T, B, k_tgt), np.int64)
-    for i, (context, targets, _) in enumerate(per_image):
-        ctx_idx[i] = np.sort(rngs[i].choice(np.flatnonzero(context.ravel()), k_ctx, replace=False))
+    # Lengths: each mask whole, PAD after it up to the longest of the batch; or ("batch_min") every mask
+    # cut to the batch's smallest by a uniformly random subset (not raster truncation).
+    ctx_n = [int(c.sum()) for c, _, _, _ in per_image]
+    tgt_n = [int(t.sum()) for _, ts, _, _ in per_image for t in ts]
+    pick = min if cfg.lengths == "batch_min" else max
+    k_ctx, k_tgt = pick(ctx_n), pick(tgt_n)
+    ctx_idx = np.full((B, k_ctx), PAD, np.int64)
+    tgt_idx = np.full((T, B, k_tgt), PAD, np.int64)
+
+    def kept(mask, rng, k):
+        idx = np.flatnonzero(mask.ravel())
+        return idx if len(idx) <= k else np.sort(rng.choice(idx, k, replace=False))
+
+    for i, (context, targets, _, _) in enumerate(per_image):
+        c = kept(context, rngs[i], k_ctx)
+        ctx_idx[i, : len(c)] = c
         for j, t in enumerate(targets):
-            tgt_idx[j, i] = np.sort(rngs[i].choice(np.flatnonzero(t.ravel()), k_tgt, replace=False))
+            t = kept(t, rngs[i], k_tgt)
+            tgt_idx[j, i, : len(t)] = t
     if not return_blocks:
         return ctx_idx, tgt_idx
-    (th, tw), (ch, cw) = sizes
-    blocks = np.array([[(t, l, ch, cw) if j == 0 else (t, l, th, tw) for j, (t, l) in enumerate(rects)]
-                       for _, _, rects in per_image], dtype=np.int64)
+    ch, cw = sizes[1]
+    blocks = np.array([[(t, l, ch, cw) if j == 0 else (t, l, *thw) for j, (t, l) in enumerate(rects)]
+                       for _, _, rects, thw in per_image], dtype=np.int64)
     return ctx_idx, tgt_idx, blocks

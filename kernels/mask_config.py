@@ -2,7 +2,9 @@
 
 `MaskConfig` holds the paper's values (US-JEPA Table 5, I-JEPA multi-block): one context block of scale
 [0.85, 1.0] and aspect 1, four target blocks of scale [0.075, 0.125] and aspect [0.75, 1.5] on the 14 x 14
-patch grid, at least 10 context patches. It is built from the trainer's YAML ``masks:`` section with
+patch grid, at least 10 context patches. Masks keep their own lengths per image (``lengths="per_image"``,
+padded with ``PAD`` = -1) unless ``lengths="batch_min"`` asks for the old cut to the batch's smallest mask;
+``tgt_scale_of="valid"`` sizes each image's targets against its scan region. It is built from the trainer's YAML ``masks:`` section with
 ``MaskConfig.from_dict(d)`` (unknown keys are a clear error) or ``MaskConfig(**d)``.
 """
 
@@ -14,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+
+PAD = -1  # index of a padding slot in ctx_idx / tgt_idx: no patch
+LENGTHS = ("per_image", "batch_min")
+TGT_SCALE_OF = ("grid", "valid")
 
 
 def _pair(name: str, value: Any) -> tuple[float, float]:
@@ -42,6 +48,11 @@ class MaskConfig:
     max_tries: random placements tried per block before the exact enumeration of all acceptable positions
         (same distribution, bounded cost), and whole-image attempts before the documented fallback.
     usrc: condition the blocks on the valid (ultrasound) patches; False is plain I-JEPA on the full grid.
+    lengths: "per_image" keeps every mask whole and pads the batch's index tensors with PAD (-1);
+        "batch_min" cuts every mask to the batch's smallest one (a random subset), as before: one small
+        scan region then shortens every context of the batch (docs/kernels.md measures it).
+    tgt_scale_of: "grid" sizes targets as tgt_scale x G² (I-JEPA), one size per batch; "valid" as
+        tgt_scale x |valid patches| of each image, so a small scan region gets small targets.
     """
 
     grid: int = 14
@@ -54,6 +65,8 @@ class MaskConfig:
     tau: float = 0.75
     max_tries: int = 20
     usrc: bool = True
+    lengths: str = "per_image"
+    tgt_scale_of: str = "grid"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise YAML lists to tuples once, here
@@ -73,6 +86,9 @@ class MaskConfig:
         for name in ("ctx_aspect", "tgt_aspect"):
             if getattr(self, name)[0] <= 0.0:
                 raise ValueError(f"MaskConfig.{name} must be positive, got {getattr(self, name)}")
+        for name, allowed in (("lengths", LENGTHS), ("tgt_scale_of", TGT_SCALE_OF)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MaskConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(
                 f"MaskConfig.tau is a fraction of the block area in (0, 1], got {self.tau!r} "
@@ -95,20 +111,27 @@ class MaskConfig:
         return cls(**d)
 
 
-def block_size(u_scale: float, u_aspect: float, scale: tuple[float, float],
-               aspect: tuple[float, float], grid: int) -> tuple[int, int]:
-    """(height, width) of a block from two uniforms in [0, 1): area = scale * grid², h / w = aspect.
+def scale_aspect(u_scale: float, u_aspect: float, scale: tuple[float, float],
+                 aspect: tuple[float, float]) -> tuple[float, float]:
+    """A block's scale and aspect from two uniforms in [0, 1), drawn independently (I-JEPA reuses one
+    uniform for both, so its big blocks are always its tall ones)."""
+    return scale[0] + u_scale * (scale[1] - scale[0]), aspect[0] + u_aspect * (aspect[1] - aspect[0])
 
-    Unlike I-JEPA, scale and aspect are drawn independently (I-JEPA reuses one uniform for both, so its
-    big blocks are always its tall ones), and a side may reach the full grid (I-JEPA caps it at grid - 1).
-    Rounding is half-up (floor(x + 0.5)). The Numba kernel and the reference both size blocks here.
-    """
-    s = scale[0] + u_scale * (scale[1] - scale[0])
-    a = aspect[0] + u_aspect * (aspect[1] - aspect[0])
-    area = s * grid * grid
+
+def block_hw(area: float, a: float, grid: int) -> tuple[int, int]:
+    """(height, width) of a block of ``area`` patches and h / w = a: rounded half-up (floor(x + 0.5)),
+    sides in [1, grid] (I-JEPA caps them at grid - 1). Plain arithmetic so that the Numba kernel compiles
+    this same function; the kernel and the reference both size blocks here."""
     h = int(math.floor(math.sqrt(area * a) + 0.5))
     w = int(math.floor(math.sqrt(area / a) + 0.5))
     return min(max(h, 1), grid), min(max(w, 1), grid)
+
+
+def block_size(u_scale: float, u_aspect: float, scale: tuple[float, float],
+               aspect: tuple[float, float], grid: int) -> tuple[int, int]:
+    """(height, width) of a block from two uniforms in [0, 1): area = scale * grid², h / w = aspect."""
+    s, a = scale_aspect(u_scale, u_aspect, scale, aspect)
+    return block_hw(s * grid * grid, a, grid)
 
 
 def threshold(tau: float, block_area: int, n_valid: int) -> int:

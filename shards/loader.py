@@ -42,14 +42,24 @@ MAX_WORKER_RESTARTS = 3  # per pass: a worker that keeps dying (e.g. every batch
 class Batch:
     images: torch.Tensor  # float32 [B, 1, S, S], (x/255 - mean) / std
     valid: torch.Tensor  # bool [B, G, G]
-    ctx_idx: torch.Tensor  # int64 [B, Kc]
-    tgt_idx: torch.Tensor  # int64 [T, B, Kt]
+    ctx_idx: torch.Tensor  # int64 [B, Kc]: each image's context, then PAD (-1) up to the batch's longest
+    tgt_idx: torch.Tensor  # int64 [T, B, Kt]: the same for each target block
     keys: list[str]
     sample_ids: torch.Tensor = field(default=None)  # int64 [B] rows of the sample table (-1: placeholder)
     replaced: torch.Tensor = field(default=None)  # bool [B] planned sample was unreadable and was replaced
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def ctx_len(self) -> torch.Tensor:
+        """int64 [B]: real context patches per image (``ctx_idx >= 0``)."""
+        return (self.ctx_idx >= 0).sum(-1)
+
+    @property
+    def tgt_len(self) -> torch.Tensor:
+        """int64 [T, B]: real patches per target block and image."""
+        return (self.tgt_idx >= 0).sum(-1)
 
 
 class _DaliBackend:

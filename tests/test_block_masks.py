@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from usjepa.kernels import block_masks
-from usjepa.kernels.block_masks import MaskConfig, sample_block_masks, sample_block_masks_reference
+from usjepa.kernels.block_masks import MaskConfig, mask_lengths, sample_block_masks, sample_block_masks_reference
 from usjepa.kernels.mask_config import block_size
 from usjepa.kernels.patch_grid import patch_validity
 
@@ -46,25 +46,36 @@ def named_grids():
     }
 
 
+def real(row):
+    """A padded index row without its PAD tail, checking that padding only ever follows the real entries."""
+    n = int((row >= 0).sum())
+    assert np.all(row[n:] == -1), "PAD (-1) only after the real indices"
+    return row[:n]
+
+
 def check_masks(valid, ctx, tgt, cfg=CFG):
     """The invariants every output must satisfy."""
     B = valid.shape[0]
     N = cfg.grid * cfg.grid
     assert ctx.dtype == np.int64 and tgt.dtype == np.int64
     assert ctx.shape[0] == B and tgt.shape[:2] == (cfg.n_targets, B)
-    assert ctx.shape[1] >= cfg.min_keep and tgt.shape[2] >= 1  # never empty; min_keep context patches
+    assert mask_lengths(ctx).min() >= cfg.min_keep and mask_lengths(tgt).min() >= 1  # min_keep; never empty
+    assert mask_lengths(ctx).max() == ctx.shape[1] and mask_lengths(tgt).max() == tgt.shape[2]  # no idle width
+    if cfg.lengths == "batch_min":
+        assert (mask_lengths(ctx) == ctx.shape[1]).all() and (mask_lengths(tgt) == tgt.shape[2]).all()
     flat = valid.reshape(B, N)
     for i in range(B):
-        c = ctx[i]
+        c = real(ctx[i])
         assert np.all(np.diff(c) > 0) and c.min() >= 0 and c.max() < N  # sorted, unique, in range
         in_targets = set()
         for j in range(cfg.n_targets):
-            t = tgt[j, i]
+            t = real(tgt[j, i])
             assert np.all(np.diff(t) > 0) and t.min() >= 0 and t.max() < N
             in_targets |= set(t.tolist())
         assert not in_targets & set(c.tolist()), "context and targets overlap"
         if cfg.usrc and flat[i].sum() >= cfg.min_keep + cfg.n_targets:
-            assert flat[i][c].all() and flat[i][tgt[:, i].ravel()].all(), "index outside the valid area"
+            t_all = tgt[:, i].ravel()
+            assert flat[i][c].all() and flat[i][t_all[t_all >= 0]].all(), "index outside the valid area"
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=["numba", "reference"])
@@ -94,6 +105,7 @@ def test_grids_below_min_keep_grow_by_nearest_patches():
     for seed in range(30):
         ctx, tgt = sample_block_masks(one, CFG, seed)
         seen |= set(ctx[0].tolist()) | set(tgt[:, 0].ravel().tolist())
+    seen.discard(-1)  # padding
     r, c = np.divmod(np.array(sorted(seen)), G)
     assert 6 * G + 9 in seen
     d = np.sort(np.hypot(r - 6, c - 9))
@@ -111,9 +123,11 @@ def test_grids_below_min_keep_grow_by_nearest_patches():
     usrc=st.booleans(),
     tau=st.floats(0.05, 1.0),
     n_targets=st.integers(1, 6),
+    lengths=st.sampled_from(["per_image", "batch_min"]),
+    tgt_scale_of=st.sampled_from(["grid", "valid"]),
 )
-def test_random_grids_keep_the_invariants(B, density, grid_seed, seed, usrc, tau, n_targets):
-    cfg = MaskConfig(usrc=usrc, tau=tau, n_targets=n_targets)
+def test_random_grids_keep_the_invariants(B, density, grid_seed, seed, usrc, tau, n_targets, lengths, tgt_scale_of):
+    cfg = MaskConfig(usrc=usrc, tau=tau, n_targets=n_targets, lengths=lengths, tgt_scale_of=tgt_scale_of)
     valid = np.random.default_rng(grid_seed).random((B, G, G)) < density
     ctx, tgt, blocks = sample_block_masks(valid, cfg, seed, return_blocks=True)
     check_masks(valid, ctx, tgt, cfg)
@@ -123,7 +137,7 @@ def test_random_grids_keep_the_invariants(B, density, grid_seed, seed, usrc, tau
     # Targets lie inside their rectangles (the intersection with the valid set only removes patches).
     for i in range(B):
         for j in range(n_targets):
-            r, c = np.divmod(tgt[j, i], G)
+            r, c = np.divmod(real(tgt[j, i]), G)
             t, l, hh, ww = blocks[i, 1 + j]
             assert ((r >= t) & (r < t + hh) & (c >= l) & (c < l + ww)).all()
 
@@ -203,16 +217,52 @@ def test_image_masks_do_not_depend_on_the_rest_of_the_batch():
     np.testing.assert_array_equal(blocks4[:2], blocks2)
 
 
-def test_one_tiny_image_sets_the_context_length_for_the_batch():
-    """Documented consequence of equal lengths: Kc is the smallest context in the batch."""
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["numba", "reference"])
+def test_very_different_scan_regions_keep_each_images_context(sampler):
+    """Per-image lengths: a tiny scan region next to full frames and fans changes no other image's masks;
+    each image gets exactly what it gets alone (its stream is (seed, i), so 'alone' = the same position)."""
     tiny = np.zeros((G, G), bool)
-    tiny[13, :] = True  # 14 valid patches = min_keep + T: the context keeps just min_keep..13
+    tiny[13, :] = True  # 14 valid patches = min_keep + T: its context keeps just min_keep..13
+    valid = np.stack([np.ones((G, G), bool), sector_grid(30, 0.6), sector_grid(90, 1.0), tiny])
+    for seed in range(4 if sampler is sample_block_masks else 2):
+        ctx, tgt = sampler(valid, CFG, seed)
+        check_masks(valid, ctx, tgt)
+        for i in range(len(valid)):
+            others = valid.copy()
+            others[np.arange(len(valid)) != i] = valid[i] if i != 3 else True  # the rest of the batch replaced
+            ctx_i, tgt_i = sampler(others, CFG, seed)
+            np.testing.assert_array_equal(real(ctx[i]), real(ctx_i[i]))
+            for j in range(CFG.n_targets):
+                np.testing.assert_array_equal(real(tgt[j, i]), real(tgt_i[j, i]))
+        assert mask_lengths(ctx)[0] >= 13 * 13 - 4 * 25 and mask_lengths(ctx)[3] <= 13
+
+
+def test_batch_min_lengths_let_one_tiny_image_set_the_batchs_context():
+    """The old behaviour, kept as ``lengths="batch_min"`` for the ablation: Kc is the smallest context."""
+    cfg = MaskConfig(lengths="batch_min")
+    tiny = np.zeros((G, G), bool)
+    tiny[13, :] = True
     valid = np.stack([np.ones((G, G), bool)] * 7 + [tiny])
     for seed in range(10):
-        ctx, tgt = sample_block_masks(valid, CFG, seed)
+        ctx, tgt = sample_block_masks(valid, cfg, seed)
+        check_masks(valid, ctx, tgt, cfg)
         assert CFG.min_keep <= ctx.shape[1] <= 13
-        alone, _ = sample_block_masks(valid[:7], CFG, seed)
+        alone, _ = sample_block_masks(valid[:7], cfg, seed)
         assert alone.shape[1] >= 13 * 13 - 4 * 30
+
+
+def test_targets_scaled_to_the_valid_region():
+    """tgt_scale_of="valid": a target covers tgt_scale x |V| patches (rounded), so a narrow fan gets small
+    targets and keeps more context than with targets sized against the whole grid."""
+    narrow = np.stack([sector_grid(30, 0.6)] * 8)
+    n_valid = int(narrow[0].sum())
+    for sampler in SAMPLERS:
+        _, _, b_grid = sampler(narrow, MaskConfig(tgt_scale_of="grid"), 5, return_blocks=True)
+        ctx, tgt, b_valid = sampler(narrow, MaskConfig(tgt_scale_of="valid"), 5, return_blocks=True)
+        area = b_valid[0, 1, 2] * b_valid[0, 1, 3]
+        assert 0.075 * n_valid * 0.5 <= area <= 0.125 * n_valid * 2 and area < b_grid[0, 1, 2] * b_grid[0, 1, 3]
+    ctx_grid, _ = sample_block_masks(narrow, MaskConfig(tgt_scale_of="grid"), 5)
+    assert mask_lengths(ctx).mean() > mask_lengths(ctx_grid).mean()
 
 
 def test_usrc_off_ignores_the_grid():
@@ -256,6 +306,10 @@ def test_bad_seeds_and_configs_are_clear_errors():
         MaskConfig(tgt_scale=(0.2, 0.1))
     with pytest.raises(ValueError, match="min_keep"):
         MaskConfig(min_keep=0)
+    with pytest.raises(ValueError, match="lengths"):
+        MaskConfig(lengths="shortest")
+    with pytest.raises(ValueError, match="tgt_scale_of"):
+        MaskConfig(tgt_scale_of="frame")
     with pytest.raises(ValueError, match="cannot fit"):
         MaskConfig(grid=3, min_keep=8, n_targets=4)
 

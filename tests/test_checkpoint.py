@@ -106,3 +106,22 @@ def test_config_files_load_and_typos_are_named(tmp_path):
         load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", "optim.epochs=two"])
     with pytest.raises(ConfigError, match="needs model.teacher"):
         load_config(REPO / "configs" / "tiny_cpu.yaml")
+    for key in ("model.target_norm=batch", "optim.lr_scale=sqrt"):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", key])
+
+
+def test_stage1_starts_from_mae_optimiser_defaults(tmp_path):
+    from usjepa.config import lr_multiplier
+
+    cfg = tmp_path / "mae.yaml"
+    cfg.write_text("stage: 1\noptim: {epochs: 10, warmup_epochs: 1, lr_peak: 3.0e-4}\n")
+    mae = load_config(cfg)
+    assert mae.optim.lr_peak == 3e-4  # given keys win
+    assert (mae.optim.wd_start, mae.optim.wd_final, mae.optim.betas, mae.optim.lr_scale) == (0.05, 0.05, [0.9, 0.95], "linear")
+    assert mae.model.decoder == {"embed_dim": 512, "depth": 8, "num_heads": 16, "mask_ratio": 0.75}
+    assert lr_multiplier(mae, world_size=8) == 128 * 8 / 256  # the paper's 128 per GPU on 8 GPUs
+    salt = load_config(REPO / "configs" / "usjepa_vitb16.yaml")
+    assert salt.optim.lr_peak == 5e-5 and salt.optim.lr_scale == "none" and lr_multiplier(salt, 8) == 1.0
+    vitb_mae = load_config(REPO / "configs" / "mae_vitb16.yaml")
+    assert vitb_mae.stage == 1 and vitb_mae.optim.lr_peak == 1.5e-4 and vitb_mae.model.decoder["depth"] == 8

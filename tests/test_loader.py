@@ -60,6 +60,9 @@ def test_backends_give_the_same_batches(corpus):
         assert a.images.dtype == b.images.dtype == torch.float32
         assert a.valid.dtype == b.valid.dtype == torch.bool and a.valid.shape == (8, 14, 14)
         assert a.ctx_idx.dtype == torch.int64 and a.tgt_idx.shape[:2] == (4, 8)
+        # per-image lengths: rows padded with -1 after their real indices, up to the batch's longest mask
+        assert (a.ctx_len >= 10).all() and a.ctx_len.max() == a.ctx_idx.shape[1] and a.tgt_len.shape == (4, 8)
+        assert ((a.ctx_idx >= 0) == (torch.arange(a.ctx_idx.shape[1]) < a.ctx_len[:, None])).all()
         # same worker code: same samples, augmentation parameters, validity grids and block masks
         assert a.keys == b.keys
         assert torch.equal(a.valid, b.valid)

@@ -226,6 +226,70 @@ def test_salt_loss_is_mean_over_blocks_of_smooth_l1():
         salt_loss(p, y[:, :, :2])
 
 
+def padded_batch(B=3, T=2, seed=0):
+    """Per-image masks of very different lengths, padded with -1 as the mask kernel pads them."""
+    g = torch.Generator().manual_seed(seed)
+    ctx_len, tgt_len = [40, 12, 25][:B], [[6, 2, 4], [3, 5, 1]][:T]
+    ctx_idx = torch.full((B, max(ctx_len)), -1)
+    tgt_idx = torch.full((T, B, max(max(r) for r in tgt_len)), -1)
+    for i in range(B):
+        perm = torch.randperm(196, generator=g)
+        ctx_idx[i, : ctx_len[i]] = perm[: ctx_len[i]].sort().values
+        start = ctx_len[i]
+        for j in range(T):
+            n = tgt_len[j][i]
+            tgt_idx[j, i, :n] = perm[start : start + n].sort().values
+            start += n
+    return ctx_idx, tgt_idx
+
+
+def test_padding_never_changes_a_real_tokens_output():
+    """A padded batch against the images one at a time (each cut to its own real indices): the student's
+    context tokens and the predictions agree at every real position; padding values are irrelevant."""
+    torch.manual_seed(7)
+    model = SALTModel(build_vit(TINY), Predictor(PredictorConfig(32, 2, 2), 64, 48, 196)).eval()
+    x = torch.randn(3, 1, 224, 224)
+    ctx_idx, tgt_idx = padded_batch()
+    with torch.no_grad():
+        ctx, pred = model(x, ctx_idx, tgt_idx)
+        for i in range(3):
+            kc = int((ctx_idx[i] >= 0).sum())
+            for j in range(tgt_idx.shape[0]):
+                kt = int((tgt_idx[j, i] >= 0).sum())
+                ctx1, pred1 = model(x[i : i + 1], ctx_idx[i : i + 1, :kc], tgt_idx[j : j + 1, i : i + 1, :kt])
+                torch.testing.assert_close(ctx[i, :kc], ctx1[0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(pred[j, i, :kt], pred1[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_ignores_padding_and_averages_real_target_tokens():
+    torch.manual_seed(8)
+    _, tgt_idx = padded_batch()
+    real = tgt_idx >= 0
+    p, y = torch.randn(*tgt_idx.shape, 8), torch.randn(*tgt_idx.shape, 8)
+    loss = salt_loss(p, y, real)
+    junk = p.clone()
+    junk[~real] = 1e6  # whatever the padding slots predict
+    torch.testing.assert_close(salt_loss(junk, y, real), loss)
+    manual = sum(F.smooth_l1_loss(p[j][real[j]], y[j][real[j]]) for j in range(tgt_idx.shape[0])) / tgt_idx.shape[0]
+    torch.testing.assert_close(loss, manual)
+    # gradients reach the real predictions only
+    p.requires_grad_(True)
+    salt_loss(p, y, real).backward()
+    assert (p.grad[~real] == 0).all() and (p.grad[real].abs().sum(-1) > 0).all()
+
+
+def test_target_norm_layernorm_standardises_each_target_token():
+    torch.manual_seed(9)
+    teacher = freeze(build_vit(TINY))
+    x = torch.randn(2, 1, 224, 224)
+    _, tgt_idx = padded_batch(B=2)
+    y = teacher_targets(teacher, x, tgt_idx, norm="layernorm")
+    torch.testing.assert_close(y.mean(-1), torch.zeros(y.shape[:-1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(y.shape[:-1]), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="target norm"):
+        teacher_targets(teacher, x, tgt_idx, norm="batch")
+
+
 def test_teacher_gets_no_gradient_and_does_not_change():
     torch.manual_seed(6)
     teacher = freeze(build_vit(TINY))
@@ -236,7 +300,7 @@ def test_teacher_gets_no_gradient_and_does_not_change():
     ctx_idx = torch.arange(100).expand(2, -1)
     tgt_idx = torch.arange(150, 190).reshape(4, 1, 10).expand(4, 2, 10).contiguous()
     for _ in range(2):
-        loss = salt_loss(model(x, ctx_idx, tgt_idx), teacher_targets(teacher, x, tgt_idx))
+        loss = salt_loss(model(x, ctx_idx, tgt_idx)[1], teacher_targets(teacher, x, tgt_idx))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -281,3 +345,22 @@ def test_flop_counts_match_known_figures():
     full = salt_step_flops(base, base, pred, 1, n_ctx=196, n_blocks=4, n_tgt=20)
     # Student fwd+bwd (3x) + teacher fwd (1x) on the full image, plus the predictor.
     assert full > 4 * vit_forward_flops(base) and full < 4 * vit_forward_flops(base) + 3 * 4 * 12e9
+
+
+def test_collapse_statistic_and_warning(caplog):
+    from usjepa.models.salt import token_std
+    from usjepa.monitor import CollapseMonitor
+
+    torch.manual_seed(10)
+    x, real = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.3
+    torch.testing.assert_close(token_std(x, real), x[real].std(0, unbiased=False).mean())
+    collapsed = torch.randn(1, 1, 8).expand(3, 5, 8)  # every token the same vector
+    assert float(token_std(collapsed, real)) < 1e-6
+    monitor = CollapseMonitor(torch.device("cpu"))
+    monitor.observe(torch.tensor([0.5, 0.4, 0.9]))
+    assert monitor.record(10) == pytest.approx({"std_student": 0.5, "std_pred": 0.4, "std_target": 0.9})
+    assert monitor.record(20) == {}  # reset after each record
+    with caplog.at_level("WARNING", logger="usjepa.train"):
+        monitor.observe(torch.tensor([0.001, 0.001, 0.9]))
+        monitor.record(30)
+    assert "collapsing" in caplog.text and "step 30" in caplog.text

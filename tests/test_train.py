@@ -135,14 +135,17 @@ def test_corrupt_mismatched_and_existing_checkpoints_are_clear_errors(shards, te
         train(args(shards, out, teacher=teacher) + ["--resume", str(out / "nope.pt")])
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     torch.manual_seed(0)
     teacher_path = export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path / "teacher.safetensors")
     out = tmp_path / "run"
     assert train(args(shards, out, "train.max_steps=4", "train.log_every=2", teacher=teacher_path)) == 0
     good = latest_checkpoint(out)
     assert good.name == "step_00000004.pt"
-    # The teacher file goes bad (NaN weights): the targets, hence the loss, become NaN.
+    # The teacher's weights go bad (NaN) under the same identity (a resume with another teacher file is
+    # refused, see below): the targets, hence the loss, become NaN.
+    sha = load_checkpoint(good)["teacher_sha256"]
+    monkeypatch.setattr("usjepa.train.file_sha256", lambda path: sha)
     poisoned = build_vit("vit_test_tiny")
     with torch.no_grad():
         poisoned.norm.weight.fill_(float("nan"))
@@ -152,6 +155,28 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     assert [p.name for p in list_step_checkpoints(out)] == ["step_00000004.pt"]
     ck = load_checkpoint(good)
     assert all(torch.isfinite(v).all() for v in ck["encoder"].values())
+
+
+def test_teacher_identity_is_recorded_and_another_teacher_is_refused(shards, tmp_path):
+    from safetensors import safe_open
+
+    from usjepa.models import file_sha256
+
+    torch.manual_seed(0)
+    teacher_path = export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path / "teacher.safetensors")
+    out = tmp_path / "run"
+    assert train(args(shards, out, "train.max_steps=2", "train.log_every=1", teacher=teacher_path)) == 0
+    sha = file_sha256(teacher_path)
+    assert load_checkpoint(latest_checkpoint(out))["teacher_sha256"] == sha
+    with safe_open(str(out / "export" / "encoder_last.safetensors"), "pt") as f:
+        assert f.metadata()["usjepa_teacher_sha256"] == sha
+    # collapse statistics in every train record
+    rec = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert all(r["std_student"] > 0 and r["std_pred"] > 0 and r["std_target"] > 0 for r in rec)
+    other = export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path / "other.safetensors")
+    assert main(args(shards, out, "train.max_steps=4", teacher=other) + ["--resume", "auto"]) == 2
+    with pytest.raises(CheckpointError, match="teacher sha256"):
+        train(args(shards, out, "train.max_steps=4", teacher=other) + ["--resume", "auto"])
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Trainer configuration: YAML with strict keys (a typo is an error naming the key), plus ``--set a.b=v``.
 
 The defaults are the paper's (Table 5); ``configs/usjepa_vitb16.yaml`` spells them out and
-``configs/tiny_cpu.yaml`` shrinks everything for tests and the demo. ``masks`` is ``MaskConfig``'s own
+``configs/tiny_cpu.yaml`` shrinks everything for tests and the demo. Stage 1 starts from MAE's own
+optimiser and decoder (``STAGE1_DEFAULTS``), not from the SALT stage's values. ``masks`` is ``MaskConfig``'s own
 section; ``data.loader`` is handed to the data layer as its config (``DataConfig``); ``model.predictor``,
 ``model.decoder`` and a dict ``model.arch`` are the models' configs.
 
@@ -33,6 +34,7 @@ class ModelSection:
     teacher_arch: Any = "vit_base_patch16_224"
     predictor: dict = field(default_factory=lambda: {"embed_dim": 384, "depth": 12, "num_heads": 12})
     decoder: dict = field(default_factory=lambda: {"embed_dim": 256, "depth": 2, "num_heads": 8, "mask_ratio": 0.75})
+    target_norm: str = "none"  # stage 2: "none" (teacher's final-norm output) or "layernorm" (again, no affine)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class OptimSection:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
     clip_grad: float | None = 1.0  # max global grad norm; null = no clipping
+    lr_scale: str = "none"  # "linear": lr_* x global batch / 256 (MAE / Goyal et al.); "none": lr_* as written
 
 
 @dataclass
@@ -191,6 +194,32 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
+# Stage 1 is MAE (He et al. 2022, ViT-B): base lr 1.5e-4 per 256 images scaled linearly with the global
+# batch, AdamW betas (0.9, 0.95), weight decay 0.05 held constant, cosine to 0, an 8 x 512 decoder. These
+# fill the keys a stage-1 config leaves out (keys it gives win); SALT's 5e-5 would starve the MAE.
+STAGE1_DEFAULTS = {
+    "optim": {"lr_start": 0.0, "lr_peak": 1.5e-4, "lr_final": 0.0, "wd_start": 0.05, "wd_final": 0.05,
+              "betas": [0.9, 0.95], "lr_scale": "linear"},
+    "model": {"decoder": {"embed_dim": 512, "depth": 8, "num_heads": 16, "mask_ratio": 0.75}},
+}
+
+
+def lr_multiplier(cfg: "Config", world_size: int) -> float:
+    """Factor on every lr_* value: global batch / 256 under ``optim.lr_scale: linear``, else 1."""
+    return cfg.data.batch_size * world_size / 256 if cfg.optim.lr_scale == "linear" else 1.0
+
+
+def _with_stage_defaults(data: dict) -> dict:
+    if data.get("stage", Config.stage) != 1:
+        return data
+    out = dict(data)
+    for section, defaults in STAGE1_DEFAULTS.items():
+        given = out.get(section) or {}
+        if isinstance(given, dict):
+            out[section] = {**defaults, **given}
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
     data: dict = {}
     if path is not None:
@@ -205,7 +234,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError(f"{path}: the top level must be a mapping")
     for o in overrides:
         apply_override(data, o)
-    cfg = from_dict(Config, data)
+    cfg = from_dict(Config, _with_stage_defaults(data))
     validate(cfg)
     return cfg
 
@@ -327,3 +356,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.backend must be 'dali' or 'torch', got {cfg.data.backend!r}")
     if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
         raise ConfigError("optim.warmup_epochs must lie in [0, optim.epochs]")
+    for key, value, allowed in (("model.target_norm", cfg.model.target_norm, ("none", "layernorm")),
+                                ("optim.lr_scale", cfg.optim.lr_scale, ("none", "linear"))):
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")

@@ -46,7 +46,7 @@ from usjepa.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from usjepa.config import Config, ConfigError, load_config
+from usjepa.config import Config, ConfigError, load_config, lr_multiplier
 from usjepa.data_wait import DataWaitTimer
 from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, USAGE
 from usjepa.models import (
@@ -59,15 +59,16 @@ from usjepa.models import (
     SALTModel,
     build_vit,
     export_encoder_safetensors,
+    file_sha256,
     freeze,
     load_encoder,
     mae_loss,
     mae_step_flops,
     random_keep_indices,
-    salt_loss,
+    salt_forward,
     salt_step_flops,
-    teacher_targets,
 )
+from usjepa.monitor import CollapseMonitor
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
@@ -173,8 +174,9 @@ def train(argv=None) -> int:
 
     # ---------------------------------------------------------------- models (identical init on every rank)
     torch.manual_seed(cfg.seed)
-    teacher = None
+    teacher, teacher_sha = None, None
     if cfg.stage == 2:
+        teacher_sha = file_sha256(cfg.model.teacher)  # the teacher's identity, in checkpoints and exports
         teacher = freeze(load_encoder(cfg.model.teacher, cfg.model.teacher_arch)).to(device)
         student = build_vit(cfg.model.arch)
         predictor = Predictor(PredictorConfig(**cfg.model.predictor), student.embed_dim, teacher.embed_dim,
@@ -197,6 +199,7 @@ def train(argv=None) -> int:
     # ---------------------------------------------------------------- restore
     step, epoch, best_val, mid_epoch, no_batches_left = 0, 0, math.inf, False, False
     if ckpt is not None:
+        check_same_teacher(ckpt, teacher_sha, resume_path)
         restore_training_state(ckpt, encoder, head, optimizer, train_loader, world, resume_path)
         step, best_val = int(ckpt["step"]), float(ckpt.get("best_val") or math.inf)
         mid_epoch = not ckpt.get("epoch_complete", False)
@@ -215,19 +218,19 @@ def train(argv=None) -> int:
     if teacher is not None and cfg.train.compile:
         teacher = torch.compile(teacher)
 
-    def compute_loss(net, batch, mask_seed: int) -> torch.Tensor:
+    def compute_loss(net, batch, mask_seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, collapse statistics or None): stage 2 also returns the feature stds (usjepa.monitor)."""
         with autocast:
             if cfg.stage == 2:
-                targets = teacher_targets(teacher, batch.images, batch.tgt_idx)
-                return salt_loss(net(batch.images, batch.ctx_idx, batch.tgt_idx), targets)
+                return salt_forward(net, teacher, batch.images, batch.ctx_idx, batch.tgt_idx, cfg.model.target_norm)
             g = torch.Generator().manual_seed(mask_seed)
             keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
                                        head.cfg.mask_ratio, g)
             keep = to_device(keep, device)  # pinned + non_blocking: the step never waits on the host
-            return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size)
+            return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size), None
 
     def step_flops(batch) -> float:
-        """Model FLOPs of this rank's step, from this batch's actual context and target sizes."""
+        """Model FLOPs of this rank's step at this batch's padded context and target widths (what runs)."""
         if cfg.stage == 2:
             T, B, Kt = batch.tgt_idx.shape
             return salt_step_flops(encoder.cfg, teacher_cfg(teacher), head, B, batch.ctx_idx.shape[1], T, Kt)
@@ -239,7 +242,7 @@ def train(argv=None) -> int:
         val_loader.set_epoch(0)  # same samples and masks every time
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for i, batch in enumerate(val_loader):
-            loss = compute_loss(eval_model, batch, mask_seed=seed_of(cfg.seed, "val", i, rank))
+            loss, _ = compute_loss(eval_model, batch, mask_seed=seed_of(cfg.seed, "val", i, rank))
             total += torch.tensor([loss.item() * batch.images.shape[0], batch.images.shape[0]],
                                   dtype=torch.float64, device=device)
         if world > 1:
@@ -257,7 +260,7 @@ def train(argv=None) -> int:
                 "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "sampler": train_loader.state_dict(), "rng": capture_rng(),
                 "best_val": best_val if math.isfinite(best_val) else None, "val_loss": val_loss,
-                "config": cfg.to_dict(),
+                "config": cfg.to_dict(), "teacher_sha256": teacher_sha,
             }, out_dir, cfg.train.keep_last, is_best=is_best)
             log.info("saved %s%s", path, " (best)" if is_best else "")
         if world > 1:
@@ -288,6 +291,8 @@ def train(argv=None) -> int:
     window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0,
               "t0": time.perf_counter(), "gnorm": torch.zeros((), device=device)}
     data_wait = DataWaitTimer(device)  # CUDA events, read at log time: no per-step device synchronisation
+    collapse = CollapseMonitor(device)
+    lr_mult = lr_multiplier(cfg, world)  # optim.lr_scale: linear in the global batch, or 1
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -305,12 +310,13 @@ def train(argv=None) -> int:
             data_wait.batch_ready()
             progress_epochs = epoch_progress(epoch, seen, epoch_samples)
             seen += global_batch
-            lr = lr_at(progress_epochs, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr_start,
-                       cfg.optim.lr_peak, cfg.optim.lr_final)
+            lr = lr_mult * lr_at(progress_epochs, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr_start,
+                                 cfg.optim.lr_peak, cfg.optim.lr_final)
             wd = wd_at(progress_epochs, cfg.optim.epochs, cfg.optim.wd_start, cfg.optim.wd_final)
             set_optimizer_hparams(optimizer, lr, wd)
 
-            loss = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))
+            loss, stds = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))
+            collapse.observe(stds)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
@@ -344,6 +350,7 @@ def train(argv=None) -> int:
                     "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,
                     "mfu_peak_source": peak_source,
                     "peak_mem_gb": peak_memory_gb(device),
+                    **collapse.record(step),  # this rank's feature stds (stage 2)
                 }
                 metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
@@ -382,10 +389,11 @@ def train(argv=None) -> int:
     if last is None or int(last.name[5:13]) != step:
         checkpoint(epoch_complete=False)
     if master:
-        export_encoder_safetensors(encoder, out_dir / "export" / "encoder_last.safetensors")
+        meta = {"usjepa_teacher_sha256": teacher_sha} if teacher_sha else None
+        export_encoder_safetensors(encoder, out_dir / "export" / "encoder_last.safetensors", meta)
         best = out_dir / "checkpoints" / "best.pt"
         if best.is_file():
-            export_encoder_safetensors(load_encoder(best), out_dir / "export" / "encoder_best.safetensors")
+            export_encoder_safetensors(load_encoder(best), out_dir / "export" / "encoder_best.safetensors", meta)
         log.info("exported encoder to %s", out_dir / "export")
     digest = param_digest(model)
     print(f"[rank {rank}] finished at step {step}, parameter digest {digest}", flush=True)
@@ -473,6 +481,14 @@ def restore_training_state(ckpt, encoder, head, optimizer, train_loader, world, 
     if ckpt["world_size"] != world:
         log.warning("elastic resume: checkpoint written with %d ranks, now %d", ckpt["world_size"], world)
     train_loader.load_state_dict(ckpt["sampler"])
+
+
+def check_same_teacher(ckpt: dict, teacher_sha: str | None, path) -> None:
+    """A stage-2 run resumes only against the teacher file it started with (same sha256)."""
+    saved = ckpt.get("teacher_sha256")
+    if saved != teacher_sha:
+        raise CheckpointError(f"checkpoint {path} was trained against teacher sha256 {saved}, but model.teacher "
+                              f"now has sha256 {teacher_sha}; resume with the original teacher file or start a new run")
 
 
 def close_loaders(*loaders) -> None:

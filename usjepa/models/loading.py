@@ -15,6 +15,7 @@ is an error that lists the missing, unexpected and wrongly shaped keys — never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -159,7 +160,17 @@ def _recorded_arch(path, obj: dict) -> dict | None:
     return None
 
 
-def export_encoder_safetensors(model: VisionTransformer, path: str | os.PathLike) -> Path:
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes: the identity of a teacher, recorded in checkpoints and exports."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_encoder_safetensors(model: VisionTransformer, path: str | os.PathLike,
+                               metadata: dict[str, str] | None = None) -> Path:
     """Write the encoder alone as a safetensors file that timm loads as-is (atomic: tmp file + rename).
 
     ``timm.create_model("vit_base_patch16_224", num_classes=0, pretrained=True,
@@ -173,7 +184,7 @@ def export_encoder_safetensors(model: VisionTransformer, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "usjepa_arch": json.dumps(asdict(model.cfg))})
+    save_file(sd, str(tmp), metadata={"format": "pt", "usjepa_arch": json.dumps(asdict(model.cfg)), **(metadata or {})})
     os.replace(tmp, path)
     return path
 

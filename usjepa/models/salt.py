@@ -3,6 +3,10 @@
 The student encodes only the context patches; the predictor (I-JEPA style, narrower) reads the context
 tokens plus one learned mask token per target position (mask token + that position's embedding) and
 predicts the frozen teacher's patch tokens there. The loss is Smooth L1 averaged over the T target blocks.
+
+Masks keep each image's own lengths: index tensors are padded with -1 (``usjepa.kernels`` PAD). Padding
+never attends or is attended to (a key-padding mask in every attention), and the loss averages over real
+target tokens only, so a padded batch gives each image what it would get alone.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from usjepa.models.vit import (
     VisionTransformer,
     gather_tokens,
     init_transformer_weights,
+    key_padding_mask,
     transformer_flops,
     vit_forward_flops,
 )
+
+TARGET_NORMS = ("none", "layernorm")
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class Predictor(nn.Module):
         """``ctx [B, Kc, De]``, ``ctx_idx [B, Kc]``, ``tgt_idx [T, B, Kt]`` -> predictions ``[T, B, Kt, Dt]``.
 
         Each target block is predicted in its own sequence (context + that block's mask tokens), so the
-        batch is repeated T times, as in I-JEPA.
+        batch is repeated T times, as in I-JEPA. Indices < 0 are padding (never attended; their
+        predictions are meaningless and ``salt_loss`` leaves them out).
         """
         T, B, Kt = tgt_idx.shape
         pos = self.pos_embed.expand(B, -1, -1)
@@ -67,8 +75,9 @@ class Predictor(nn.Module):
         tgt = tgt_idx.reshape(T * B, Kt)
         m = self.mask_token + gather_tokens(pos.repeat(T, 1, 1), tgt)  # [T*B, Kt, Dp]
         x = torch.cat([x, m], dim=1)
+        mask = key_padding_mask(torch.cat([(ctx_idx >= 0).repeat(T, 1), tgt >= 0], dim=1))
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, mask)
         x = self.predictor_proj(self.norm(x[:, -Kt:]))
         return x.reshape(T, B, Kt, -1)
 
@@ -83,24 +92,62 @@ class Predictor(nn.Module):
         )
 
 
-def salt_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Eq. 5: (1/T) Σ_i SmoothL1(pred_i, y_i); each term is the mean over the block's tokens and channels.
+def salt_loss(pred: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 5: (1/T) Σ_i SmoothL1(pred_i, y_i); term i is the mean over block i's *real* tokens (all images
+    of the batch) and channels.
 
-    ``pred`` and ``target`` are ``[T, B, Kt, D]``; every block has the same Kt, so this equals one mean.
+    ``pred`` and ``target`` are ``[T, B, Kt, D]``; ``real`` bool ``[T, B, Kt]`` (``tgt_idx >= 0``) marks
+    the real target tokens, None = all real. Padding contributes nothing, whatever its values.
     Computed in float32 whatever the autocast dtype of the predictions.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    per_block = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    err = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=-1)  # [T, B, Kt]
+    if real is None:
+        return err.mean()
+    w = real.to(err.dtype)
+    per_block = (err * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2)).clamp_min(1.0)
     return per_block.mean()
 
 
 @torch.no_grad()
-def teacher_targets(teacher: VisionTransformer, images: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
-    """The frozen teacher's patch tokens after its final norm, gathered at the targets: ``[T, B, Kt, D]``."""
+def teacher_targets(teacher: VisionTransformer, images: torch.Tensor, tgt_idx: torch.Tensor,
+                    norm: str = "none") -> torch.Tensor:
+    """The frozen teacher's patch tokens, gathered at the targets: ``[T, B, Kt, D]``.
+
+    ``norm="none"``: the teacher's final-norm output as is (its LayerNorm's affine included);
+    ``"layernorm"``: that output layer-normalised again without affine, as I-JEPA and V-JEPA do with their
+    targets, so every target token has zero mean and unit variance over channels whatever the teacher's
+    final affine. Padding indices (< 0) gather token 0; the loss masks them out."""
+    if norm not in TARGET_NORMS:
+        raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {norm!r}")
     tokens = teacher.patch_tokens(images)  # [B, N, D]
+    if norm == "layernorm":
+        tokens = F.layer_norm(tokens, tokens.shape[-1:])
     T, B, Kt = tgt_idx.shape
     return gather_tokens(tokens.repeat(T, 1, 1), tgt_idx.reshape(T * B, Kt)).reshape(T, B, Kt, -1)
+
+
+def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Collapse statistic: the std over all real tokens (batch and positions) of each channel, averaged
+    over channels. ``x [..., K, D]``, ``real`` bool ``[..., K]``. A collapsed encoder maps every token to
+    the same vector and this goes to 0, even when each token is layer-normed."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    w = real.reshape(-1, 1).to(x.dtype)  # weights, not boolean indexing: no data-dependent shape, no sync
+    n = w.sum().clamp_min(1.0)
+    mean = (x * w).sum(0) / n
+    return (((x - mean) ** 2 * w).sum(0) / n).sqrt().mean()
+
+
+def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,
+                 tgt_idx: torch.Tensor, target_norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
+    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``)."""
+    ctx, pred = net(images, ctx_idx, tgt_idx)
+    targets = teacher_targets(teacher, images, tgt_idx, target_norm)
+    real = tgt_idx >= 0
+    stds = torch.stack([token_std(ctx, ctx_idx >= 0), token_std(pred, real), token_std(targets, real)])
+    return salt_loss(pred, targets, real), stds
 
 
 class SALTModel(nn.Module):
@@ -111,9 +158,11 @@ class SALTModel(nn.Module):
         self.student = student
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (student context tokens ``[B, Kc, De]``, predictions ``[T, B, Kt, Dt]``)."""
         ctx = self.student.patch_tokens(images, ctx_idx)
-        return self.predictor(ctx, ctx_idx, tgt_idx)
+        return ctx, self.predictor(ctx, ctx_idx, tgt_idx)
 
 
 def salt_step_flops(student: ViTConfig, teacher: ViTConfig, predictor: Predictor, batch: int, n_ctx: int,

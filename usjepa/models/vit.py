@@ -97,10 +97,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: bool ``[B, 1, 1, N]``, True = a real token (see ``key_padding_mask``)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -125,9 +126,17 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def key_padding_mask(real: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, N]`` (True = a real token) -> the attention mask ``[B, 1, 1, N]`` under which no token
+    attends to padding. Padding slots still compute (their outputs are never read); every sequence keeps
+    real keys (CLS, >= min_keep context patches). Always applied, even to an unpadded batch: checking on
+    the host would cost a device sync and a torch.compile graph break per step."""
+    return real[:, None, None, :]
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -196,22 +205,26 @@ class VisionTransformer(nn.Module):
 
         ``patch_idx`` (int64 ``[B, K]``, raster positions ``row * grid + col``) selects the patches the
         network sees at all — the student encodes only its context — gathered after the position
-        embedding is added, so every token keeps its place; the CLS token always takes part.
+        embedding is added, so every token keeps its place; the CLS token always takes part. Entries < 0
+        (the masks' PAD) are padding: no token attends to them, and their outputs are meaningless, so a
+        padded row gives its real tokens exactly what the image alone would get.
         """
         x = self._embed(x)
+        mask = None
         if patch_idx is not None:
             patches = gather_tokens(x[:, 1:], patch_idx)
             x = torch.cat([x[:, :1], patches], dim=1)
+            mask = key_padding_mask(F.pad(patch_idx >= 0, (1, 0), value=True))
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, mask)
         return self.norm(x)[:, 1:]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x [B, N, D]``, ``idx int64 [B, K]`` -> ``[B, K, D]``."""
+    """``x [B, N, D]``, ``idx int64 [B, K]`` -> ``[B, K, D]``; a padding index (< 0) reads token 0."""
     if idx.ndim != 2 or idx.shape[0] != x.shape[0]:
         raise ValueError(f"indices must be [B={x.shape[0]}, K], got {tuple(idx.shape)}")
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.gather(x, 1, idx.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def build_vit(arch: str | dict | ViTConfig, **overrides) -> VisionTransformer:

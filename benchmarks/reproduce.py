@@ -1,0 +1,368 @@
+"""One-command small reproduction on real ultrasound: ingest → stage-1 MAE teacher → SALT students → probe.
+
+    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~40 min, est.)
+    python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
+    python -m benchmarks.reproduce --out repro_out --preset vitb16   # the same on a GPU with ViT-B/16
+    make reproduce                                                   # = the first line, into repro_out/
+
+1. ``usjepa-ingest`` of ``../shared/realdata`` (POCUS videos and stills, BUSI, DDTI) into shards.
+2. Stage 1: a teacher by masked pixel reconstruction (``usjepa.train``, stage 1).
+3. Stage 2: SALT students against that frozen teacher, one per row of the ablation table: USrc off, USrc
+   on (the default: per-image mask lengths, targets sized against the grid, raw teacher targets), and
+   the ablations of one switch each: batch-minimum lengths, layer-normed targets, targets x |valid|.
+4. The linear probe (``usjepa.probe.run.probe_encoders``, macro-F1 over ``--seeds`` probe seeds) of a
+   random init, the teacher and every student on DDTI (TI-RADS category, split grouped by patient) and on
+   POCUS frames (lung finding, split grouped by video; the class with a single video is left out).
+
+The labelled sets are written here as ``labels.csv`` (path, label, group) beside copies of the images,
+because the probe resolves image paths inside its data root. Pretraining sees the probe's images without
+labels (as the paper's corpus contains its evaluation sets' sources; no labels are used before the probe).
+Every phase resumes: running the command again continues the training runs (``--resume auto``) and
+reuses the probe's feature cache. Writes ``reproduce.json`` and ``reproduce.md`` (the table, the config,
+the hardware, the wall time of each phase) into ``--out``; ``--results`` copies them to a results folder.
+``--probe-lr`` / ``--probe-patience`` re-probe the same encoders with another probe (files suffixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from benchmarks.common import hardware, hardware_line, utc_now
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
+log = logging.getLogger("usjepa.reproduce")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that sizes the reproduction; the JSON records it whole."""
+
+    arch: str
+    predictor: dict
+    decoder: dict
+    batch_size: int
+    stage1_steps: int
+    stage2_steps: int
+    stage1_lr: float  # peak, as written (lr_scale none): a short run cannot use MAE's 800-epoch base lr
+    stage2_lr: float
+    backend: str
+    threads: int | None
+    bf16: bool
+    compile: bool
+    students: tuple[str, ...]
+    frames_per_video: int = 24
+    probe_seeds: int = 5
+    warmup_frac: float = 0.1
+
+
+# Student variants: the switches each one sets on top of the stage-2 config (rows of the table).
+VARIANTS = {
+    "usrc off": {"masks.usrc": False},
+    "usrc on": {"masks.usrc": True},
+    "usrc on + batch-min lengths": {"masks.usrc": True, "masks.lengths": "batch_min"},
+    "usrc on + target layernorm": {"masks.usrc": True, "model.target_norm": "layernorm"},
+    "usrc on + targets x valid": {"masks.usrc": True, "masks.tgt_scale_of": "valid"},
+}
+
+# "cpu": a 4 x 96 ViT (patch 16, 224 px). Measured on the shared 2-core machine (about 0.8 of a core free):
+# stage 1 ran 32 img/s, stage 2 5.8 img/s; a 6 x 192 ViT costs ~5.7x as much per image, which would leave
+# each of the five students ~40 steps inside an hour, so the CPU preset uses the narrower model. Estimated
+# at ~40 min on an idle 2-core machine (2.5x the share measured), not measured.
+PRESETS = {
+    "cpu": Preset(arch="vit_test_small", predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
+                  decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75}, batch_size=32,
+                  stage1_steps=1000, stage2_steps=150, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
+                  threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
+    # One GPU, batch 128: MAE's base lr 1.5e-4 and Table 5's 5e-5 as written; ~2700 frames make 5000
+    # steps ~240 epochs. Not run yet (no GPU in the session that wrote it).
+    "vitb16": Preset(arch="vit_base_patch16_224", predictor={"embed_dim": 384, "depth": 12, "num_heads": 12},
+                     decoder={"embed_dim": 512, "depth": 8, "num_heads": 16, "mask_ratio": 0.75}, batch_size=128,
+                     stage1_steps=5000, stage2_steps=2000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
+                     backend="dali", threads=None, bf16=True, compile=True, students=tuple(VARIANTS)),
+}
+# --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation
+# (~27 min on the shared 2-core machine, benchmarks/results/reproduce/).
+QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
+         "students": ("usrc off", "usrc on", "usrc on + batch-min lengths")}
+
+
+# ------------------------------------------------------------------------------------------ labelled sets
+
+
+def write_labels(root: Path, rows: list[tuple[str, str, str]]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "group"])
+        w.writerows(rows)
+    return root
+
+
+def ddti_labelled(src: Path, out: Path) -> Path:
+    """DDTI: one image per nodule, label = TI-RADS category, group = patient (the key's first number).
+    Key ``P_I.jpg_P(N)`` is file ``cropped/P_I(N).png``, or ``cropped/P_I.png`` for a single nodule."""
+    rows = []
+    with open(src / "diagnosis.csv", newline="") as f:
+        for key, label in csv.reader(f):
+            m = re.fullmatch(r"(\d+)_(\d+)\.jpg_\d+\((\d+)\)", key.strip())
+            if not label.strip() or m is None:
+                continue  # no TI-RADS category given
+            p, i, n = m.groups()
+            for name in (f"{p}_{i}({n}).png", f"{p}_{i}.png"):
+                if (src / "cropped" / name).is_file():
+                    dst = out / "images" / name
+                    if not dst.is_file():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(src / "cropped" / name, dst)
+                    rows.append((f"images/{name}", f"TI-RADS {label.strip()}", f"patient{p}"))
+                    break
+    return write_labels(out, rows)
+
+
+def pocus_labelled(src: Path, out: Path, frames_per_video: int) -> Path:
+    """POCUS: evenly spaced frames of each video, label = the manifest's class, group = the video, so that
+    no video straddles splits. Stills are left out (one frame would be a whole split's share of its class:
+    a first run scored covid on a single test frame), then classes with fewer than 3 videos (train, val and
+    test each need one)."""
+    manifest = [r for r in csv.DictReader(open(src / "MANIFEST.csv", newline=""))
+                if Path(r["path"]).suffix.lower() not in (".png", ".jpg", ".jpeg")]
+    sources_per_class: dict[str, int] = {}
+    for r in manifest:
+        sources_per_class[r["class"]] = sources_per_class.get(r["class"], 0) + 1
+    rows = []
+    for k, r in enumerate(manifest):
+        if sources_per_class[r["class"]] < 3:
+            continue
+        path = src / r["path"]
+        frames = read_frames(path, frames_per_video)
+        for j, frame in enumerate(frames):
+            name = f"frames/{k:02d}_{j:03d}.png"
+            if not (out / name).is_file():
+                (out / "frames").mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(out / name), frame)
+            rows.append((name, r["class"], f"source{k:02d}"))
+    return write_labels(out, rows)
+
+
+def read_frames(path: Path, n: int) -> list[np.ndarray]:
+    """Up to n evenly spaced frames (BGR) of a video, or the still itself."""
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        return [] if img is None else [img]
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    if len(frames) <= n:
+        return frames
+    return [frames[int(i)] for i in np.linspace(0, len(frames) - 1, n).round()]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def train_config(preset: Preset, stage: int, shards: Path, steps: int, steps_per_epoch: int) -> dict:
+    """The trainer's YAML for one run: ``steps`` optimiser steps, the schedules spanning exactly them."""
+    epochs = max(1, -(-steps // steps_per_epoch))
+    return {
+        "stage": stage, "seed": 0,
+        "model": {"arch": preset.arch, "teacher_arch": None, "predictor": preset.predictor, "decoder": preset.decoder},
+        "data": {"root": str(shards), "batch_size": preset.batch_size, "backend": preset.backend,
+                 "loader": {"num_workers": 1}},
+        "masks": {},
+        "optim": {"epochs": epochs, "warmup_epochs": min(epochs, max(preset.warmup_frac * steps / steps_per_epoch, 0)),
+                  "lr_start": 0.0, "lr_peak": preset.stage1_lr if stage == 1 else preset.stage2_lr,
+                  "lr_final": 0.0 if stage == 1 else (preset.stage2_lr / 100), "lr_scale": "none",
+                  **({"wd_start": 0.05, "wd_final": 0.05} if stage == 1 else {"wd_start": 0.04, "wd_final": 0.4})},
+        "train": {"bf16": preset.bf16, "compile": preset.compile, "log_every": 10, "ckpt_every_steps": 100,
+                  "keep_last": 1, "max_steps": steps, "tensorboard": False, "progress": False,
+                  "threads": preset.threads},
+    }
+
+
+def run_training(cfg: dict, out: Path, overrides: dict | None = None) -> tuple[Path, float]:
+    """Train (resuming if ``out`` holds checkpoints) -> (the exported last encoder, seconds the training
+    took, also when an earlier invocation ran it: ``DONE`` records them)."""
+    from usjepa.train import train
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sets = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in (overrides or {}).items()]
+    export = out / "export" / "encoder_last.safetensors"
+    done = out / "DONE"
+    if not done.is_file():
+        t0 = time.perf_counter()
+        rc = train([str(path), "--out", str(out), "--resume", "auto"] + sum((["--set", s] for s in sets), []))
+        if rc != 0:
+            raise SystemExit(f"training in {out} failed with status {rc}")
+        done.write_text(json.dumps({"finished_utc": utc_now(), "seconds": time.perf_counter() - t0}) + "\n")
+    return export, float(json.loads(done.read_text())["seconds"])
+
+
+def steps_per_epoch(shards: Path, batch_size: int) -> int:
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(shards, "train", batch_size, {"num_workers": 1}, None, backend="torch")
+    n = len(loader)
+    loader.close()
+    return n
+
+
+def last_train_record(run: Path) -> dict:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    return records[-1] if records else {}
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def table(res: dict, datasets: list[str]) -> str:
+    first = res["probe"]["results"][datasets[0]]
+    classifiers = [c for c in ("linear", "logreg") if c in next(iter(first.values()))]
+    cols = [(d, c) for d in datasets for c in classifiers]
+    head = "| encoder | " + " | ".join(f"{d} macro-F1 ({c})" for d, c in cols) + " | last train loss | std student |"
+    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    for enc in res["encoders"]:
+        cells = []
+        for d, c in cols:
+            f1 = res["probe"]["results"][d][enc][c]["macro_f1"]
+            cells.append(f"{f1['mean']:.3f} ± {f1['std']:.3f}")
+        tr = res["training"].get(enc, {})
+        loss = f"{tr['loss']:.4f}" if "loss" in tr else "–"
+        std = f"{tr['std_student']:.3f}" if "std_student" in tr else "–"
+        lines.append(f"| {enc} | " + " | ".join(cells) + f" | {loss} | {std} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("repro_out"))
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--quick", action="store_true", help=f"reduced size: {QUICK}")
+    ap.add_argument("--stage1-steps", type=int)
+    ap.add_argument("--stage2-steps", type=int)
+    ap.add_argument("--seeds", type=int, help="probe seeds (default 5)")
+    ap.add_argument("--students", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--probe-lr", type=float, help="the linear probe's lr (default: the probe's own)")
+    ap.add_argument("--probe-patience", type=int, help="the probe's early-stopping patience (default: its own)")
+    ap.add_argument("--reuse-shards", action="store_true",
+                    help="use OUT/shards as they are (e.g. to re-probe after the ingest code changed, which makes "
+                         "usjepa-ingest refuse the old folder)")
+    ap.add_argument("--realdata", type=Path, default=REALDATA)
+    ap.add_argument("--results", type=Path, help="also copy reproduce.json / .md here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+    preset = PRESETS[args.preset]
+    if args.quick:
+        preset = replace(preset, **QUICK)
+    for key, value in (("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),
+                       ("probe_seeds", args.seeds)):
+        if value is not None:
+            preset = replace(preset, **{key: value})
+    if args.students:
+        names = tuple(s.strip() for s in args.students.split(","))
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            ap.error(f"unknown students {unknown}; known: {list(VARIANTS)}")
+        preset = replace(preset, students=names)
+    for sub in ("pocus", "busi", "ddti"):
+        if not (args.realdata / sub).is_dir():
+            ap.error(f"{args.realdata / sub} not found (set --realdata or USJEPA_REALDATA)")
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    t0 = time.perf_counter()
+    from usjepa.ingest.cli import main as ingest_main
+
+    shards = out / "shards"
+    corpus = out / "datasets.yaml"  # DDTI's cropped images only: its nodule masks are no ultrasound
+    corpus.write_text(yaml.safe_dump({"datasets": [
+        {"name": "pocus", "root": str(args.realdata / "pocus")}, {"name": "busi", "root": str(args.realdata / "busi")},
+        {"name": "ddti", "root": str(args.realdata / "ddti" / "cropped")}]}))
+    if not (args.reuse_shards and (shards / "manifest.json").is_file()):
+        rc = ingest_main(["run", str(corpus), "--out", str(shards)])
+        if rc not in (0, 3):
+            raise SystemExit(f"usjepa-ingest failed with status {rc}")
+    labelled = {"ddti": ddti_labelled(args.realdata / "ddti", out / "labelled" / "ddti"),
+                "pocus": pocus_labelled(args.realdata / "pocus", out / "labelled" / "pocus", preset.frames_per_video)}
+    times["ingest + labelled sets"] = time.perf_counter() - t0
+
+    spe = steps_per_epoch(shards, preset.batch_size)
+    teacher_dir = out / "stage1_teacher"
+    teacher, times["stage 1 teacher"] = run_training(train_config(preset, 1, shards, preset.stage1_steps, spe),
+                                                     teacher_dir)
+
+    encoders = {"random init": f"random:{preset.arch}", "stage-1 teacher": str(teacher)}
+    training = {"stage-1 teacher": last_train_record(teacher_dir)}
+    for name in preset.students:
+        run = out / ("student_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_"))
+        cfg = train_config(preset, 2, shards, preset.stage2_steps, spe)
+        cfg["model"]["teacher"] = str(teacher)
+        export, times[f"student: {name}"] = run_training(cfg, run, VARIANTS[name])
+        encoders[f"student: {name}"] = str(export)
+        training[f"student: {name}"] = last_train_record(run)
+
+    t0 = time.perf_counter()
+    from usjepa.probe.run import probe_encoders
+
+    probe_cfg = {k: v for k, v in (("lr", args.probe_lr), ("patience", args.probe_patience)) if v is not None}
+    suffix = "".join(f"_probe_{k}{v:g}" for k, v in probe_cfg.items())  # another probe: other files
+    probe = probe_encoders(encoders, {k: str(v) for k, v in labelled.items()}, out / f"probe{suffix}",
+                           seeds=preset.probe_seeds, batch_size=32, workers=1, plots=False, probe=probe_cfg or None,
+                           cache_dir=out / "feature_cache")
+    times["probe"] = time.perf_counter() - t0
+    times["this invocation"] = time.perf_counter() - t_all
+    times["total"] = sum(v for k, v in times.items() if k != "this invocation")
+
+    argv_used = argv if argv is not None else sys.argv[1:]
+    res = {
+        "benchmark": "small reproduction on real ultrasound (ingest -> MAE teacher -> SALT students -> probe)",
+        "command": "python -m benchmarks.reproduce " + " ".join(argv_used),
+        "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.students or args.seeds),
+        "probe_overrides": probe_cfg, "reused_shards": bool(args.reuse_shards),
+        "preset": args.preset, "config": asdict(preset), "variants": {k: VARIANTS[k] for k in preset.students},
+        "steps_per_epoch": spe, "encoders": encoders, "training": training,
+        "probe": {"datasets": probe["datasets"], "results": probe["results"], "protocol": probe["protocol"]},
+        "seconds": times, "hardware": hardware(), "date_utc": utc_now(),
+    }
+    md = (f"# Reproduction ({'reduced' if res['reduced'] else 'full'} `{args.preset}` preset)\n\n"
+          f"`{res['command']}` — {hardware_line(res['hardware'])}, {res['date_utc']}, "
+          f"{times['total'] / 60:.1f} min in all.\n\n" + table(res, list(labelled)) + "\n")
+    names = (f"reproduce{suffix}.json", f"reproduce{suffix}.md")
+    (out / names[0]).write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / names[1]).write_text(md)
+    if args.results:
+        args.results.mkdir(parents=True, exist_ok=True)
+        for f in names:
+            shutil.copyfile(out / f, args.results / f)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""benchmarks/reproduce.py: the labelled sets it writes (grouped by patient / by video) and its size knobs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from benchmarks import reproduce
+from usjepa.probe.data import load_labelled
+
+
+def fake_image(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = np.full((64, 64), value, np.uint8)
+    img[16:48, 16:48] = 255 - value
+    cv2.imwrite(str(path), img)
+
+
+def test_ddti_labels_group_by_patient_and_skip_unlabelled(tmp_path):
+    src = tmp_path / "ddti"
+    rows = []
+    for p in range(1, 13):  # 12 patients, two TI-RADS classes, two nodules for some
+        label = "3" if p % 2 else "4a"
+        fake_image(src / "cropped" / f"{p}_1.png", 10 * p)
+        rows.append((f"{p}_1.jpg_{p}(1)", label))
+        if p % 3 == 0:
+            fake_image(src / "cropped" / f"{p}_2(1).png", 5 * p)
+            fake_image(src / "cropped" / f"{p}_2(2).png", 6 * p)
+            rows += [(f"{p}_2.jpg_{p}(1)", label), (f"{p}_2.jpg_{p}(2)", label)]
+    rows.append(("99_1.jpg_99(1)", ""))  # no category: left out
+    with open(src / "diagnosis.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    out = reproduce.ddti_labelled(src, tmp_path / "labelled")
+    written = list(csv.DictReader(open(out / "labels.csv")))
+    assert len(written) == 12 + 2 * 4 and {r["label"] for r in written} == {"TI-RADS 3", "TI-RADS 4a"}
+    assert {r["group"] for r in written if r["path"].startswith("images/6_")} == {"patient6"}
+    data = load_labelled(out)
+    by_group: dict[str, set] = {}
+    for it in data.items:
+        by_group.setdefault(it.group, set()).add(it.split)
+    assert all(len(s) == 1 for s in by_group.values())  # a patient never straddles splits
+
+
+def test_pocus_frames_group_by_video_and_drop_classes_with_few_sources(tmp_path):
+    src = tmp_path / "pocus"
+    manifest = []
+    for k in range(7):
+        cls = ["covid", "regular", "viral"][min(k // 3, 2)]  # covid x3, regular x3, viral x1 (left out)
+        rel = f"videos/{cls}_{k}.avi"
+        (src / "videos").mkdir(parents=True, exist_ok=True)
+        w = cv2.VideoWriter(str(src / rel), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+        for t in range(9):
+            w.write(np.full((64, 64, 3), 20 * k + t, np.uint8))
+        w.release()
+        manifest.append({"path": rel, "class": cls})
+    with open(src / "MANIFEST.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["path", "class"])
+        wr.writeheader()
+        wr.writerows(manifest)
+    fake_image(src / "images" / "covid_still.png", 99)  # a still: left out
+    manifest.append({"path": "images/covid_still.png", "class": "covid"})
+    with open(src / "MANIFEST.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=["path", "class"])
+        wr.writeheader()
+        wr.writerows(manifest)
+    out = reproduce.pocus_labelled(src, tmp_path / "labelled", frames_per_video=4)
+    written = list(csv.DictReader(open(out / "labels.csv")))
+    assert {r["label"] for r in written} == {"covid", "regular"}
+    assert len(written) == 6 * 4 and len({r["group"] for r in written}) == 6
+    assert all((out / r["path"]).is_file() for r in written)
+
+
+def test_size_knobs_and_configs():
+    spe = 50
+    cfg = reproduce.train_config(reproduce.PRESETS["cpu"], 2, Path("shards"), 120, spe)
+    assert cfg["train"]["max_steps"] == 120 and cfg["optim"]["epochs"] == 3 and cfg["optim"]["lr_scale"] == "none"
+    assert cfg["model"]["arch"] == "vit_test_small" and cfg["optim"]["lr_peak"] == 5e-4
+    assert set(reproduce.QUICK["students"]) <= set(reproduce.VARIANTS)
+    with pytest.raises(SystemExit):
+        reproduce.main(["--students", "usrc sideways", "--out", "unused"])
