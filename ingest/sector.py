@@ -374,6 +374,27 @@ def _filled_rows(region: np.ndarray, sides: np.ndarray) -> tuple[float | None, f
     return float(full[0]), float(full[-1] + 1)
 
 
+def _far_ring(region: np.ndarray, sides: np.ndarray, d: np.ndarray) -> float | None:
+    """Outer radius (around the apex) of the outermost 1-px ring whose part between the side edges and
+    inside the frame the region fills at least half, when the fill beyond it drops at once — below a
+    third over the next rings (3 to 2 % of the side further out): a fan's far arc with text printed
+    next to it. Such text (a depth label, a parameter line; in a clip its MJPG compression flicker or
+    redrawn digits make it look live) joins the region but fills only a short stretch of each ring, so
+    it pulls a percentile of the region's radii out, not this. None when no ring is that full, or when
+    the fill fades out gradually (dark tissue in the far field: the percentile is kept)."""
+    ring = d[sides].astype(np.int32)
+    span = np.bincount(ring)
+    filled = np.bincount(ring, weights=region[sides], minlength=len(span))
+    full = np.flatnonzero((span > 0) & (filled >= np.maximum(1, 0.5 * span)))
+    if not len(full):
+        return None
+    outer = int(full[-1]) + 1
+    beyond = slice(outer + 2, outer + 2 + max(3, round(0.02 * max(region.shape))))
+    if filled[beyond].sum() >= max(1, span[beyond].sum()) / 3:
+        return None
+    return float(outer)
+
+
 def _attachments(outside: np.ndarray, n_region: int) -> int:
     """Pixels of the region outside a fit that are small separate pieces — each under
     ``_ATTACHMENT_MAX`` of the region, together under twice that: a line of text or a label printed in
@@ -443,10 +464,18 @@ area / fit area) tell the caller whether the fit explains the region.
             near_opts, far_opts = [("flat", near_flat)], [("flat", far_flat)]
     d = None
     if apex is not None:
-        r = np.hypot(fx - apex[0], fy - apex[1])
-        near_opts.append(("arc", float(np.percentile(r, 0.5)) - 0.5))
-        far_opts.append(("arc", float(np.percentile(r, 99.5)) + 0.5))
         d = np.hypot(xx - np.float32(apex[0]), yy - np.float32(apex[1]))
+        r = np.hypot(fx - apex[0], fy - apex[1])
+        near_arc, far_arc = float(np.percentile(r, 0.5)) - 0.5, float(np.percentile(r, 99.5)) + 0.5
+        # Text attached to the far arc (a depth label) pulls its percentile out by a glyph's height or
+        # more: the outermost ring that the region fills is taken instead when the fill drops there as at
+        # a sector's edge (a dark far field fades out over many rings, and stays with the percentile; a
+        # few pixels between the two are the spread of a speckled edge, not text)
+        far_ring = _far_ring(region, sides, d)
+        if far_ring is not None and far_arc - far_ring > _GLYPH_HEIGHT[0]:
+            far_arc = far_ring
+        near_opts.append(("arc", near_arc))
+        far_opts.append(("arc", far_arc))
     near_masks = [(o, sides & _boundary_mask(*o, True, yy, d)) for o in near_opts]
     far_masks = [(o, _boundary_mask(*o, False, yy, d)) for o in far_opts]
     best = None
