@@ -46,8 +46,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from usjepa.ingest.sector import (burned_in_marks, candidate_region, crop_inside_display_bands, fit_sector,
-                                  scan_evidence, without_halo)
+from usjepa.ingest.sector import (background_level, burned_in_marks, candidate_region,
+                                  crop_inside_display_bands, fit_sector, scan_evidence, without_edge_ringing,
+                                  without_halo)
 
 
 class FrameRejected(ValueError):
@@ -146,6 +147,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
         mask = region
     elif fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
         mask = fitted[0]
+        if frames.shape[0] > 1:  # a clip: its codec flicker widened the edges (stills: without_halo)
+            mask = without_edge_ringing(mask, fitted[1], frames.mean(axis=0, dtype=np.float32), background_level(frames.max(axis=0)))
     else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         hull = np.zeros((h, w), np.uint8)

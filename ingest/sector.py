@@ -36,6 +36,9 @@ _ATTACHMENT_MAX = 0.05  # a piece of the region outside the fit below this share
 _GLYPH_CONTRAST = 45  # a glyph's pixels are this much brighter than the mean around them (11×11)
 _GLYPH_HEIGHT = (5, 0.075)  # glyph height: from 5 px to this share of the longer side
 _GLYPHS_IN_A_ROW = 4  # bright blobs of one height on one baseline, this many in a row: a line of text
+_RINGING = 0.025  # a clip's codec flicker reaches this share of the side outside a bright scan edge
+_EDGE_STEP = 15  # mean level by which the scan's rim stands above the black border at a true edge
+_RINGING_LEVEL = 1.5  # ... over two pixels whose mean is this close to the background (ringing, not a ramp)
 
 
 def background_level(img: np.ndarray) -> int:
@@ -491,3 +494,63 @@ area / fit area) tell the caller whether the fit explains the region.
     filled = n_region / max(1, np.count_nonzero(mask))  # ... and not be mostly empty
     return mask, {"left": left, "right": right, "apex": apex, "near": near, "far": far, "iou_region": score,
                   "covered": covered, "filled": filled}
+
+
+def _sector_mask(shape: tuple[int, int], left, right, apex, near, far) -> np.ndarray:
+    """The pixels of the sector model with these parameters (as ``fit_sector`` returns them)."""
+    yy, xx = _pixel_centres(*shape)
+    mask = np.ones(shape, bool)
+    if left is not None:
+        mask &= xx >= left[0] + left[1] * yy
+    if right is not None:
+        mask &= xx <= right[0] + right[1] * yy
+    d = None if apex is None else np.hypot(xx - np.float32(apex[0]), yy - np.float32(apex[1]))
+    return mask & _boundary_mask(*near, True, yy, d) & _boundary_mask(*far, False, yy, d)
+
+
+def without_edge_ringing(mask: np.ndarray, params: dict, mean: np.ndarray, bg: int) -> np.ndarray:
+    """A clip's fitted sector with its side edges and far arc moved in onto the scan's edge where codec
+    flicker had widened them: block compression (MJPG, H.264) makes the black border flicker by a level
+    or two up to a block beyond a bright scan edge (and around burned-in text), which passes for the
+    sparse flicker of dark tissue, so the region and the fit stand a few pixels out. An edge is moved in
+    by the offset (up to ``_RINGING`` of the side) where the mean image steps, within two pixels, from
+    the border level (≤ background + ``_RINGING_LEVEL``) outside to ≥ ``_EDGE_STEP`` more inside. Where
+    the tissue at the edge is dark there is no such step, and where the edge is soft (a blurred or
+    upscaled export ramps up over a few pixels, and its outline includes the ramp) the two pixels
+    outside are above the border level: both edges stay."""
+    h, w = mask.shape
+    k = max(2, round(_RINGING * max(h, w)))
+    yy, xx = _pixel_centres(h, w)
+    apex = params["apex"]
+    d = None if apex is None else np.hypot(xx - np.float32(apex[0]), yy - np.float32(apex[1]))
+    near_band = cv2.dilate(mask.astype(np.uint8), _disc(k + 2)).astype(bool)
+    left, right, far = params["left"], params["right"], params["far"]
+
+    def inward_offset(depth: np.ndarray, along: np.ndarray) -> int:
+        """Offset (px, ≥ 0) of the step, for pixels at signed depth ``depth`` inside the boundary."""
+        sel = near_band & along & (depth > -3) & (depth < k + 3)
+        bins = np.floor(depth[sel]).astype(np.int32) + 3
+        n = np.bincount(bins, minlength=k + 6)
+        prof = np.bincount(bins, weights=mean[sel], minlength=k + 6) / np.maximum(n, 1)
+        best, best_step = 0, 0.0
+        for o in range(0, k + 1):  # boundary at depth o: bins o-2, o-1 outside, o, o+1 inside
+            out, inn = prof[o + 1 : o + 3].mean(), prof[o + 3 : o + 5].mean()
+            if n[o + 1 : o + 3].min() < 0.9 * n[o + 3 : o + 5].max():  # outside the frame: no border seen
+                continue
+            if out <= bg + _RINGING_LEVEL and inn - out >= max(_EDGE_STEP, best_step):
+                best, best_step = o, inn - out
+        return best
+
+    radial = (d > params["near"][1]) & (d < far[1]) if apex is not None and far[0] == "arc" else mask.any(1)[:, None]
+    inside_sides = _sector_mask((h, w), left, right, None, ("flat", -1.0), ("flat", h + 1.0))
+    if left is not None:
+        n = np.hypot(1.0, left[1])
+        o = inward_offset((xx - (left[0] + left[1] * yy)) / n, radial)
+        left = (left[0] + o * n, left[1])
+    if right is not None:
+        n = np.hypot(1.0, right[1])
+        o = inward_offset(((right[0] + right[1] * yy) - xx) / n, radial)
+        right = (right[0] - o * n, right[1])
+    if far[0] == "arc":
+        far = ("arc", far[1] - inward_offset(far[1] - d, inside_sides))
+    return mask & _sector_mask((h, w), left, right, apex, params["near"], far)
