@@ -21,12 +21,14 @@ models the scan sector, not the echo (helpers in ``usjepa.ingest.sector``):
    about the near field's middle with the wider edge, since dark tissue only narrows the evidence); where
    they meet above the region is the apex; near and far boundaries are arcs around the apex or flat cuts,
    at the extreme percentiles of the region (a linear scan's flat ones at its first and last rows filled
-   half between the edges) — whichever agrees better with it. Curvilinear fans, phased
+   half between the edges; a fan's far arc at its outermost ring filled half, where text attached to the
+   arc pulled the percentile out) — whichever agrees better with it. Curvilinear fans, phased
    sectors, trapezoids and linear rectangles are all this one model.
 4. The fit is used when it holds ≥ ``min_fit_agreement`` of the region and the region fills ≥
    ``min_fit_fill`` of it (small separate pieces outside it — text that touched the scan — not counted);
    otherwise (a crop with an irregular border) the region's convex hull, or the
-   region itself when the hull would add more than that.
+   region itself when the hull would add more than that. A clip's accepted fit has its side edges and far
+   arc moved in where codec flicker beyond a bright edge widened them (``without_edge_ringing``).
    Still rule (stills, clips under 8 frames): the 2-px texture halo outside the scan's edge is taken back
    (``without_halo``).
 5. Static bright overlays found in step 1 (text, markers, calipers drawn over the tissue of a clip) are
@@ -148,7 +150,8 @@ def compute_usrc_mask(frames: np.ndarray, cfg: PreprocessConfig = PreprocessConf
     elif fitted is not None and fitted[1]["covered"] >= cfg.min_fit_agreement and fitted[1]["filled"] >= cfg.min_fit_fill:
         mask = fitted[0]
         if frames.shape[0] > 1:  # a clip: its codec flicker widened the edges (stills: without_halo)
-            mask = without_edge_ringing(mask, fitted[1], frames.mean(axis=0, dtype=np.float32), background_level(frames.max(axis=0)))
+            mean = frames[:: max(1, frames.shape[0] // 32)].mean(axis=0, dtype=np.float32)  # as scan_evidence samples
+            mask = without_edge_ringing(mask, fitted[1], mean, background_level(frames.max(axis=0)))
     else:  # not sector-like (a crop with an irregular border): the region, or its hull if that agrees
         contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         hull = np.zeros((h, w), np.uint8)
