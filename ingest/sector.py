@@ -380,7 +380,7 @@ def _filled_rows(region: np.ndarray, sides: np.ndarray) -> tuple[float | None, f
 def _far_ring(region: np.ndarray, sides: np.ndarray, d: np.ndarray) -> float | None:
     """Outer radius (around the apex) of the outermost 1-px ring whose part between the side edges and
     inside the frame the region fills at least half, when the fill beyond it drops at once — below a
-    third over the next rings (3 to 2 % of the side further out): a fan's far arc with text printed
+    third over the rings from 2 px beyond it, 2 % of the side (≥ 3 rings) wide: a fan's far arc with text printed
     next to it. Such text (a depth label, a parameter line; in a clip its MJPG compression flicker or
     redrawn digits make it look live) joins the region but fills only a short stretch of each ring, so
     it pulls a percentile of the region's radii out, not this. None when no ring is that full, or when
@@ -533,7 +533,7 @@ def without_edge_ringing(mask: np.ndarray, params: dict, mean: np.ndarray, bg: i
         n = np.bincount(bins, minlength=k + 6)
         prof = np.bincount(bins, weights=mean[sel], minlength=k + 6) / np.maximum(n, 1)
         best, best_step = 0, 0.0
-        for o in range(0, k + 1):  # boundary at depth o: bins o-2, o-1 outside, o, o+1 inside
+        for o in range(0, k + 1):  # boundary at depth o: depths o-2, o-1 outside, o, o+1 inside (bin = depth + 3)
             out, inn = prof[o + 1 : o + 3].mean(), prof[o + 3 : o + 5].mean()
             if n[o + 1 : o + 3].min() < 0.9 * n[o + 3 : o + 5].max():  # outside the frame: no border seen
                 continue
@@ -541,7 +541,7 @@ def without_edge_ringing(mask: np.ndarray, params: dict, mean: np.ndarray, bg: i
                 best, best_step = o, inn - out
         return best
 
-    radial = (d > params["near"][1]) & (d < far[1]) if apex is not None and far[0] == "arc" else mask.any(1)[:, None]
+    radial = _boundary_mask(*params["near"], True, yy, d) & _boundary_mask(*far, False, yy, d)  # sides: these rows / radii
     inside_sides = _sector_mask((h, w), left, right, None, ("flat", -1.0), ("flat", h + 1.0))
     if left is not None:
         n = np.hypot(1.0, left[1])
