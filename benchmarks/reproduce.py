@@ -1,6 +1,6 @@
 """One-command small reproduction on real ultrasound: ingest → stage-1 MAE teacher → SALT students → probe.
 
-    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~40 min, est.)
+    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~45 min)
     python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
     python -m benchmarks.reproduce --out repro_out --preset vitb16   # the same on a GPU with ViT-B/16
     make reproduce                                                   # = the first line, into repro_out/
@@ -10,9 +10,12 @@
 3. Stage 2: SALT students against that frozen teacher, one per row of the ablation table: USrc off, USrc
    on (the default: per-image mask lengths, targets sized against the grid, raw teacher targets), and
    the ablations of one switch each: batch-minimum lengths, layer-normed targets, targets x |valid|.
-4. The linear probe (``usjepa.probe.run.probe_encoders``, macro-F1 over ``--seeds`` probe seeds) of a
-   random init, the teacher and every student on DDTI (TI-RADS category, split grouped by patient) and on
-   POCUS frames (lung finding, split grouped by video; the class with a single video is left out).
+4. The probe (``usjepa.probe.run.probe_encoders``: linear and logreg on standardised features, ``--seeds``
+   probe seeds) of a random init, the teacher and every student on DDTI (TI-RADS category, split grouped
+   by patient) and on POCUS frames (lung finding, split grouped by video; the class with a single video is
+   left out), repeated over ``--splits`` grouped split draws. A test set of ~90 DDTI images or 3 POCUS
+   videos moves macro-F1 by more between draws than any encoder does, so the table gives the mean ± std
+   over draws, and each comparison (teacher - random, student - teacher) is paired on the same draws.
 
 The labelled sets are written here as ``labels.csv`` (path, label, group) beside copies of the images,
 because the probe resolves image paths inside its data root. Pretraining sees the probe's images without
@@ -20,7 +23,9 @@ labels (as the paper's corpus contains its evaluation sets' sources; no labels a
 Every phase resumes: running the command again continues the training runs (``--resume auto``) and
 reuses the probe's feature cache. Writes ``reproduce.json`` and ``reproduce.md`` (the table, the config,
 the hardware, the wall time of each phase) into ``--out``; ``--results`` copies them to a results folder.
-``--probe-lr`` / ``--probe-patience`` re-probe the same encoders with another probe (files suffixed).
+``--probe-lr`` / ``--probe-patience`` re-probe the same encoders with another probe, and ``--stage1-steps``,
+``--stage2-steps``, ``--stage2-lr`` train other runs beside the preset's; both get suffixed folders and files
+(e.g. ``student_usrc_on_lr0.002``, ``reproduce_lr0.002.md``) and reuse what they do not change.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import hardware, hardware_line, utc_now
+from usjepa.probe.metrics import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
@@ -67,6 +73,7 @@ class Preset:
     students: tuple[str, ...]
     frames_per_video: int = 24
     probe_seeds: int = 5
+    split_draws: int = 5  # grouped train/val/test draws the probe is repeated over (split_seed 0..n-1)
     warmup_frac: float = 0.1
 
 
@@ -79,15 +86,20 @@ VARIANTS = {
     "usrc on + targets x valid": {"masks.usrc": True, "masks.tgt_scale_of": "valid"},
 }
 
-# "cpu": a 4 x 96 ViT (patch 16, 224 px). Measured on the shared 2-core machine (about 0.8 of a core free):
-# stage 1 ran 32 img/s, stage 2 5.8 img/s; a 6 x 192 ViT costs ~5.7x as much per image, which would leave
-# each of the five students ~40 steps inside an hour, so the CPU preset uses the narrower model. Estimated
-# at ~40 min on an idle 2-core machine (2.5x the share measured), not measured.
+# "cpu": a 6 x 192 ViT (patch 16, 224 px), sized to the 60-minute budget on this 2-core machine when idle:
+# stage 1 runs 75-80 img/s (0.43 s a step), stage 2 ~24 img/s (1.33 s). The 4 x 96 ViT an earlier session
+# chose from rates measured under load (32 and 5.8 img/s) took 8 min idle, and its teacher did not separate
+# from random init even at 4000 steps (benchmarks/results/reproduce/README.md).
 PRESETS = {
-    "cpu": Preset(arch="vit_test_small", predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
-                  decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75}, batch_size=32,
-                  stage1_steps=1000, stage2_steps=150, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
+    "cpu": Preset(arch="vit_tiny6_patch16_224", predictor={"embed_dim": 96, "depth": 3, "num_heads": 3},
+                  decoder={"embed_dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": 0.75}, batch_size=32,
+                  stage1_steps=2500, stage2_steps=200, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
                   threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
+    # The CPU preset before it was resized (kept: the first runs and the teacher-steps check used it).
+    "cpu_4x96": Preset(arch="vit_test_small", predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
+                       decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75}, batch_size=32,
+                       stage1_steps=1000, stage2_steps=150, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
+                       threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
     # One GPU, batch 128: MAE's base lr 1.5e-4 and Table 5's 5e-5 as written; ~2700 frames make 5000
     # steps ~240 epochs. Not run yet (no GPU in the session that wrote it).
     "vitb16": Preset(arch="vit_base_patch16_224", predictor={"embed_dim": 384, "depth": 12, "num_heads": 12},
@@ -95,8 +107,7 @@ PRESETS = {
                      stage1_steps=5000, stage2_steps=2000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
                      backend="dali", threads=None, bf16=True, compile=True, students=tuple(VARIANTS)),
 }
-# --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation
-# (~27 min on the shared 2-core machine, benchmarks/results/reproduce/).
+# --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation.
 QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
          "students": ("usrc off", "usrc on", "usrc on + batch-min lengths")}
 
@@ -236,21 +247,65 @@ def last_train_record(run: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- reporting
 
 
-def table(res: dict, datasets: list[str]) -> str:
-    first = res["probe"]["results"][datasets[0]]
-    classifiers = [c for c in ("linear", "logreg") if c in next(iter(first.values()))]
-    cols = [(d, c) for d in datasets for c in classifiers]
+def split_summary(per_split: list[dict], datasets: list[str]) -> dict:
+    """Per dataset, encoder and classifier: the macro-F1 of each split draw (mean over probe seeds), their
+    mean ± std over draws, and the degenerate seeds. The draws' spread is the honest error bar of a small
+    test set: probe seeds share one split, so their spread misses which patients happened to be held out."""
+    out: dict = {}
+    for d in datasets:
+        for enc in per_split[0]["results"][d]:
+            for clf, r0 in per_split[0]["results"][d][enc].items():
+                if not isinstance(r0, dict) or "macro_f1" not in r0:
+                    continue
+                draws = [p["results"][d][enc][clf] for p in per_split]
+                f1 = [r["macro_f1"]["mean"] for r in draws]
+                out.setdefault(d, {}).setdefault(enc, {})[clf] = {
+                    "per_split": f1, **mean_std(f1),
+                    "probe_seed_std": float(np.mean([r["macro_f1"]["std"] for r in draws])),
+                    "degenerate_seeds": sum(r["degenerate_seeds"] for r in draws),
+                    "seeds": sum(len(r["seeds"]) for r in draws)}
+    return out
+
+
+def paired(summary: dict, a: str, b: str) -> dict:
+    """a - b on the same split draws, per dataset and classifier: mean ± std of the differences and how many
+    draws a won (pairing removes the between-split variance both share)."""
+    out: dict = {}
+    for d, encs in summary.items():
+        if a not in encs or b not in encs:
+            continue
+        for clf in encs[a]:
+            diff = np.subtract(encs[a][clf]["per_split"], encs[b][clf]["per_split"])
+            out.setdefault(d, {})[clf] = {**mean_std(diff), "wins": int((diff > 0).sum()), "draws": len(diff)}
+    return out
+
+
+def table(summary: dict, training: dict) -> str:
+    datasets = list(summary)
+    cols = [(d, c) for d in datasets for c in next(iter(summary[d].values()))]
     head = "| encoder | " + " | ".join(f"{d} macro-F1 ({c})" for d, c in cols) + " | last train loss | std student |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
-    for enc in res["encoders"]:
+    for enc in summary[datasets[0]]:
         cells = []
         for d, c in cols:
-            f1 = res["probe"]["results"][d][enc][c]["macro_f1"]
-            cells.append(f"{f1['mean']:.3f} ± {f1['std']:.3f}")
-        tr = res["training"].get(enc, {})
+            r = summary[d][enc][c]
+            flag = f" ⚠{r['degenerate_seeds']}/{r['seeds']}" if r["degenerate_seeds"] else ""
+            cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}{flag}")
+        tr = training.get(enc, {})
         loss = f"{tr['loss']:.4f}" if "loss" in tr else "–"
         std = f"{tr['std_student']:.3f}" if "std_student" in tr else "–"
         lines.append(f"| {enc} | " + " | ".join(cells) + f" | {loss} | {std} |")
+    return "\n".join(lines)
+
+
+def paired_table(comparisons: dict) -> str:
+    first = next(iter(comparisons.values()))
+    cols = [(d, c) for d in first for c in first[d]]
+    lines = ["| difference | " + " | ".join(f"{d} ({c})" for d, c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, comp in comparisons.items():
+        cells = [f"{comp[d][c]['mean']:+.3f} ± {comp[d][c]['std']:.3f} ({comp[d][c]['wins']}/{comp[d][c]['draws']})"
+                 for d, c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -262,7 +317,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"reduced size: {QUICK}")
     ap.add_argument("--stage1-steps", type=int)
     ap.add_argument("--stage2-steps", type=int)
-    ap.add_argument("--seeds", type=int, help="probe seeds (default 5)")
+    ap.add_argument("--stage2-lr", type=float, help="the students' peak lr (default: the preset's)")
+    ap.add_argument("--seeds", type=int, help="probe seeds per split draw (default 5)")
+    ap.add_argument("--splits", type=int, help="grouped split draws to probe over (default 5)")
     ap.add_argument("--students", help="comma-separated subset of: " + ", ".join(VARIANTS))
     ap.add_argument("--probe-lr", type=float, help="the linear probe's lr (default: the probe's own)")
     ap.add_argument("--probe-patience", type=int, help="the probe's early-stopping patience (default: its own)")
@@ -278,7 +335,8 @@ def main(argv=None) -> int:
     if args.quick:
         preset = replace(preset, **QUICK)
     for key, value in (("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps),
-                       ("probe_seeds", args.seeds)):
+                       ("stage2_lr", args.stage2_lr),
+                       ("probe_seeds", args.seeds), ("split_draws", args.splits)):
         if value is not None:
             preset = replace(preset, **{key: value})
     if args.students:
@@ -313,14 +371,20 @@ def main(argv=None) -> int:
     times["ingest + labelled sets"] = time.perf_counter() - t0
 
     spe = steps_per_epoch(shards, preset.batch_size)
-    teacher_dir = out / "stage1_teacher"
+    # Runs sized off the preset get their own folders and files, so that they can share OUT (its shards, its
+    # feature cache, the teacher they do not change) with the preset's run without resuming its checkpoints.
+    base = PRESETS[args.preset]
+    tag1 = f"_{preset.stage1_steps}steps" if preset.stage1_steps != base.stage1_steps else ""
+    tag2 = tag1 + (f"_{preset.stage2_steps}steps" if preset.stage2_steps != base.stage2_steps else "") + (
+        f"_lr{preset.stage2_lr:g}" if preset.stage2_lr != base.stage2_lr else "")
+    teacher_dir = out / ("stage1_teacher" + tag1)
     teacher, times["stage 1 teacher"] = run_training(train_config(preset, 1, shards, preset.stage1_steps, spe),
                                                      teacher_dir)
 
     encoders = {"random init": f"random:{preset.arch}", "stage-1 teacher": str(teacher)}
     training = {"stage-1 teacher": last_train_record(teacher_dir)}
     for name in preset.students:
-        run = out / ("student_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_"))
+        run = out / ("student_" + re.sub(r"[^a-z0-9]+", "_", name).strip("_") + tag2)
         cfg = train_config(preset, 2, shards, preset.stage2_steps, spe)
         cfg["model"]["teacher"] = str(teacher)
         export, times[f"student: {name}"] = run_training(cfg, run, VARIANTS[name])
@@ -331,10 +395,18 @@ def main(argv=None) -> int:
     from usjepa.probe.run import probe_encoders
 
     probe_cfg = {k: v for k, v in (("lr", args.probe_lr), ("patience", args.probe_patience)) if v is not None}
-    suffix = "".join(f"_probe_{k}{v:g}" for k, v in probe_cfg.items())  # another probe: other files
-    probe = probe_encoders(encoders, {k: str(v) for k, v in labelled.items()}, out / f"probe{suffix}",
-                           seeds=preset.probe_seeds, batch_size=32, workers=1, plots=False, probe=probe_cfg or None,
-                           cache_dir=out / "feature_cache")
+    suffix = tag2 + "".join(f"_probe_{k}{v:g}" for k, v in probe_cfg.items())  # another probe: other files
+    per_split = []
+    for k in range(preset.split_draws):  # the features are extracted once: later draws read the cache
+        probe = probe_encoders(encoders, {d: str(v) for d, v in labelled.items()}, out / f"probe{suffix}" / f"split{k}",
+                               seeds=preset.probe_seeds, split_seed=k, batch_size=32, workers=1, plots=False,
+                               probe=probe_cfg or None, cache_dir=out / "feature_cache")
+        per_split.append(probe)
+    summary = split_summary(per_split, list(labelled))
+    # a guess drawn with the test set's class frequencies q_c has expected precision = recall = q_c per class
+    chance = {d: 1 / len(per_split[0]["datasets"][d]["classes"]) for d in labelled}
+    pairs = [("stage-1 teacher", "random init")] + [(e, "stage-1 teacher") for e in encoders if e.startswith("student")]
+    comparisons = {f"{a} − {b}": paired(summary, a, b) for a, b in pairs}
     times["probe"] = time.perf_counter() - t0
     times["this invocation"] = time.perf_counter() - t_all
     times["total"] = sum(v for k, v in times.items() if k != "this invocation")
@@ -343,16 +415,26 @@ def main(argv=None) -> int:
     res = {
         "benchmark": "small reproduction on real ultrasound (ingest -> MAE teacher -> SALT students -> probe)",
         "command": "python -m benchmarks.reproduce " + " ".join(argv_used),
-        "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.students or args.seeds),
+        "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.stage2_lr or args.students
+                        or args.seeds or args.splits),
         "probe_overrides": probe_cfg, "reused_shards": bool(args.reuse_shards),
         "preset": args.preset, "config": asdict(preset), "variants": {k: VARIANTS[k] for k in preset.students},
         "steps_per_epoch": spe, "encoders": encoders, "training": training,
-        "probe": {"datasets": probe["datasets"], "results": probe["results"], "protocol": probe["protocol"]},
+        "summary": summary, "paired": comparisons, "chance_macro_f1": chance,
+        "probe": {"protocol": probe["protocol"],  # each draw's whole results: OUT/probe*/split<k>/
+                  "splits": [{"split_seed": k, "counts": {d: p["datasets"][d]["counts"] for d in p["datasets"]},
+                              "leakage": {d: p["datasets"][d]["leakage"] for d in p["datasets"]}}
+                             for k, p in enumerate(per_split)]},
         "seconds": times, "hardware": hardware(), "date_utc": utc_now(),
     }
     md = (f"# Reproduction ({'reduced' if res['reduced'] else 'full'} `{args.preset}` preset)\n\n"
           f"`{res['command']}` — {hardware_line(res['hardware'])}, {res['date_utc']}, "
-          f"{times['total'] / 60:.1f} min in all.\n\n" + table(res, list(labelled)) + "\n")
+          f"{times['total'] / 60:.1f} min in all.\n\n"
+          f"Macro-F1 on the test split: mean ± std over {preset.split_draws} grouped split draws (each the mean of "
+          f"{preset.probe_seeds} probe seeds); ⚠k/n: probe seeds that predicted one class. Chance (guessing "
+          f"with the test set's class frequencies): " + ", ".join(f"{d} {v:.3f}" for d, v in chance.items()) + ".\n\n"
+          + table(summary, training) + "\n\nPaired differences on the same split draws (mean ± std; draws won):"
+          "\n\n" + paired_table(comparisons) + "\n")
     names = (f"reproduce{suffix}.json", f"reproduce{suffix}.md")
     (out / names[0]).write_text(json.dumps(res, indent=2, default=str) + "\n")
     (out / names[1]).write_text(md)

@@ -83,6 +83,25 @@ def test_grouped_split_from_group_column(tmp_path):
     assert [it.split for it in again.items] == [it.split for it in ds.items]  # stable
 
 
+def test_split_seed_draws_another_grouped_split(tmp_path):
+    rows = _patients(tmp_path, n_patients=30, per_patient=4)
+    csv_path = _write_csv(tmp_path, rows)
+    draws = [load_labelled(csv_path, split_seed=k) for k in range(3)]
+    assert [it.split for it in load_labelled(csv_path).items] == [it.split for it in draws[0].items]  # 0 = default
+    test_groups = [frozenset(it.group for it in d.items if it.split == "test") for d in draws]
+    assert len(set(test_groups)) == 3  # each draw holds out other patients
+    for d in draws:
+        by_group: dict[str, set] = {}
+        for it in d.items:
+            by_group.setdefault(it.group, set()).add(it.split)
+        assert all(len(s) == 1 for s in by_group.values())  # still no patient on both sides
+        assert all(d.counts()[s][c] > 0 for s in ("train", "val", "test") for c in d.classes)
+    assert "split seed" not in draws[0].split_source and "split seed 2" in draws[2].split_source
+    assert [it.split for it in load_labelled(csv_path, split_seed=2).items] == [it.split for it in draws[2].items]
+    with pytest.raises(LabelledDataError, match="split seed"):
+        load_labelled(csv_path, split_seed=-1)
+
+
 def test_grouped_split_from_filename_pattern(tmp_path):
     for c in ("benign", "malignant"):
         for p in range(6):

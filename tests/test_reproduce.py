@@ -78,7 +78,33 @@ def test_size_knobs_and_configs():
     spe = 50
     cfg = reproduce.train_config(reproduce.PRESETS["cpu"], 2, Path("shards"), 120, spe)
     assert cfg["train"]["max_steps"] == 120 and cfg["optim"]["epochs"] == 3 and cfg["optim"]["lr_scale"] == "none"
-    assert cfg["model"]["arch"] == "vit_test_small" and cfg["optim"]["lr_peak"] == 5e-4
+    assert cfg["model"]["arch"] == "vit_tiny6_patch16_224" and cfg["optim"]["lr_peak"] == 5e-4
     assert set(reproduce.QUICK["students"]) <= set(reproduce.VARIANTS)
     with pytest.raises(SystemExit):
         reproduce.main(["--students", "usrc sideways", "--out", "unused"])
+
+
+def _draw(f1: dict) -> dict:
+    """A probe_encoders result of one split draw: {encoder: (linear seed F1s, degenerate seeds)} on 'ddti'."""
+    return {"results": {"ddti": {enc: {"linear": {"macro_f1": {"mean": float(np.mean(v)), "std": float(np.std(v))},
+                                                  "degenerate_seeds": deg, "seeds": [{}] * len(v)},
+                                       "feature_dim": 96}
+                                 for enc, (v, deg) in f1.items()}}}
+
+
+def test_split_draws_summary_and_paired_differences():
+    draws = [_draw({"random init": ([0.10, 0.12], 0), "stage-1 teacher": ([0.20, 0.22], 1)}),
+             _draw({"random init": ([0.30, 0.30], 0), "stage-1 teacher": ([0.25, 0.25], 0)}),
+             _draw({"random init": ([0.20, 0.20], 0), "stage-1 teacher": ([0.30, 0.30], 0)})]
+    summary = reproduce.split_summary(draws, ["ddti"])
+    teacher = summary["ddti"]["stage-1 teacher"]["linear"]
+    assert teacher["per_split"] == pytest.approx([0.21, 0.25, 0.30])
+    assert teacher["mean"] == pytest.approx(0.76 / 3)
+    assert teacher["std"] == pytest.approx(np.std([0.21, 0.25, 0.30], ddof=1))
+    assert teacher["degenerate_seeds"] == 1 and teacher["seeds"] == 6
+    assert "feature_dim" not in summary["ddti"]["random init"]  # only classifier entries are summarised
+    diff = reproduce.paired(summary, "stage-1 teacher", "random init")["ddti"]["linear"]
+    assert diff["mean"] == pytest.approx(np.mean([0.10, -0.05, 0.10])) and (diff["wins"], diff["draws"]) == (2, 3)
+    md = reproduce.table(summary, {"stage-1 teacher": {"loss": 0.9}})
+    assert "0.253 ± 0.045 ⚠1/6" in md and "| random init | 0.203 ± 0.095 | – | – |" in md
+    assert "(2/3)" in reproduce.paired_table({"stage-1 teacher − random init": {"ddti": {"linear": diff}}})

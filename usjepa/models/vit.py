@@ -48,6 +48,7 @@ ARCHS: dict[str, ViTConfig] = {
     "vit_large_patch16_224": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
     "vit_test_tiny": ViTConfig(embed_dim=64, depth=2, num_heads=2),
     "vit_test_small": ViTConfig(embed_dim=96, depth=4, num_heads=3),
+    "vit_tiny6_patch16_224": ViTConfig(embed_dim=192, depth=6, num_heads=3),  # ViT-Ti, half the blocks: CPU runs
 }
 
 

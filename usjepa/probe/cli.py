@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mean of the patch tokens after the final norm, or the CLS token")
     p.add_argument("--split", type=_floats, default=list(DEFAULT_FRACTIONS), metavar="TRAIN,VAL,TEST",
                    help="fractions for splits the data does not carry (made by group, stratified)")
+    p.add_argument("--split-seed", type=int, default=0, metavar="K",
+                   help="another draw of those made splits (0: the default one); on a small test set run "
+                        "several and report their spread")
     p.add_argument("--group-pattern", action="append", metavar="[NAME=]REGEX",
                    help="patient id from the relative path: first capture group (or the whole match); frames of "
                         "one file are always grouped, this groups files (videos of one patient) too. "
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             _named(args.encoder, "encoder"), data, args.out, seeds=args.seeds,
             fewshot=args.fewshot, robustness=args.robustness, arch=args.arch, pooling=args.pooling,
             classifier=args.classifier, normalise=not args.no_normalise,
-            split_fractions=tuple(args.split), group_pattern=_per_dataset(args.group_pattern, data),
+            split_fractions=tuple(args.split), split_seed=args.split_seed,
+            group_pattern=_per_dataset(args.group_pattern, data),
             label_pattern=_per_dataset(args.label_pattern, data), frames_per_video=args.frames_per_video,
             exclude=args.exclude or None, fewshot_fractions=tuple(args.fewshot_fractions),
             corruptions=CORRUPTIONS, severities=tuple(args.severities),

@@ -21,7 +21,8 @@ Splitting: items sharing a source or a group (patient / video: CSV ``group`` col
 ``patient``/``source``, shard metadata ``group``, or the first capture group of ``group_pattern`` on the
 relative path) form one unit; units are stratified by their majority class, ordered by a stable hash of
 their id, and cut at the requested fractions with at least one unit per class in every split. The same data
-gives the same split on every run and machine. ``leakage_check`` counts sources and groups found in two
+gives the same split on every run and machine; ``split_seed`` salts the hash for another draw (for the
+spread of a small test set). ``leakage_check`` counts sources and groups found in two
 splits; for made splits it is 0 by construction, a source straddling given splits is an error.
 """
 
@@ -355,6 +356,13 @@ def split_units(items: list[LabelledItem]) -> list[int]:
     return [find(i) for i in range(len(items))]
 
 
+def split_salt(split_seed: int) -> str:
+    """The hash salt of split draw ``split_seed``; draw 0 is the split every earlier report used."""
+    if split_seed < 0:
+        raise LabelledDataError(f"split seed must be ≥ 0, got {split_seed}")
+    return "probe" if split_seed == 0 else f"probe/{split_seed}"
+
+
 def assign_splits(items: list[LabelledItem], fractions=DEFAULT_FRACTIONS, salt: str = "probe") -> list[LabelledItem]:
     """Give every item without a final split one, by unit (``split_units``), stratified by class, stable.
 
@@ -445,10 +453,13 @@ def check_class_counts(classes: list[str], counts: dict[str, dict[str, int]], wh
 def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: str | None = None,
                   label_pattern: str | None = None, fractions=DEFAULT_FRACTIONS,
                   exclude: str | None = DEFAULT_EXCLUDE,
-                  frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO) -> LabelledSet:
-    """Read a labelled set (see the module docstring for the layouts) and complete its splits."""
+                  frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO, split_seed: int = 0) -> LabelledSet:
+    """Read a labelled set (see the module docstring for the layouts) and complete its splits.
+
+    ``split_seed`` draws another made split (0: the default one); splits the data gives are kept."""
     if frames_per_video < 1:
         raise LabelledDataError(f"frames per video must be ≥ 1, got {frames_per_video}")
+    salt = split_salt(split_seed)
     root = Path(os.path.abspath(Path(root).expanduser()))  # absolute, symlinks kept (relative paths stay valid)
     try:
         items, base = _read_any(root, label_pattern, exclude, frames_per_video)
@@ -472,8 +483,9 @@ def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: s
     split_source = "given by the data"
     if any(it.split not in SPLITS for it in items):
         made = "val carved from train" if all(it.split in (TRAIN_VAL, "test") for it in items) else "train/val/test"
-        split_source = f"{made} made here, stratified by class, stable hash"
-    items = assign_splits(items, fractions)
+        split_source = f"{made} made here, stratified by class, stable hash" + (
+            f", split seed {split_seed}" if split_seed else "")
+    items = assign_splits(items, fractions, salt=salt)
     classes = _class_order([it.label for it in items])
     if len(classes) < 2:
         raise LabelledDataError(f"{root}: a probe needs at least two classes, found {classes or 'none'}")

@@ -203,7 +203,7 @@ def probe_dataset(encoder, data: LabelledSet, seeds: list[int], *, preprocess_cf
 def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewshot: bool = False,
                    robustness: bool = False, *, arch: str | None = None, pooling: str = "mean",
                    classifier: str = "both", normalise: bool = True,
-                   split_fractions=DEFAULT_FRACTIONS, group_pattern: str | dict | None = None,
+                   split_fractions=DEFAULT_FRACTIONS, split_seed: int = 0, group_pattern: str | dict | None = None,
                    label_pattern: str | dict | None = None, frames_per_video: int = DEFAULT_FRAMES_PER_VIDEO,
                    exclude: str | None = DEFAULT_EXCLUDE, fewshot_fractions=FEWSHOT_FRACTIONS,
                    corruptions=CORRUPTIONS, severities=SEVERITIES, probe: ProbeConfig | dict | None = None,
@@ -215,6 +215,7 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
     ``data_root``: a labelled-data path, a list of them, or {name: path} (columns of the table).
     ``seeds``: a count (seeds 0..n-1) or an explicit list. ``classifier``: linear | logreg | both.
     ``label_pattern`` / ``group_pattern``: a regex for every dataset, or {dataset name: regex}.
+    ``split_seed``: which draw of the made splits (0 = the default); features are reused across draws.
     Returns the results dict also written as JSON; ``res["skipped_frames"]`` counts skipped inputs.
     """
     if not encoders:
@@ -231,13 +232,14 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
 
     datasets = {name: load_labelled(p, name=name, group_pattern=one(group_pattern, name),
                                     label_pattern=one(label_pattern, name), fractions=split_fractions,
-                                    exclude=exclude, frames_per_video=frames_per_video)
+                                    exclude=exclude, frames_per_video=frames_per_video, split_seed=split_seed)
                 for name, p in _datasets(data_root).items()}
 
     res: dict = {
         "protocol": {"seeds": seed_list, "pooling": pooling, "classifiers": list(clfs), "normalise": normalise,
                      "probe": asdict(probe_cfg), "logreg_c_grid": list(C_GRID),
                      "preprocess": preprocess_dict(pre_cfg), "split_fractions": list(split_fractions),
+                     "split_seed": split_seed,
                      "frames_per_video": frames_per_video, "precision": precision,
                      "degenerate_share": DEGENERATE_SHARE,
                      "fewshot_fractions": [float(f) for f in fewshot_fractions] if fewshot else [],
