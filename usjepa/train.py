@@ -641,5 +641,20 @@ def setup_logging(out_dir: Path | None, master: bool) -> None:
     root.propagate = False
 
 
+def cli() -> None:
+    """``usjepa-train`` and ``python -m usjepa.train``: ``main`` and then an immediate exit with its status.
+
+    By the time ``main`` returns, the checkpoints and exports are written and the ranks have agreed on the
+    final weights. What is left is the interpreter's teardown of native libraries (DALI's thread pools,
+    gloo/NCCL), which happens in no order we control: one CI run saw a finished rank abort there ("terminate
+    called without an active exception", SIGABRT), which torchrun reports as a failed job. So the process
+    flushes its streams and logs and leaves without that teardown."""
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
