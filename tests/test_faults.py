@@ -490,3 +490,15 @@ def test_second_ingest_into_the_same_out_says_locked_or_complete(tmp_path, monke
     assert first["summary"]["frames"] > 0
     assert "locked" in str(second[0]) or second[0].get("already_complete"), second
     assert run_ingest(specs, opts)["timing"]["already_complete"]
+
+
+def test_cli_exits_with_mains_status_and_skips_native_teardown():
+    """A finished process leaves without the interpreter's teardown (where a native library once aborted a
+    finished torchrun rank): the status is main()'s, its output is flushed, and no exit handler runs."""
+    code = ("import atexit, usjepa.train as t\n"
+            "atexit.register(lambda: print('TEARDOWN RAN'))\n"
+            "t.main = lambda: (print('trained', end=''), 3)[1]\n"
+            "t.cli()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 3 and proc.stdout == "trained", (proc.returncode, proc.stdout, proc.stderr)
