@@ -25,13 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 DDTI_KEY = re.compile(r"^(\d+)_(\d+)\.jpg_\d+\((\d+)\)$")
 
 
-def ddti_labels_csv(ddti: Path, out: Path) -> Path:
-    """``OUT/labels.csv`` (path, label, group = patient) and ``OUT/cropped`` -> the real crops."""
-    out.mkdir(parents=True, exist_ok=True)
-    link = out / "cropped"
-    if not link.exists():
-        os.symlink(os.path.abspath(ddti / "cropped"), link)
-    rows = []
+def ddti_nodules(ddti: Path) -> list[tuple[str, str, str]]:
+    """(crop file name in ``cropped/``, TI-RADS category, patient number) of every nodule of
+    ``diagnosis.csv`` that has a category and a crop on disk."""
+    out = []
     with open(ddti / "diagnosis.csv", newline="") as f:
         for key, label in csv.reader(f):
             m = DDTI_KEY.match(key.strip())
@@ -40,9 +37,19 @@ def ddti_labels_csv(ddti: Path, out: Path) -> Path:
             patient, image, nodule = m.groups()
             for name in (f"{patient}_{image}({nodule}).png", f"{patient}_{image}.png"):
                 if (ddti / "cropped" / name).is_file():
-                    rows.append({"path": f"cropped/{name}", "label": f"TI-RADS {label.strip()}",
-                                 "group": f"patient {patient}"})
+                    out.append((name, label.strip(), patient))
                     break
+    return out
+
+
+def ddti_labels_csv(ddti: Path, out: Path) -> Path:
+    """``OUT/labels.csv`` (path, label, group = patient) and ``OUT/cropped`` -> the real crops."""
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "cropped"
+    if not link.exists():
+        os.symlink(os.path.abspath(ddti / "cropped"), link)
+    rows = [{"path": f"cropped/{name}", "label": f"TI-RADS {tirads}", "group": f"patient {patient}"}
+            for name, tirads, patient in ddti_nodules(ddti)]
     path = out / "labels.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "group"])

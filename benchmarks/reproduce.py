@@ -47,6 +47,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import hardware, hardware_line, utc_now
+from benchmarks.probe_realdata import ddti_nodules
 from usjepa.probe.metrics import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,11 +96,6 @@ PRESETS = {
                   decoder={"embed_dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": 0.75}, batch_size=32,
                   stage1_steps=2500, stage2_steps=200, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
                   threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
-    # The CPU preset before it was resized (kept: the first runs and the teacher-steps check used it).
-    "cpu_4x96": Preset(arch="vit_test_small", predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
-                       decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75}, batch_size=32,
-                       stage1_steps=1000, stage2_steps=150, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
-                       threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
     # One GPU, batch 128: MAE's base lr 1.5e-4 and Table 5's 5e-5 as written; ~2700 frames make 5000
     # steps ~240 epochs. Not run yet (no GPU in the session that wrote it).
     "vitb16": Preset(arch="vit_base_patch16_224", predictor={"embed_dim": 384, "depth": 12, "num_heads": 12},
@@ -107,6 +103,10 @@ PRESETS = {
                      stage1_steps=5000, stage2_steps=2000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
                      backend="dali", threads=None, bf16=True, compile=True, students=tuple(VARIANTS)),
 }
+# The CPU preset before it was resized (kept: the first runs and the teacher-steps check used it).
+PRESETS["cpu_4x96"] = replace(PRESETS["cpu"], arch="vit_test_small", stage1_steps=1000, stage2_steps=150,
+                              predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
+                              decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75})
 # --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation.
 QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
          "students": ("usrc off", "usrc on", "usrc on + batch-min lengths")}
@@ -125,23 +125,15 @@ def write_labels(root: Path, rows: list[tuple[str, str, str]]) -> Path:
 
 
 def ddti_labelled(src: Path, out: Path) -> Path:
-    """DDTI: one image per nodule, label = TI-RADS category, group = patient (the key's first number).
-    Key ``P_I.jpg_P(N)`` is file ``cropped/P_I(N).png``, or ``cropped/P_I.png`` for a single nodule."""
+    """DDTI: one image per nodule (``probe_realdata.ddti_nodules``), label = TI-RADS category, group =
+    patient, the crops copied under ``images/``."""
     rows = []
-    with open(src / "diagnosis.csv", newline="") as f:
-        for key, label in csv.reader(f):
-            m = re.fullmatch(r"(\d+)_(\d+)\.jpg_\d+\((\d+)\)", key.strip())
-            if not label.strip() or m is None:
-                continue  # no TI-RADS category given
-            p, i, n = m.groups()
-            for name in (f"{p}_{i}({n}).png", f"{p}_{i}.png"):
-                if (src / "cropped" / name).is_file():
-                    dst = out / "images" / name
-                    if not dst.is_file():
-                        dst.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copyfile(src / "cropped" / name, dst)
-                    rows.append((f"images/{name}", f"TI-RADS {label.strip()}", f"patient{p}"))
-                    break
+    for name, tirads, patient in ddti_nodules(src):
+        dst = out / "images" / name
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / "cropped" / name, dst)
+        rows.append((f"images/{name}", f"TI-RADS {tirads}", f"patient{patient}"))
     return write_labels(out, rows)
 
 
