@@ -32,7 +32,7 @@ _BAND_MIN = 0.05  # display bands thinner than this share of the side are left i
 _BAND_MAX = 0.5  # nor can a band be deeper than this: the scan is the larger part of the frame
 _BAND_LEAD = 0.1  # a band's flat part may start this far in: a column of text printed up to the crop's edge
 _SLOPE_SAME = 0.05  # side edges whose slopes (dx/dy) are this close to mirror images are taken as fitted (3°)
-_ATTACHMENT_MAX = 0.05  # a piece of the region outside the fit below this share of it: text that joined it
+_ATTACHMENT_MAX = 0.05  # a piece of the region outside the fit below this share of the frame: text that joined it
 _GLYPH_CONTRAST = 45  # a glyph's pixels are this much brighter than the mean around them (11×11)
 _GLYPH_HEIGHT = (5, 0.075)  # glyph height: from 5 px to this share of the longer side
 _GLYPHS_IN_A_ROW = 4  # bright blobs of one height on one baseline, this many in a row: a line of text
@@ -398,15 +398,17 @@ def _far_ring(region: np.ndarray, sides: np.ndarray, d: np.ndarray) -> float | N
     return float(outer)
 
 
-def _attachments(outside: np.ndarray, n_region: int) -> int:
+def _attachments(outside: np.ndarray) -> int:
     """Pixels of the region outside a fit that are small separate pieces — each under
-    ``_ATTACHMENT_MAX`` of the region, together under twice that: a line of text or a label printed in
+    ``_ATTACHMENT_MAX`` of the frame, together under twice that: a line of text or a label printed in
     the border that touches the scan and joined its region. They do not count against the fit; a region
-    that a crop's irregular border shapes leaves larger pieces outside, which do."""
+    that a crop's irregular border shapes leaves larger pieces outside, which do. Shares of the frame,
+    not of the region: a display prints its labels at a size set by the screen, so a scan drawn small
+    (a 120x160 clip's fan fills 60 % of it) meets the same text as a large one."""
     n, labels = cv2.connectedComponents(outside.astype(np.uint8), connectivity=8)
     areas = np.bincount(labels.ravel(), minlength=n)[1:]
-    small = int(areas[areas < _ATTACHMENT_MAX * n_region].sum())
-    return small if small < 2 * _ATTACHMENT_MAX * n_region else 0
+    small = int(areas[areas < _ATTACHMENT_MAX * outside.size].sum())
+    return small if small < 2 * _ATTACHMENT_MAX * outside.size else 0
 
 
 def fit_sector(region: np.ndarray) -> tuple[np.ndarray, dict] | None:
@@ -490,7 +492,7 @@ area / fit area) tell the caller whether the fit explains the region.
                 best = (score, m, near, far)
     score, mask, near, far = best
     # the fit must hold the evidence (text that touched the scan aside) ...
-    covered = (np.count_nonzero(mask & region) + _attachments(region & ~mask, n_region)) / n_region
+    covered = (np.count_nonzero(mask & region) + _attachments(region & ~mask)) / n_region
     filled = n_region / max(1, np.count_nonzero(mask))  # ... and not be mostly empty
     return mask, {"left": left, "right": right, "apex": apex, "near": near, "far": far, "iou_region": score,
                   "covered": covered, "filled": filled}

@@ -144,15 +144,54 @@ def _render(e: np.ndarray, z: np.ndarray, g: _Geometry, rng: np.random.Generator
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+# A 5x7 bitmap font for the burned-in labels, drawn by this module rather than cv2.putText: OpenCV 5.1
+# replaced putText's glyph rendering, which moved the corpus's text (and the USrc fit scored on it) under
+# the project; scanners print bitmap fonts like this one anyway. One string of 7 rows per glyph.
+_FONT_5X7 = {
+    "0": "01110 10001 10011 10101 11001 10001 01110", "1": "00100 01100 00100 00100 00100 00100 01110",
+    "2": "01110 10001 00001 00010 00100 01000 11111", "3": "11110 00001 00001 01110 00001 00001 11110",
+    "4": "00010 00110 01010 10010 11111 00010 00010", "5": "11111 10000 11110 00001 00001 10001 01110",
+    "6": "00110 01000 10000 11110 10001 10001 01110", "7": "11111 00001 00010 00100 01000 01000 01000",
+    "8": "01110 10001 10001 01110 10001 10001 01110", "9": "01110 10001 10001 01111 00001 00010 01100",
+    "S": "01111 10000 10000 01110 00001 00001 11110", "Y": "10001 10001 01010 00100 00100 00100 00100",
+    "N": "10001 11001 10101 10011 10001 10001 10001", "M": "10001 11011 10101 10101 10001 10001 10001",
+    "H": "10001 10001 10001 11111 10001 10001 10001", "D": "11100 10010 10001 10001 10001 10010 11100",
+    "G": "01110 10001 10000 10111 10001 10001 01111", "z": "00000 00000 11111 00010 00100 01000 11111",
+    "c": "00000 00000 01110 10000 10000 10001 01110", "m": "00000 00000 11010 10101 10101 10001 10001",
+    ".": "00000 00000 00000 00000 00000 01100 01100", " ": "00000 00000 00000 00000 00000 00000 00000",
+}
+_SUPERSAMPLE = 4
+
+
+def _draw_text(img: np.ndarray, text: str, x: float, baseline: float, height: float, level: int) -> None:
+    """Burn ``text`` into ``img`` (BGR, in place) in the 5x7 font, ``height`` px tall from ``baseline``:
+    each glyph pixel a block of a 4x supersampled canvas, averaged back down so stroke edges are
+    anti-aliased as a scanner's display output is. Pure numpy, so every OpenCV version draws the same."""
+    px = height / 7.0  # one font pixel, in image pixels
+    h, w = img.shape[:2]
+    s = _SUPERSAMPLE
+    canvas = np.zeros((h * s, w * s), np.float32)
+    top = baseline - height
+    for k, ch in enumerate(text):
+        rows = _FONT_5X7[ch].split()
+        x0 = x + k * 6 * px  # 5 columns and 1 of spacing
+        for r, bits in enumerate(rows):
+            for c, bit in enumerate(bits):
+                if bit == "1":
+                    y1, y2 = round((top + r * px) * s), round((top + (r + 1) * px) * s)
+                    x1, x2 = round((x0 + c * px) * s), round((x0 + (c + 1) * px) * s)
+                    canvas[max(0, y1) : max(0, y2), max(0, x1) : max(0, x2)] = 1.0
+    cover = canvas.reshape(h, s, w, s).mean(axis=(1, 3))[..., None]
+    img[:] = np.round(img * (1.0 - cover) + level * cover).astype(np.uint8)
+
+
 def _burn_in_overlays(gray: np.ndarray, g: _Geometry, rng: np.random.Generator, colour_note: bool) -> np.ndarray:
     """Text, depth ruler and (optionally) a small coloured annotation; returns BGR like real exports."""
     h, w = gray.shape
     img = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
-    scale = h / 400
-    cv2.putText(img, f"SYN {rng.uniform(2, 12):.1f}MHz", (3, max(10, int(0.05 * h))),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.9 * scale, (230, 230, 230), 1, cv2.LINE_AA)
-    cv2.putText(img, f"D{rng.integers(4, 16)}cm G{rng.integers(30, 70)}", (int(0.72 * w), int(0.97 * h)),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.8 * scale, (200, 200, 200), 1, cv2.LINE_AA)
+    cap = max(5.0, 0.045 * h)  # cap height of the labels (a scanner's small print)
+    _draw_text(img, f"SYN {rng.uniform(2, 12):.1f}MHz", 3, max(10, int(0.05 * h)), cap, 230)
+    _draw_text(img, f"D{rng.integers(4, 16)}cm G{rng.integers(30, 70)}", int(0.72 * w), int(0.97 * h), 0.9 * cap, 200)
     for k in range(1, 6):  # depth ruler ticks along the right edge
         y = int(k * h / 6)
         cv2.line(img, (w - 6, y), (w - 2, y), (220, 220, 220), 1)
