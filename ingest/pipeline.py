@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -60,6 +61,25 @@ _TAR_BLOCK = 512
 
 class IngestError(RuntimeError):
     """A run that cannot start or continue (locked, options changed since the interrupted run, ...)."""
+
+
+class OutputWriteError(IngestError):
+    """Writing into ``--out`` failed (disk full, I/O error, read-only file system, quota). The run stops;
+    the sources being written are not journaled, so a rerun of the same command retries them."""
+
+
+@contextlib.contextmanager
+def _writing_into(out: Path):
+    """Turn an ``OSError`` raised while writing the output into one line naming the cause and ``--out``.
+    Only wrap code that touches nothing but the output folder: a source's own read errors are bad input,
+    reported per file by ``process_task``."""
+    try:
+        yield
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, "") if e.errno else ""
+        raise OutputWriteError(f"cannot write to --out {out}: {e.strerror or e}{f' ({code})' if code else ''}; "
+                               f"the run stopped with no source marked bad: free space (or fix the disk), "
+                               f"then rerun the same command to resume") from e
 
 
 @dataclass(frozen=True)
@@ -162,6 +182,12 @@ def _frames_of_source(src: Source, cfg: PreprocessConfig, stride: int, stats: _S
 
 def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path) -> dict:
     """Worker: ingest one task into its spill folder and return its summary (also saved as summary.json)."""
+    out = work.parents[1]
+    with _writing_into(out):
+        return _process_task(task, cfg, stride, val_fraction, work, out)
+
+
+def _process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path, out: Path) -> dict:
     final = work / "tasks" / task.task_id
     if final.is_dir():
         return _light(json.loads((final / "summary.json").read_text()))
@@ -187,9 +213,10 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                         meta = SampleMeta(dataset=task.dataset, anatomy=task.anatomy, source=src.rel,
                                           frame=index, group=src.group, orig_size=orig, split=split,
                                           label=src.label, median=masked_median(gray, mask)).to_json()
-                        spill.write(jpg)
-                        spill.write(png)
-                        spill.write(meta)
+                        with _writing_into(out):  # the output's fault, not the source's: stop, journal nothing
+                            spill.write(jpg)
+                            spill.write(png)
+                            spill.write(meta)
                         records.append([sample_key(task.dataset, src.rel, index), split,
                                         None,  # byte offset, set once the whole source is kept
                                         len(jpg), len(png), len(meta)])
@@ -199,6 +226,8 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                     reason = f"no usable frame ({stats.decoded} decoded; rejected {why})"
             except SourceUnreadable as e:
                 reason = e.reason
+            except OutputWriteError:
+                raise
             except Exception as e:  # a library failing on odd input must not abort the run: report it
                 reason = f"{type(e).__name__}: {e}".strip()[:300]
             if reason is not None:
@@ -261,6 +290,12 @@ def _padded(n: int) -> int:
 def write_split_shards(dataset: str, split: str, task_ids: list[str], work: Path, out: Path,
                        part: tuple[int, int], shard_size: int, seed: int) -> list[dict]:
     """Worker: write the shuffled shards of one (dataset, split) from the spills; resumes from its journal."""
+    with _writing_into(out):
+        return _write_split_shards(dataset, split, task_ids, work, out, part, shard_size, seed)
+
+
+def _write_split_shards(dataset: str, split: str, task_ids: list[str], work: Path, out: Path,
+                        part: tuple[int, int], shard_size: int, seed: int) -> list[dict]:
     # compact arrays, not Python objects: ~60 bytes a frame, so millions of frames shuffle in little RAM
     blocks = []
     for t, tid in enumerate(task_ids):
@@ -433,7 +468,8 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     """Ingest ``specs`` into ``opts.out``; returns the manifest (plus a ``timing`` entry not saved in it)."""
     t0 = time.perf_counter()
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing_into(out):
+        out.mkdir(parents=True, exist_ok=True)
     listing = assign_splits(list_sources(specs, opts.exclude), opts.val_fraction)
     fp = _fingerprint(listing, opts)
     man_path = out / manifest_name(opts.part)
@@ -441,7 +477,7 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     lock = out / WORK_DIR / f"{_part_tag(opts.part)}.lock"
     # Everything from the completeness check to the removal of the work folder happens under the lock, so a
     # second run into the same --out sees either "locked" or a finished output ("already complete").
-    with _locked(lock):
+    with _writing_into(out), _locked(lock):
         if man_path.is_file() and not work.is_dir():
             old = json.loads(man_path.read_text())
             lock.unlink(missing_ok=True)
