@@ -564,7 +564,11 @@ def _run_tasks(tasks: list[Task], opts: IngestOptions, work: Path, workers: _Wor
 
 def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shards: list[dict], fp: str) -> dict:
     datasets = {}
-    skipped = sorted((k for s in summaries for k in s["skipped"]), key=lambda k: (k["dataset"], k["path"]))
+    # what the listing finds outside any source (unreadable folders, excluded and ignored files) belongs to
+    # no part: part 0 reports it, so that ``merge`` counts it once
+    first_part = opts.part[0] == 0
+    unlisted = listing.unreadable if first_part else []
+    skipped = sorted([k for s in summaries for k in s["skipped"]] + unlisted, key=lambda k: (k["dataset"], k["path"]))
     for d in listing.datasets:
         mine = [s for s in summaries if s["dataset"] == d.name]
         t = lambda k: sum(s["totals"][k] for s in mine)  # noqa: E731
@@ -580,8 +584,8 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
             "decoded_frames": t("decoded"), "strided_frames": t("strided"),
             "decoded_frames_in_skipped_files": t("decoded_in_skipped"),
             "duplicate_frames_dropped": t("duplicates"), "rejected_frames": dict(rejected),
-            "excluded_files": listing.excluded.get(d.name, 0),
-            "ignored_files": sum(1 for k in listing.ignored if k["dataset"] == d.name),
+            "excluded_files": listing.excluded.get(d.name, 0) if first_part else 0,
+            "ignored_files": sum(1 for k in listing.ignored if k["dataset"] == d.name) if first_part else 0,
         }
         written = frames["train"] + frames["val"]
         expected = t("decoded") - t("strided") - t("duplicates") - sum(rejected.values())
@@ -611,9 +615,11 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
         "datasets": datasets,
         "shards": shards,
         "skipped": skipped,
-        "ignored": listing.ignored,
+        "ignored": listing.ignored if first_part else [],
+        "excluded_folders": listing.excluded_folders if first_part else [],
         "summary": {"frames": n, "sources": sum(v["sources"] for v in datasets.values()),
-                    "skipped_files": len(skipped), "shards": len(shards)},
+                    "skipped_files": len(skipped), "shards": len(shards),
+                    "excluded_files": sum(v["excluded_files"] for v in datasets.values())},
     }
 
 
@@ -625,6 +631,8 @@ def summary_line(manifest: dict) -> str:
     line = (f"ingested {s['frames']} frames (train {tr}, val {va}) from {s['sources']} sources in "
             f"{len(manifest['datasets'])} datasets into {s['shards']} shards; {dup} duplicate frames dropped; "
             f"skipped {s['skipped_files']} files")
+    if s.get("excluded_files"):
+        line += f"; left out {s['excluded_files']} files by the exclude rules (label masks by default)"
     timing = manifest.get("timing")
     if timing and not timing.get("already_complete"):
         line += f"; {timing['seconds']:.1f} s, {timing['frames_per_second']:.0f} frames/s"

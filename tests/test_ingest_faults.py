@@ -7,6 +7,10 @@ from __future__ import annotations
 import builtins
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -14,9 +18,10 @@ import numpy as np
 import pytest
 
 from usjepa.ingest import pipeline
-from usjepa.ingest.cli import EXIT_FAILED, EXIT_OK, main
+from usjepa.ingest.cli import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, main
+from usjepa.ingest.sources import DatasetSpec, list_sources
 from usjepa.shards import format as shard_format
-from usjepa.shards.format import iter_tar_samples, load_manifest
+from usjepa.shards.format import iter_tar_samples, load_manifest, sample_key
 
 
 def _scan(h: int, w: int, seed: int) -> np.ndarray:
@@ -109,3 +114,87 @@ def test_disk_full_stops_with_one_line_and_the_resume_ends_with_every_frame(tmp_
     m = load_manifest(out)
     assert m["skipped"] == [] and m["summary"]["frames"] == len(keys)
     assert _corpus_content(out) == (keys, shards)  # exactly the frames (and bytes) of the uninterrupted run
+
+
+def _run_cli_as_nobody(argv: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """``usjepa-ingest`` in a real process whose file permissions apply: as root (where chmod 000 does not
+    stop a read), it imports what it needs and then drops to user nobody."""
+    code = ("import os, sys, secrets, tempfile, tqdm, webdataset, cv2, PIL.Image, PIL.PngImagePlugin\n"
+            "import usjepa.ingest.cli, usjepa.ingest.pipeline\n"
+            "if os.geteuid() == 0:\n"
+            "    os.setgid(65534); os.setuid(65534)\n"
+            f"sys.exit(usjepa.ingest.cli.main({argv!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder user nobody can enter (pytest's tmp_path lies under a 0700 folder when run as root)."""
+    d = Path(tempfile.mkdtemp(prefix="usjepa-faults-"))
+    d.chmod(0o755)
+    yield d
+    for p in [d, *d.rglob("*")]:
+        if not p.is_symlink():
+            p.chmod(0o777 if p.is_dir() else 0o666)
+    shutil.rmtree(d)
+
+
+def test_symlinked_folders_are_followed_once_and_unreadable_ones_reported(shared_tmp):
+    src, ext, out = shared_tmp / "src", shared_tmp / "elsewhere", shared_tmp / "out"
+    for rel in ("a/x.png", "locked/z.png", "secret.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(src / rel), _scan(120, 160, len(rel)))
+    ext.mkdir()
+    cv2.imwrite(str(ext / "y.png"), _scan(120, 160, 7))
+    (src / "linked").symlink_to(ext)  # a folder kept elsewhere: followed
+    (src / "linked_again").symlink_to(ext)  # the same folder a second time: listed once
+    (src / "a" / "up").symlink_to("..")  # a loop: not followed
+    (src / "locked").chmod(0)
+    (src / "secret.png").chmod(0)
+    out.mkdir()
+    out.chmod(0o777)
+    done = _run_cli_as_nobody(["run", str(src), "--out", str(out), "--workers", "1", "--quiet"])
+    assert done.returncode == EXIT_SKIPPED, done.stderr
+    m = load_manifest(out)
+    assert sorted(k for s in m["shards"] for k, _ in iter_tar_samples(Path(s["abs_path"]))) == sorted(
+        sample_key("src", rel, 0) for rel in ("a/x.png", "linked/y.png"))
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == {
+        "locked/": "folder not readable: Permission denied", "secret.png": "cannot open: Permission denied"}
+    assert {i["path"] for i in m["ignored"]} == {"a/up/", "linked_again/"}
+    assert "skipped src/locked/: folder not readable" in done.stderr
+
+
+def _binary(h: int, w: int, seed: int) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    cv2.circle(m, (w // 2 + seed, h // 2), h // 4, 255, -1)
+    return m
+
+
+def test_mask_folders_are_left_out_and_counted(tmp_path):
+    root = tmp_path / "thyroid"
+    for d in ("images", "labels", "Masks"):
+        (root / d).mkdir(parents=True)
+    for i in range(4):
+        cv2.imwrite(str(root / "images" / f"case_{i}.png"), _scan(120, 160, i))
+        cv2.imwrite(str(root / "labels" / f"case_{i}.png"), _binary(120, 160, i))  # paired binary: masks
+        cv2.imwrite(str(root / "Masks" / f"other_{i}.png"), _binary(120, 160, i))  # named like masks
+    out = tmp_path / "out"
+    assert main(["run", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == EXIT_OK
+    m = load_manifest(out)
+    assert m["summary"]["frames"] == 4 and m["datasets"]["thyroid"]["excluded_files"] == 8
+    assert {(f["path"], f["files"]) for f in m["excluded_folders"]} == {("Masks/", 4), ("labels/", 4)}
+    kept = tmp_path / "kept"
+    assert main(["run", str(root), "--out", str(kept), "--workers", "1", "--quiet", "--exclude", ""]) == EXIT_OK
+    assert load_manifest(kept)["summary"]["frames"] == 12  # --exclude '' keeps them
+
+
+DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "ddti"
+
+
+@pytest.mark.skipif(not (DDTI / "mask").is_dir(), reason="../shared/realdata/ddti not present")
+def test_ddti_mask_gifs_are_not_listed_as_frames():
+    listing = list_sources([DatasetSpec("ddti", DDTI)])
+    n_masks = sum(1 for p in (DDTI / "mask").iterdir() if p.suffix == ".gif")
+    assert n_masks and not [s.rel for s in listing.sources if s.rel.startswith("mask/")]
+    assert listing.excluded["ddti"] == n_masks
+    assert [(f["path"], f["files"]) for f in listing.excluded_folders] == [("mask/", n_masks)]
