@@ -41,6 +41,7 @@ import fnmatch
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -250,9 +251,10 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
                     seen.update(os.path.realpath(x) for x, _, _ in os.walk(real, onerror=lambda e: None))
                 keep.append(d)
             if folder_globs:
+                label_folders = _label_folders(here, keep, names)
                 for d in list(keep):
                     rule = next((g + "/" for g in folder_globs if fnmatch.fnmatch(d.lower(), g)), None)
-                    if rule is None and _is_label_folder(here, d, [x for x in keep if x != d], names):
+                    if rule is None and d in label_folders:
                         rule = "binary label images pairing 1:1 with a sibling folder's frames"
                     if rule is not None:
                         n = sum(1 for _, _, fs in os.walk(here / d, followlinks=True) for f in fs if kind_of(f))
@@ -285,32 +287,46 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
 _LABEL_SAMPLE = 3  # label images decoded to tell a mask folder (few: they are small and this runs per folder)
 
 
-def _frame_stems(folder: Path) -> set[str]:
+def _label_folders(parent: Path, folders: list[str], parent_files: list[str]) -> set[str]:
+    """The sub-folders of ``parent`` that hold label masks for frames stored beside them: (nearly) every
+    file has a namesake (same stem) in a sibling folder or in ``parent`` itself, and the first few decode
+    to at most two grey values (a binary mask), which their namesakes do not. DDTI's ``mask/*.gif`` beside
+    ``cropped/*.png`` is the case this is for. One listing per folder and an index by stem, so a parent
+    with thousands of sub-folders costs thousands of listings, not millions."""
+    stems = {d: _frame_stems(parent / d) for d in folders}
+    stems[""] = {Path(n).stem for n in parent_files if kind_of(n)}  # "": the parent's own files
+    holders: dict[str, list[str]] = {}
+    for d, st in stems.items():
+        for stem in st:
+            holders.setdefault(stem, []).append(d)
+    found = set()
+    for d in folders:
+        mine = stems[d]
+        matches = [o for o, n in Counter(o for s in mine for o in holders[s] if o != d).most_common(3)
+                   if n >= 0.9 * len(mine)]
+        if not matches:
+            continue
+        files = {Path(f).stem: f for f in _frame_files(parent / d)}
+        picked = sorted(files)[:_LABEL_SAMPLE]
+        if not all(_is_binary_image(parent / d / files[k]) for k in picked):
+            continue  # frames, not masks (patients' folders often repeat the same file names)
+        for other in matches:
+            partners = {Path(f).stem: f for f in _frame_files(parent / other)}
+            if not all(k in partners and _is_binary_image(parent / other / partners[k]) for k in picked):
+                found.add(d)
+                break
+    return found
+
+
+def _frame_files(folder: Path) -> list[str]:
     try:
-        return {Path(n).stem for n in os.listdir(folder) if kind_of(n) in ("still", "video") and not n.startswith(".")}
+        return [n for n in os.listdir(folder) if kind_of(n) in ("still", "video") and not n.startswith(".")]
     except OSError:
-        return set()
+        return []
 
 
-def _is_label_folder(parent: Path, name: str, siblings: list[str], parent_files: list[str]) -> bool:
-    """Whether ``parent/name`` holds label masks for frames stored beside it: (nearly) every file in it has
-    a namesake (same stem) in a sibling folder or in ``parent`` itself, and the first few decode to at most
-    two grey values (a binary mask), which the namesakes do not. DDTI's ``mask/*.gif`` beside
-    ``cropped/*.png`` is the case this is for."""
-    mine = _frame_stems(parent / name)
-    if not mine:
-        return False
-    candidates = [(parent / s, _frame_stems(parent / s)) for s in siblings]
-    candidates.append((parent, {Path(n).stem for n in parent_files if kind_of(n)}))
-    for folder, stems in candidates:
-        if len(mine & stems) >= 0.9 * len(mine):
-            files = sorted(n for n in os.listdir(parent / name) if Path(n).stem in stems and kind_of(n))
-            partners = {Path(n).stem: n for n in os.listdir(folder) if kind_of(n) and Path(n).stem in mine}
-            picked = files[:_LABEL_SAMPLE]
-            if all(_is_binary_image(parent / name / f) for f in picked) and not all(
-                    _is_binary_image(folder / partners[Path(f).stem]) for f in picked):
-                return True
-    return False
+def _frame_stems(folder: Path) -> set[str]:
+    return {Path(n).stem for n in _frame_files(folder)}
 
 
 def _is_binary_image(path: Path) -> bool:
