@@ -140,11 +140,17 @@ def _image_header(path: Path) -> tuple[int, int, str] | None:
     """(width, height, format) from the file header without decoding pixels; None if Pillow cannot tell."""
     from PIL import Image
 
+    # Pillow refuses to open an image past its own bomb limit (~179 Mpx) and says so by raising; then the
+    # size would be unknown here and OpenCV would decode it whole. Only the header is read, so lift the
+    # limit for the open; the caller applies the project's budget (max_pixels) to the size read.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
             return im.size[0], im.size[1], str(im.format)
     except Exception:  # not an image Pillow knows: OpenCV decides below
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ import pytest
 
 from usjepa.ingest import pipeline
 from usjepa.ingest.cli import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, main
+from usjepa.ingest.readers import SourceUnreadable, open_frames
 from usjepa.ingest.sources import DatasetSpec, list_sources
 from usjepa.shards import format as shard_format
 from usjepa.shards.format import iter_tar_samples, load_manifest, sample_key
@@ -198,3 +200,30 @@ def test_ddti_mask_gifs_are_not_listed_as_frames():
     assert n_masks and not [s.rel for s in listing.sources if s.rel.startswith("mask/")]
     assert listing.excluded["ddti"] == n_masks
     assert [(f["path"], f["files"]) for f in listing.excluded_folders] == [("mask/", n_masks)]
+
+
+def _huge_png(path: Path, side: int = 20000) -> Path:
+    """A valid side x side 1-bit PNG (50 MB of pixels compressed to ~50 kB): past Pillow's bomb limit."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte 0, then black pixels
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])  # bit depth 1, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_pixel_budget_holds_past_pillows_bomb_limit(tmp_path):
+    root = tmp_path / "stills"
+    root.mkdir()
+    big = _huge_png(root / "huge.png")
+    with pytest.raises(SourceUnreadable, match=r"20000x20000 image \(400 Mpx\) exceeds the pixel budget.*\(PNG\)"):
+        list(open_frames(big))  # refused from the header: never decoded (400 MB)
+    cv2.imwrite(str(root / "small.png"), _scan(120, 160, 1))
+    out = tmp_path / "out"
+    assert main(["run", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == EXIT_SKIPPED
+    m = load_manifest(out)
+    assert [s["path"] for s in m["skipped"]] == ["huge.png"] and "pixel budget" in m["skipped"][0]["reason"]
+    assert m["summary"]["frames"] == 1
