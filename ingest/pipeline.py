@@ -144,6 +144,8 @@ def _worker_init() -> None:
 class _SourceStats:
     def __init__(self) -> None:
         self.decoded = self.strided = self.duplicates = self.written = 0
+        self.header_frames: int | None = None
+        self.header_shortfall = 0
         self.rejected: Counter = Counter()
 
 
@@ -178,6 +180,7 @@ def _frames_of_source(src: Source, cfg: PreprocessConfig, stride: int, stats: _S
             yield from finish(chunk)
     finally:
         stats.decoded, stats.strided, stats.duplicates = stream.decoded, stream.strided, stream.duplicates
+        stats.header_frames, stats.header_shortfall = stream.header_frames, stream.header_shortfall
 
 
 def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path) -> dict:
@@ -196,6 +199,7 @@ def _process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: 
     tmp.mkdir(parents=True)
     samples: list[list] = []  # [key, split, offset, len_jpg, len_png, len_json]
     skipped: list[dict] = []
+    short: list[dict] = []  # videos kept with fewer frames than their header declares
     totals = {"sources": 0, "decoded": 0, "strided": 0, "duplicates": 0, "written": 0,
               "frames": {s: 0 for s in SPLITS}, "decoded_in_skipped": 0}
     rejected: Counter = Counter()
@@ -241,6 +245,9 @@ def _process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: 
                 r[2] = offset
                 offset += r[3] + r[4] + r[5]
             samples += records
+            if stats.header_shortfall:
+                short.append({"dataset": task.dataset, "path": src.rel, "decoded": stats.decoded,
+                              "header_frames": stats.header_frames})
             rejected.update(stats.rejected)
             for k in ("decoded", "strided", "duplicates"):
                 totals[k] += getattr(stats, k)
@@ -251,7 +258,7 @@ def _process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: 
         os.fsync(spill.fileno())
     totals["rejected"] = dict(rejected)
     summary = {"task_id": task.task_id, "dataset": task.dataset, "n_sources": len(task.sources),
-               "totals": totals, "skipped": skipped, "samples": samples}
+               "totals": totals, "skipped": skipped, "short_of_header": short, "samples": samples}
     with open(tmp / "summary.json", "w") as f:
         json.dump(summary, f, separators=(",", ":"))
         f.flush()
@@ -617,6 +624,9 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
         "skipped": skipped,
         "ignored": listing.ignored if first_part else [],
         "excluded_folders": listing.excluded_folders if first_part else [],
+        # videos kept whole with fewer frames than their container header declares (an estimate for VFR)
+        "short_of_header": sorted((k for s in summaries for k in s.get("short_of_header", [])),
+                                  key=lambda k: (k["dataset"], k["path"])),
         "summary": {"frames": n, "sources": sum(v["sources"] for v in datasets.values()),
                     "skipped_files": len(skipped), "shards": len(shards),
                     "excluded_files": sum(v["excluded_files"] for v in datasets.values())},

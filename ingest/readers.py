@@ -10,8 +10,10 @@ A file that cannot be read raises ``SourceUnreadable`` with a one-line reason, w
 into the manifest; it never aborts a run. That includes **truncated videos**, checked per container
 (OpenCV's decoder stops quietly at a cut, so a half-file would otherwise pass as a short clip):
 
-* ``.avi``, ``.mp4``, ``.mov``: fewer frames decoded than the container header declares (its index/moov
-  gives frame count and duration; an mp4/mov cut before its moov does not open at all);
+* ``.avi``, ``.mp4``, ``.mov``: an mp4/mov cut before its moov does not open at all. Fewer frames decoded
+  than the header declares is *not* a reason to skip: the header count is an estimate for variable-frame-
+  rate files (a .mov declaring 210 frames that decodes 192 clean ones), so every frame that decodes is
+  kept and the shortfall is reported (``FrameStream.header_shortfall``, the manifest's ``short_of_header``);
 * ``.mpeg``/``.mpg`` program streams: the pack/packet structure is walked and must end exactly at the end
   of the file (a cut leaves a packet whose declared length runs past it); OpenCV's frame count for these
   is an estimate from the file size, useless for the check;
@@ -106,10 +108,11 @@ class FrameStream:
         self.decoded = 0
         self.strided = 0
         self.duplicates = 0
+        self.header_frames: int | None = None  # a video's frame count as its container header declares it
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         if self.kind == "video":
-            raw = _read_video(self.path, self.stride)
+            raw = _read_video(self.path, self.stride, self)
         elif self.kind == "still":
             raw = _read_still(self.path, self.max_pixels)
         else:
@@ -127,6 +130,16 @@ class FrameStream:
             yield index, frame
         if self.decoded == 0:
             raise SourceUnreadable(f"no decodable frame in this {self.kind} file")
+
+
+    @property
+    def header_shortfall(self) -> int:
+        """Frames the container header declares beyond those decoded; 0 within a few frames of slack (edit
+        lists and B-frame reordering move OpenCV's count by one or two). Headers of variable-frame-rate
+        files only estimate the count, so a shortfall is reported, never a reason to drop decoded frames."""
+        if self.header_frames is None or self.decoded >= 0.98 * self.header_frames - 1:
+            return 0
+        return self.header_frames - self.decoded
 
 
 def open_frames(path: str | os.PathLike, stride: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameStream:
@@ -177,9 +190,10 @@ def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tu
 # ------------------------------------------------------------------------------------------- videos
 
 
-def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
+def _read_video(path: Path, stride: int = 1, stream: FrameStream | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
     """Frames in file order; frames the stride leaves out are only grabbed (no colour conversion) and
-    yielded as None, so that they are still counted."""
+    yielded as None, so that they are still counted. Sets ``stream.header_frames`` for the containers
+    whose header declares a frame count."""
     problem = _container_end_problem(path)
     if problem:
         raise SourceUnreadable(problem)
@@ -189,6 +203,8 @@ def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray |
         if not cap.isOpened():
             raise SourceUnreadable("OpenCV cannot open this video (truncated, corrupt or unknown codec)")
         declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        if stream is not None and file_ext(path) in _HEADER_COUNTED and declared > 0:
+            stream.header_frames = int(declared)
         index = 0
         first_message_at = None  # frame index at which the decoder first wrote to stderr
         while True:
@@ -210,11 +226,6 @@ def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray |
         if first_message_at is not None:
             raise SourceUnreadable(f"truncated: the stream ends in a decode error ({log.last_line()!r}) "
                                    f"after {index} frames")
-        ext = file_ext(path)
-        # a few frames of slack: edit lists and B-frame reordering move OpenCV's count by one or two
-        if ext in _HEADER_COUNTED and declared > 0 and index < 0.98 * declared - 1:
-            raise SourceUnreadable(f"truncated: {index} frames decoded of the {int(declared)} that the "
-                                   f"{ext[1:]} header declares")
     finally:
         cap.release()
         log.close()

@@ -227,3 +227,39 @@ def test_pixel_budget_holds_past_pillows_bomb_limit(tmp_path):
     m = load_manifest(out)
     assert [s["path"] for s in m["skipped"]] == ["huge.png"] and "pixel budget" in m["skipped"][0]["reason"]
     assert m["summary"]["frames"] == 1
+
+
+def _avi(path: Path, n: int, seed: int = 0) -> Path:
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (160, 120))
+    for k in range(n):
+        vw.write(cv2.cvtColor(_scan(120, 160, seed + k), cv2.COLOR_GRAY2BGR))
+    vw.release()
+    return path
+
+
+def test_video_shorter_than_its_header_keeps_every_decoded_frame(tmp_path):
+    root = tmp_path / "clips"
+    root.mkdir()
+    # header over-estimates the count (as a variable-frame-rate file's does): 20 frames, header says 26
+    data = bytearray(_avi(tmp_path / "whole.avi", 20).read_bytes())
+    for tag, field in ((b"avih", 16), (b"strh", 32)):  # avih dwTotalFrames, strh dwLength
+        at = data.find(tag) + 8 + field
+        assert int.from_bytes(data[at : at + 4], "little") == 20
+        data[at : at + 4] = (26).to_bytes(4, "little")
+    (root / "vfr_like.avi").write_bytes(bytes(data))
+    # cut at a frame boundary: the whole frames before it decode cleanly, the header still says 20
+    data = _avi(tmp_path / "other.avi", 20, seed=50).read_bytes()
+    frames_at = [i for i in range(data.find(b"movi"), data.find(b"idx1")) if data[i : i + 4] == b"00dc"]
+    (root / "cut.avi").write_bytes(data[: frames_at[15]])
+
+    stream = open_frames(root / "vfr_like.avi")
+    assert len(list(stream)) == 20 and (stream.header_frames, stream.header_shortfall) == (26, 6)
+    n_cut = len(list(open_frames(root / "cut.avi")))
+    assert 10 <= n_cut < 20
+    out = tmp_path / "out"
+    assert main(["run", str(root), "--out", str(out), "--workers", "1", "--quiet"]) == EXIT_OK
+    m = load_manifest(out)
+    assert m["skipped"] == [] and m["summary"]["frames"] == 20 + n_cut
+    assert m["short_of_header"] == [
+        {"dataset": "clips", "path": "cut.avi", "decoded": n_cut, "header_frames": 20},
+        {"dataset": "clips", "path": "vfr_like.avi", "decoded": 20, "header_frames": 26}]
