@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "verify":
         from usjepa.ingest.verify import verify_corpus
 
-        problems = verify_corpus(a.root, progress=sys.stderr.isatty())
+        problems = verify_corpus(a.root, progress=True)
         for p in problems[:50]:
             print(f"  {p}", file=sys.stderr)
         if problems:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = make_contact_sheet(a.root, a.out, n=a.n, cols=a.cols, cell=a.cell, seed=a.seed, sort=a.sort,
-                                  diff=a.diff)
+                                  diff=a.diff, progress=True)
     except (OSError, ValueError) as e:
         print(f"usjepa-ingest contact-sheet: error: {e}", file=sys.stderr)
         return EXIT_FAILED

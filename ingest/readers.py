@@ -179,9 +179,15 @@ def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tu
         flags = factor[1]
     # imdecode on bytes rather than imread(path): no surprises with unusual characters in names
     data = np.fromfile(path, dtype=np.uint8)
-    img = cv2.imdecode(data, flags)
+    log = _NativeStderr()  # libjpeg/libpng warnings ("Corrupt JPEG data: ...") are kept off the run's stderr
+    try:
+        log.start()
+        img = cv2.imdecode(data, flags)
+    finally:
+        log.close()
     if img is None:
-        raise SourceUnreadable(f"not a decodable {file_ext(path)[1:].upper()} image (corrupt or another format)")
+        said = f": {log.last_line()}" if log.last_line() else ""
+        raise SourceUnreadable(f"not a decodable {file_ext(path)[1:].upper()} image (corrupt or another format){said}")
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha PNG: the alpha is no image content
         img = img[:, :, 0]
     yield 0, img
@@ -198,10 +204,15 @@ def _read_video(path: Path, stride: int = 1, stream: FrameStream | None = None) 
     if problem:
         raise SourceUnreadable(problem)
     log = _NativeStderr()
-    cap = cv2.VideoCapture(str(path))
+    log.start()
+    try:
+        cap = cv2.VideoCapture(str(path))
+    finally:
+        log.stop()
     try:
         if not cap.isOpened():
-            raise SourceUnreadable("OpenCV cannot open this video (truncated, corrupt or unknown codec)")
+            said = f": {log.last_line()}" if log.last_line() else ""
+            raise SourceUnreadable(f"OpenCV cannot open this video (truncated, corrupt or unknown codec){said}")
         declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
         if stream is not None and file_ext(path) in _HEADER_COUNTED and declared > 0:
             stream.header_frames = int(declared)
@@ -232,9 +243,11 @@ def _read_video(path: Path, stride: int = 1, stream: FrameStream | None = None) 
 
 
 class _NativeStderr:
-    """What FFmpeg (inside OpenCV) writes to file descriptor 2 while a frame is decoded: its only report
-    of a damaged stream ("ac-tex damaged", "Error at MB", "LZW decode failed"). Captured frame by frame,
-    passed on to the real stderr, and remembered (last line) for the skip reason."""
+    """What FFmpeg or libjpeg (inside OpenCV) write to file descriptor 2 while a file is opened or a frame
+    decoded: FFmpeg's only report of a damaged stream ("ac-tex damaged", "Error at MB", "LZW decode
+    failed"). Captured call by call and remembered (last line) for the skip reason, not passed on: the
+    run's stderr carries ingest's own one-line reports (a damaged frame mid-clip is no news to a user,
+    and thousands of codec lines would bury the skipped-file list)."""
 
     def __init__(self) -> None:
         self._saved = None
@@ -261,9 +274,8 @@ class _NativeStderr:
         self._saved = None
         self._tmp.seek(0)
         text = self._tmp.read()
-        if text:
-            os.write(2, text)
-            self._last = text.strip().splitlines()[-1] if text.strip() else self._last
+        if text.strip():
+            self._last = text.strip().splitlines()[-1]
         return bool(text)
 
     def last_line(self) -> str:

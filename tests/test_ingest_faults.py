@@ -263,3 +263,40 @@ def test_video_shorter_than_its_header_keeps_every_decoded_frame(tmp_path):
     assert m["short_of_header"] == [
         {"dataset": "clips", "path": "cut.avi", "decoded": n_cut, "header_frames": 20},
         {"dataset": "clips", "path": "vfr_like.avi", "decoded": 20, "header_frames": 26}]
+
+
+def test_codec_messages_stay_off_stderr(tmp_path):
+    """FFmpeg and libjpeg write to file descriptor 2 themselves: only a real process shows what leaks."""
+    root = tmp_path / "src"
+    root.mkdir()
+    cv2.imwrite(str(root / "ok.jpg"), _scan(120, 160, 0))
+    jpg = (root / "ok.jpg").read_bytes()
+    (root / "extra_bytes.jpg").write_bytes(jpg[:-2] + b"\0\0junk\xff\xd9")  # libjpeg: "Corrupt JPEG data"
+    damaged = bytearray(_avi(tmp_path / "clip.avi", 20).read_bytes())
+    for i in range(len(damaged) // 3, len(damaged) // 3 + 400):  # FFmpeg: "[mjpeg @ ...] error y=.. x=.."
+        damaged[i] = (damaged[i] * 7 + 13) & 255
+    (root / "damaged.avi").write_bytes(bytes(damaged))
+    (root / "cut.mp4").write_bytes(b"\0\0\0\x18ftypisom" + bytes(200))  # FFmpeg: "moov atom not found"
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "usjepa.ingest.cli", "run", str(root), "--out", str(out),
+                           "--workers", "1", "--quiet"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_SKIPPED, done.stderr
+    skipped = load_manifest(out)["skipped"]
+    assert [s["path"] for s in skipped] == ["cut.mp4"]
+    assert done.stderr.splitlines() == [f"  skipped src/{s['path']}: {s['reason']}" for s in skipped]
+    assert "moov atom not found" in {s["path"]: s["reason"] for s in skipped}["cut.mp4"]  # kept in the reason
+
+
+def test_verify_and_contact_sheet_report_progress_in_a_log(tmp_path, capsys):
+    src = _make_corpus(tmp_path / "src")
+    out = tmp_path / "out"
+    assert main(["run", str(src), "--out", str(out), "--workers", "1", "--quiet", "--shard-size", "4KB"]) == EXIT_OK
+    n_shards = len(load_manifest(out)["shards"])
+    assert n_shards >= 10
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == EXIT_OK
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("verify: ")]
+    assert 5 <= len(lines) <= 10 and lines[-1].startswith(f"verify: {n_shards}/{n_shards} shards (")
+    assert main(["contact-sheet", str(out), "--out", str(tmp_path / "sheet.png"), "--sort", "coverage"]) == EXIT_OK
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and lines[-1].startswith("contact-sheet: 14/14 frames read (")
