@@ -44,7 +44,7 @@ import numpy as np
 
 from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_usrc_mask, encode_sample,
                                       finish_frame, prepare_frame)
-from usjepa.ingest.readers import SourceUnreadable, open_frames
+from usjepa.ingest.readers import SourceUnreadable, native_messages_dropped, open_frames
 from usjepa.ingest.sources import (DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, assign_splits, group_counts,
                                    list_sources, part_of)
 from usjepa.shards.corruptions import masked_median
@@ -77,9 +77,10 @@ def _writing_into(out: Path):
         yield
     except OSError as e:
         code = errno.errorcode.get(e.errno, "") if e.errno else ""
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable (or fix the disk)"
         raise OutputWriteError(f"cannot write to --out {out}: {e.strerror or e}{f' ({code})' if code else ''}; "
-                               f"the run stopped with no source marked bad: free space (or fix the disk), "
-                               f"then rerun the same command to resume") from e
+                               f"the run stopped with no source marked bad: {fix}, then rerun the same "
+                               f"command to resume") from e
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _frames_of_source(src: Source, cfg: PreprocessConfig, stride: int, stats: _S
 def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path) -> dict:
     """Worker: ingest one task into its spill folder and return its summary (also saved as summary.json)."""
     out = work.parents[1]
-    with _writing_into(out):
+    with _writing_into(out), native_messages_dropped():
         return _process_task(task, cfg, stride, val_fraction, work, out)
 
 

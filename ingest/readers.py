@@ -32,6 +32,7 @@ while decoding), and skipped otherwise (OpenCV decodes other formats whole befor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import zlib
@@ -179,15 +180,9 @@ def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tu
         flags = factor[1]
     # imdecode on bytes rather than imread(path): no surprises with unusual characters in names
     data = np.fromfile(path, dtype=np.uint8)
-    log = _NativeStderr()  # libjpeg/libpng warnings ("Corrupt JPEG data: ...") are kept off the run's stderr
-    try:
-        log.start()
-        img = cv2.imdecode(data, flags)
-    finally:
-        log.close()
+    img = cv2.imdecode(data, flags)
     if img is None:
-        said = f": {log.last_line()}" if log.last_line() else ""
-        raise SourceUnreadable(f"not a decodable {file_ext(path)[1:].upper()} image (corrupt or another format){said}")
+        raise SourceUnreadable(f"not a decodable {file_ext(path)[1:].upper()} image (corrupt or another format)")
     if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha PNG: the alpha is no image content
         img = img[:, :, 0]
     yield 0, img
@@ -286,6 +281,22 @@ class _NativeStderr:
         if self._tmp is not None:
             self._tmp.close()
             self._tmp = None
+
+
+@contextlib.contextmanager
+def native_messages_dropped():
+    """Point file descriptor 2 at a scratch file while this block decodes: FFmpeg and libjpeg write their
+    warnings ("Corrupt JPEG data: ...", "[mjpeg @ 0x...] error y=4 x=7") there themselves, bypassing
+    Python, and would bury ingest's own one-line reports. The video reader still sees (and keeps for its
+    skip reasons) what FFmpeg writes during each frame, since its own capture nests inside this one.
+    Process-wide, like every fd-2 redirection: for a process that decodes on one thread (ingest's
+    workers), not for threads that decode side by side (the probe's)."""
+    scratch = _NativeStderr()
+    scratch.start()
+    try:
+        yield
+    finally:
+        scratch.close()
 
 
 def _container_end_problem(path: Path) -> str | None:
