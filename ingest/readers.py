@@ -27,7 +27,8 @@ clip that ends in garbage is not worth the frames before it, and a rerun after f
 
 **Pixel budget**: a still of more than ``max_pixels`` pixels (size read from its header, before decoding)
 is decoded reduced by 2, 4 or 8 when it is a JPEG (``cv2.IMREAD_REDUCED_COLOR_*``, which libjpeg scales
-while decoding), and skipped otherwise (OpenCV decodes other formats whole before reducing them).
+while decoding), and skipped otherwise (OpenCV decodes other formats whole before reducing them). A video
+or volume whose frames (slices) exceed the budget is skipped from its header too.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class FrameStream:
         elif self.kind == "still":
             raw = _read_still(self.path, self.max_pixels)
         else:
-            raw = _read_volume(self.path)
+            raw = _read_volume(self.path, self.max_pixels)
         previous = None
         for index, frame in raw:
             self.decoded += 1
@@ -209,6 +210,8 @@ def _read_video(path: Path, stride: int = 1, stream: FrameStream | None = None) 
             said = f": {log.last_line()}" if log.last_line() else ""
             raise SourceUnreadable(f"OpenCV cannot open this video (truncated, corrupt or unknown codec){said}")
         declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        _check_frame_budget(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                            stream.max_pixels if stream is not None else DEFAULT_MAX_PIXELS, "frames")
         if stream is not None and file_ext(path) in _HEADER_COUNTED and declared > 0:
             stream.header_frames = int(declared)
         index = 0
@@ -363,24 +366,34 @@ def _slices(vol: np.ndarray, axis: int) -> Iterator[tuple[int, np.ndarray]]:
         yield i, np.ascontiguousarray(vol[i])
 
 
-def _read_volume(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _check_frame_budget(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Frames of a video or volume larger than the pixel budget: skipped from the header, before any
+    decoding (there is no reduced decode for them, as there is for JPEG stills)."""
+    if width * height > max_pixels:
+        raise SourceUnreadable(f"{width}x{height} {what} ({width * height / 1e6:.0f} Mpx) exceed the pixel budget "
+                               f"of {max_pixels / 1e6:.0f} Mpx (--max-pixels)")
+
+
+def _read_volume(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     ext = file_ext(path)
     try:
         if ext in (".nii", ".nii.gz"):
-            vol = _load_nifti(path)
+            vol = _load_nifti(path, max_pixels)
             # NIfTI: frames are slices along the last spatial axis; a 4-D series (x, y, z, t) is flattened
             vol = vol.reshape(vol.shape[0], vol.shape[1], -1) if vol.ndim > 3 else vol
             axis = 2 if vol.ndim == 3 else None
         elif ext in (".nrrd", ".nhdr"):
             import nrrd
 
+            sizes = [int(n) for n in nrrd.read_header(str(path))["sizes"]]  # x first
+            _check_frame_budget(sizes[0], sizes[1] if len(sizes) > 1 else 1, max_pixels, "slices")
             vol, _ = nrrd.read(str(path), index_order="C")  # C order: [slowest, ..., fastest=x]
             axis = 0 if vol.ndim == 3 else None
         elif ext in (".mha", ".mhd"):
-            vol = read_metaimage(path)
+            vol = read_metaimage(path, max_pixels)
             axis = 0 if vol.ndim == 3 else None
         else:
-            yield from _read_dicom(path)
+            yield from _read_dicom(path, max_pixels)
             return
     except SourceUnreadable:
         raise
@@ -394,18 +407,24 @@ def _read_volume(path: Path) -> Iterator[tuple[int, np.ndarray]]:
         yield from _slices(vol, axis)
 
 
-def _load_nifti(path: Path) -> np.ndarray:
+def _load_nifti(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # the header only: data is read by asanyarray below
+    _check_frame_budget(img.shape[0], img.shape[1] if len(img.shape) > 1 else 1, max_pixels, "slices")
     if img.get_data_dtype().names:  # RGB NIfTI (structured dtype)
         raise SourceUnreadable("RGB NIfTI volumes are not supported")
     return np.asanyarray(img.dataobj)
 
 
-def _read_dicom(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _read_dicom(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     import pydicom
 
+    try:
+        head = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as e:
+        raise SourceUnreadable(f"cannot read the DICOM header: {type(e).__name__}: {e}") from e
+    _check_frame_budget(int(getattr(head, "Columns", 0) or 0), int(getattr(head, "Rows", 0) or 0), max_pixels, "frames")
     try:
         ds = pydicom.dcmread(str(path))
         arr = ds.pixel_array  # needs a pixel-data handler for compressed transfer syntaxes
@@ -431,7 +450,7 @@ _MET_TYPES = {
 }
 
 
-def read_metaimage(path: str | os.PathLike) -> np.ndarray:
+def read_metaimage(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read an ITK MetaImage (.mha with data inline, or .mhd + raw file) into a C-order array
     [z, y, x] (or [y, x]). SimpleITK is not a dependency; the format is a text header and raw bytes.
     Only single-component images; zlib-compressed data is supported."""
@@ -458,6 +477,8 @@ def read_metaimage(path: str | os.PathLike) -> np.ndarray:
         raise SourceUnreadable(f"MetaImage without DimSize or with unsupported ElementType {header.get('ElementType')!r}")
     if int(header.get("ElementNumberOfChannels", "1")) != 1:
         raise SourceUnreadable("multi-channel MetaImage is not supported")
+    if max_pixels is not None:
+        _check_frame_budget(dims[0], dims[1] if len(dims) > 1 else 1, max_pixels, "slices")
     src = header["ElementDataFile"]
     if src == "LOCAL":
         raw = inline

@@ -300,3 +300,33 @@ def test_verify_and_contact_sheet_report_progress_in_a_log(tmp_path, capsys):
     assert main(["contact-sheet", str(out), "--out", str(tmp_path / "sheet.png"), "--sort", "coverage"]) == EXIT_OK
     lines = capsys.readouterr().err.splitlines()
     assert lines and lines[-1].startswith("contact-sheet: 14/14 frames read (")
+
+
+def test_pixel_budget_holds_for_videos_and_volumes(tmp_path):
+    import nibabel as nib
+    import nrrd
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    vol = np.stack([_scan(48, 64, k) for k in range(3)])  # [z, y, x]
+    files = [_avi(tmp_path / "clip.avi", 4)]
+    nib.save(nib.Nifti1Image(np.moveaxis(vol, 0, -1).copy(), np.eye(4)), str(tmp_path / "v.nii.gz"))
+    nrrd.write(str(tmp_path / "v.nrrd"), vol, index_order="C")
+    (tmp_path / "v.mha").write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 64 48 3\nElementType = MET_UCHAR\n"
+                                     b"ElementDataFile = LOCAL\n" + vol.tobytes())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.3.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 48, 64, 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = vol.tobytes()
+    ds.save_as(str(tmp_path / "cine.dcm"), enforce_file_format=True)
+    files += [tmp_path / n for n in ("v.nii.gz", "v.nrrd", "v.mha", "cine.dcm")]
+    for path in files:
+        assert len(list(open_frames(path))) >= 3  # within the default budget: read in full
+        with pytest.raises(SourceUnreadable, match=r"\d+x\d+ (frames|slices) .* exceed the pixel budget"):
+            list(open_frames(path, max_pixels=1000))
