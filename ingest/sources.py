@@ -210,7 +210,7 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
     folders are followed, each real folder once (a link to a folder listed already, or to an ancestor, is
     listed under ``ignored``); a folder that cannot be read is listed under ``unreadable`` with the reason.
     Globs ending in ``/`` leave out folders by name (case-insensitive), and with them any folder of binary
-    label images pairing 1:1 by name with a sibling folder's frames (``_is_label_folder``)."""
+    label images pairing 1:1 by name with a sibling folder's frames (``_label_folders``)."""
     sources: list[Source] = []
     excluded: dict[str, int] = {}
     ignored: list[dict] = []
@@ -257,7 +257,7 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
                     if rule is None and d in label_folders:
                         rule = "binary label images pairing 1:1 with a sibling folder's frames"
                     if rule is not None:
-                        n = sum(1 for _, _, fs in os.walk(here / d, followlinks=True) for f in fs if kind_of(f))
+                        n = sum(1 for _, _, fs in os.walk(here / d) for f in fs if kind_of(f))
                         excluded_folders.append({"dataset": spec.name, "path": rel_of(here / d) + "/", "files": n,
                                                  "rule": rule})
                         n_excl += n
