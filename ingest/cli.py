@@ -79,13 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, metavar="S", default=0,
                    help="seed of the within-dataset shuffle of samples in the shards (default 0)")
     r.add_argument("--exclude", action="append", metavar="GLOB", default=None,
-                   help="leave out files whose name matches GLOB (repeatable). Default: %s (label masks such "
-                        "as BUSI's 'benign (1)_mask.png' and 'benign (4)_mask_1.png' are annotations, not frames; "
-                        "listed under 'exclude' in the manifest); --exclude '' excludes nothing"
+                   help="leave out files whose name matches GLOB, or folders whose name matches a GLOB ending in "
+                        "'/' (repeatable). Default: %s (label masks such as BUSI's 'benign (1)_mask.png', "
+                        "'benign (4)_mask_1.png' and DDTI's mask/ folder are annotations, not frames; so are folders "
+                        "of binary label images pairing 1:1 with a sibling folder's frames; counted in the manifest); "
+                        "--exclude '' excludes nothing"
                         % " ".join(DEFAULT_EXCLUDE))
     r.add_argument("--max-pixels", type=_positive, metavar="N", default=pc.max_pixels,
-                   help="pixel budget of a still: larger JPEGs are decoded reduced (1/2, 1/4, 1/8), other formats "
-                        "are skipped; never decoded whole (default %(default)s)")
+                   help="pixel budget of a frame, checked from the file's header: larger JPEGs are decoded reduced "
+                        "(1/2, 1/4, 1/8); other stills, video frames and volume slices are skipped; never decoded "
+                        "whole (default %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
 
     m = sub.add_parser("merge", help="combine the manifests of a --part i/N job array into manifest.json")
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "verify":
         from usjepa.ingest.verify import verify_corpus
 
-        problems = verify_corpus(a.root, progress=sys.stderr.isatty())
+        problems = verify_corpus(a.root, progress=True)
         for p in problems[:50]:
             print(f"  {p}", file=sys.stderr)
         if problems:
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = make_contact_sheet(a.root, a.out, n=a.n, cols=a.cols, cell=a.cell, seed=a.seed, sort=a.sort,
-                                  diff=a.diff)
+                                  diff=a.diff, progress=True)
     except (OSError, ValueError) as e:
         print(f"usjepa-ingest contact-sheet: error: {e}", file=sys.stderr)
         return EXIT_FAILED
