@@ -27,7 +27,13 @@ import torch
 
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
-from usjepa.shards.readers import SampleTable, open_sample_table
+from usjepa.shards.readers import (
+    MAX_UNREADABLE_FRACTION,
+    MAX_UNREADABLE_IN_A_ROW,
+    ReadErrorBudget,
+    SampleTable,
+    open_sample_table,
+)
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import (
@@ -259,8 +265,9 @@ class ShardLoader:
         cls = _DaliBackend if backend == "dali" else _TorchBackend
         self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
         self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._read_budget = ReadErrorBudget()  # stops the run past too many unreadable samples
         self._speckle_gen: torch.Generator | None = None  # re-seeded per batch (device speckle)
-        self._warned = 0
+        self._warned = False
 
     # ------------------------------------------------------------------------------- contract
     def __len__(self) -> int:
@@ -304,11 +311,13 @@ class ShardLoader:
     def _to_batch(self, raw: dict) -> Batch:
         replaced = raw["replaced"]
         n_bad = int(replaced.sum())
-        if n_bad:
-            self.read_errors += n_bad
-            if self._warned < 10:
-                self._warned += 1
-                log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
+        self.read_errors += n_bad
+        if n_bad and not self._warned:  # the causes are warned where the reads failed, once per kind
+            self._warned = True
+            log.warning("unreadable samples are replaced by others of their batch (%d so far on this rank); the "
+                        "run stops if more than %.0f %% of reads or %d in a row fail", self.read_errors,
+                        100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
+        self._read_budget.count(replaced.tolist())
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
         dev = self.device
