@@ -30,6 +30,7 @@ from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import (
     MAX_UNREADABLE_FRACTION,
     MAX_UNREADABLE_IN_A_ROW,
+    UNREADABLE_ALLOWANCE,
     ReadErrorBudget,
     SampleTable,
     open_sample_table,
@@ -315,8 +316,8 @@ class ShardLoader:
         if n_bad and not self._warned:  # the causes are warned where the reads failed, once per kind
             self._warned = True
             log.warning("unreadable samples are replaced by others of their batch (%d so far on this rank); the "
-                        "run stops if more than %.0f %% of reads or %d in a row fail", self.read_errors,
-                        100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
+                        "run stops if more than %d + %.0f %% of reads or %d in a row fail", self.read_errors,
+                        UNREADABLE_ALLOWANCE, 100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
         self._read_budget.count(replaced.tolist())
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]

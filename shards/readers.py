@@ -11,8 +11,8 @@ samples *before* the epoch plan is made, which keeps batch counts equal across r
 Problems found while reading (a file truncated or replaced after the table was built, bytes that are not
 a JPEG / PNG, an I/O error) raise ``BadSample``; the loaders replace such a sample inside its batch and count
 it, so the batch keeps its size and every rank its batch count. Never silently: each reader warns once per
-kind of error, and ``ReadErrorBudget`` stops the run when more than 1 % of a rank's reads fail (judged from
-1 000 reads on) or 32 in a row do — a dead mount or a corpus rewritten underneath is not trained through.
+kind of error, and ``ReadErrorBudget`` stops the run when more than 10 + 1 % of a rank's reads fail or 32 in
+a row do — a dead mount or a corpus rewritten underneath is not trained through.
 
 Open files are bounded: a reader keeps an LRU of shard descriptors sized from the process's open-file limit,
 which it first raises toward the hard limit (a 10 000-shard corpus under the common soft limit of 1 024 made
@@ -51,10 +51,11 @@ JPEG_EOI = b"\xff\xd9"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-# The run stops when more than MAX_UNREADABLE_FRACTION of a rank's reads failed (judged once MIN_READS_JUDGED
-# reads were made: one bad file early on is not 1 %) or MAX_UNREADABLE_IN_A_ROW reads in a row did.
+# The run stops when more than UNREADABLE_ALLOWANCE + MAX_UNREADABLE_FRACTION of a rank's reads failed (the
+# allowance: a few bad files in a small corpus, or early in a run, are not 1 %), or MAX_UNREADABLE_IN_A_ROW
+# reads in a row did (a mount gone late in a long run, when 1 % is a large number).
 MAX_UNREADABLE_FRACTION = 0.01
-MIN_READS_JUDGED = 1000
+UNREADABLE_ALLOWANCE = 10
 MAX_UNREADABLE_IN_A_ROW = 32
 # The soft open-file limit is raised toward the hard one, but not past this: a reader needs only a fraction of
 # it, and some libraries still use select(), which breaks on descriptors numbered above 1 023.
@@ -86,9 +87,10 @@ class ReadErrorBudget:
                 raise UnreadableData(f"{self.in_a_row} samples in a row were unreadable ({self.errors} of "
                                      f"{self.reads} reads on this rank): is the corpus still there? The causes "
                                      f"are in the warnings above")
-        if self.reads >= MIN_READS_JUDGED and self.errors > MAX_UNREADABLE_FRACTION * self.reads:
+        if self.errors > UNREADABLE_ALLOWANCE + MAX_UNREADABLE_FRACTION * self.reads:
             raise UnreadableData(f"{self.errors} of {self.reads} reads on this rank were unreadable (more than "
-                                 f"{MAX_UNREADABLE_FRACTION:.0%}); the causes are in the warnings above")
+                                 f"{UNREADABLE_ALLOWANCE} + {MAX_UNREADABLE_FRACTION:.0%}); the causes are in the "
+                                 f"warnings above")
 
 
 def raise_open_file_limit() -> int:
