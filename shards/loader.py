@@ -318,7 +318,7 @@ class ShardLoader:
             log.warning("unreadable samples are replaced by others of their batch (%d so far on this rank); the "
                         "run stops if more than %d + %.0f %% of reads or %d in a row fail", self.read_errors,
                         UNREADABLE_ALLOWANCE, 100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
-        self._read_budget.count(replaced.tolist())
+        self._read_budget.count(replaced.numpy())
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
         dev = self.device

@@ -79,7 +79,12 @@ class ReadErrorBudget:
 
     def count(self, replaced) -> None:
         """One batch: ``replaced`` is a bool per sample (True: unreadable, stood in for by another)."""
-        for bad in (bool(b) for b in replaced):
+        replaced = np.asarray(replaced, bool)
+        if not replaced.any():  # the common case, without a Python loop over the batch
+            self.reads += len(replaced)
+            self.in_a_row = 0
+            return
+        for bad in replaced.tolist():
             self.reads += 1
             self.errors += bad
             self.in_a_row = self.in_a_row + 1 if bad else 0
