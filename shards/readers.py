@@ -254,6 +254,9 @@ class SampleReader:
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
         self._capacity: int | None = None  # decided in the process that reads (its own limit)
         self.errors: Counter = Counter()
+        # Here too, not only where it reads: the loader's process receives every batch's shared-memory handles
+        # from the workers as descriptors, and the workers it forks inherit the limit.
+        raise_open_file_limit()
 
     def __getstate__(self):
         d = dict(self.__dict__)
