@@ -27,10 +27,27 @@ import torch
 
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
-from usjepa.shards.readers import SampleTable, open_sample_table
+from usjepa.shards.readers import (
+    MAX_UNREADABLE_FRACTION,
+    MAX_UNREADABLE_IN_A_ROW,
+    UNREADABLE_ALLOWANCE,
+    ReadErrorBudget,
+    SampleTable,
+    open_sample_table,
+)
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
-from usjepa.shards.worker_guard import LoaderWorkerError, WorkerDied, dead_workers, make_plan_dir, run_watchdog
+from usjepa.shards.worker_guard import (
+    LoaderWorkerError,
+    WorkerDied,
+    dataloader_workers,
+    dead_workers,
+    detach_from_sigchld,
+    exited,
+    make_plan_dir,
+    run_watchdog,
+    stop_dataloader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,20 +204,55 @@ class _TorchBackend:
                  device: torch.device):
         self.reader = table.reader_view()
         self.cfg, self.mask_cfg, self.seed, self.train, self.device = cfg, mask_cfg, seed, train, device
+        self._batches = None  # the live DataLoader iterator of the current pass
 
-    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+    def _start(self, ids: np.ndarray, epoch: int, positions: np.ndarray):
         from usjepa.shards.baseline import BatchDataset, make_dataloader
 
         ds = BatchDataset(self.reader, ids, positions, epoch, self.cfg, self.mask_cfg, self.seed, self.train)
-        for raw in make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"):
-            if "jpeg" in raw:  # decode_on="device"
-                from usjepa.shards.gpu_decode import render_on_device
+        self._batches = iter(make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"))
+        detach_from_sigchld(self._batches)
+        return self._batches
 
-                raw = render_on_device(raw, self.cfg, self.device)
-            yield raw
+    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+        t, restarts = 0, 0
+        while t < len(ids):
+            # Batch t is a pure function of (ids[t], epoch, positions[t]): workers started on the rest of the plan
+            # render the same batches, so a restart keeps the run, and an exact resume, unchanged.
+            batches = self._start(ids[t:], epoch, positions[t:])
+            workers = dataloader_workers(batches)
+            try:
+                while t < len(ids):
+                    dead = exited(workers)
+                    if dead:
+                        raise WorkerDied(dead)
+                    raw = next(batches)
+                    if "jpeg" in raw:  # decode_on="device"
+                        from usjepa.shards.gpu_decode import render_on_device
+
+                        raw = render_on_device(raw, self.cfg, self.device)
+                    t += 1
+                    yield raw
+            except (RuntimeError, OSError, EOFError) as e:
+                # WorkerDied; the DataLoader's "worker (pid(s) N) exited unexpectedly"; or a batch the worker had
+                # queued whose shared-memory handle died with it (ConnectionResetError / EOFError on unpickling)
+                dead = e.dead if isinstance(e, WorkerDied) else exited(workers, wait_s=2.0)
+                if not dead:
+                    raise
+                restarts += 1
+                if restarts > MAX_WORKER_RESTARTS:
+                    raise LoaderWorkerError(f"DataLoader {WorkerDied(dead)}; gave up after {MAX_WORKER_RESTARTS} "
+                                            f"restarts in this pass") from None
+                log.warning("DataLoader %s; restarting the workers at batch %d of the pass (restart %d of %d)",
+                            WorkerDied(dead), t, restarts, MAX_WORKER_RESTARTS)
+            finally:
+                stop_dataloader(batches)
+                self._batches = None
 
     def close(self):
-        pass
+        if self._batches is not None:
+            stop_dataloader(self._batches)
+            self._batches = None
 
 
 class ShardLoader:
@@ -214,8 +266,9 @@ class ShardLoader:
         cls = _DaliBackend if backend == "dali" else _TorchBackend
         self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
         self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._read_budget = ReadErrorBudget()  # stops the run past too many unreadable samples
         self._speckle_gen: torch.Generator | None = None  # re-seeded per batch (device speckle)
-        self._warned = 0
+        self._warned = False
 
     # ------------------------------------------------------------------------------- contract
     def __len__(self) -> int:
@@ -259,11 +312,13 @@ class ShardLoader:
     def _to_batch(self, raw: dict) -> Batch:
         replaced = raw["replaced"]
         n_bad = int(replaced.sum())
-        if n_bad:
-            self.read_errors += n_bad
-            if self._warned < 10:
-                self._warned += 1
-                log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
+        self.read_errors += n_bad
+        if n_bad and not self._warned:  # the causes are warned where the reads failed, once per kind
+            self._warned = True
+            log.warning("unreadable samples are replaced by others of their batch (%d so far on this rank); the "
+                        "run stops if more than %d + %.0f %% of reads or %d in a row fail", self.read_errors,
+                        UNREADABLE_ALLOWANCE, 100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
+        self._read_budget.count(replaced.numpy())
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
         dev = self.device

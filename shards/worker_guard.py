@@ -8,6 +8,11 @@ Three faults, each seen in real runs (issue #13):
   loader checks before every ``run()`` and restarts the pipeline; ``RunWatchdog`` covers a death *during* a
   ``run()`` by interrupting the blocked call.
 * **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal).
+* **A DataLoader worker dies** (``backend="torch"``). torch's SIGCHLD handler would raise "DataLoader worker
+  ... is killed" in the main thread wherever it happens to be, usually inside the training step, where nothing
+  can recover; ``detach_from_sigchld`` leaves the death to the loader instead, which reads the exit codes before
+  every batch (the DataLoader's own liveness check covers a death while it waits, within 5 s) and restarts the
+  workers at the same batch.
 * **Plan folders** (``/tmp/usjepa-dali-<pid>-*``) of a killed trainer stay behind: the next loader removes
   those whose owner process is gone (``remove_stale_plan_dirs``).
 """
@@ -71,9 +76,41 @@ def pipeline_workers(pipe) -> list:
     return list(getattr(getattr(pool, "pool", None), "_processes", []) or [])
 
 
+def exited(processes, wait_s: float = 0.0) -> list[tuple[int, int]]:
+    """(pid, exit code) of every ``multiprocessing.Process`` in ``processes`` that has exited; with ``wait_s`` > 0,
+    waits up to that long for one to exit (a worker killed a moment ago may not be reapable yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(p.pid, p.exitcode) for p in processes if p.exitcode is not None]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.02)
+
+
 def dead_workers(pipe) -> list[tuple[int, int]]:
     """(pid, exit code) of every worker of ``pipe`` that has exited; never blocks."""
-    return [(p.pid, p.exitcode) for p in pipeline_workers(pipe) if p.exitcode is not None]
+    return exited(pipeline_workers(pipe))
+
+
+def dataloader_workers(batches) -> list:
+    """The worker processes of a live ``DataLoader`` iterator ([] without workers or after its shutdown)."""
+    return list(getattr(batches, "_workers", None) or [])
+
+
+def detach_from_sigchld(batches) -> None:
+    """Unregister a ``DataLoader`` iterator's workers from torch's SIGCHLD handler (see the module docstring)."""
+    if getattr(batches, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False  # its shutdown would unregister them again, and fail
+
+
+def stop_dataloader(batches) -> None:
+    """Stop a ``DataLoader`` iterator's workers now (the dead ones included) rather than at garbage collection."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class RunWatchdog:

@@ -174,6 +174,55 @@ def test_loader_worker_that_keeps_dying_stops_with_a_clear_error(shards):
     assert "ERROR DALI worker pid" in proc.stdout and "killed by SIGKILL" in proc.stdout, proc.stdout
 
 
+TORCH_LOADER_SETUP = """
+    import logging, os, signal, sys, time
+    import torch
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    from usjepa.shards import loader as L
+    ld = L.build_loader({root!r}, "train", 4, {{"num_workers": 2}}, None, 0, 1, "cpu", 0, "torch")
+    def one_pass():
+        ld.set_epoch(0)
+        return [(b.keys, b.images) for b in ld]
+    def kill_a_worker():
+        pid = L.dataloader_workers(ld._backend._batches)[-1].pid
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)  # the trainer's step: torch's SIGCHLD handler raised in here, outside the loader
+        return pid
+    ref = one_pass()
+"""
+
+
+def test_torch_loader_worker_killed_mid_pass_is_replaced_with_the_same_batches(shards):
+    proc = run_script(TORCH_LOADER_SETUP.format(root=str(shards)) + """
+    ld.set_epoch(0)
+    it = iter(ld)
+    got = [next(it) for _ in range(3)]
+    kill_a_worker()
+    state = ld.state_dict()
+    got += list(it)
+    assert [b.keys for b in got] == [k for k, _ in ref]
+    assert all(torch.equal(b.images, im) for b, (_, im) in zip(got, ref))
+    assert state["consumed"] == 3 * 4 and ld.state_dict()["epoch"] == 1  # the pass ran to its end
+    ld.close()
+    """)
+    assert proc.stdout.count("was killed by SIGKILL; restarting the workers at batch 3 of the pass") == 1, proc.stdout
+
+
+def test_torch_loader_worker_that_keeps_dying_stops_with_a_clear_error(shards):
+    proc = run_script(TORCH_LOADER_SETUP.format(root=str(shards)) + """
+    L.MAX_WORKER_RESTARTS = 0
+    ld.set_epoch(0)
+    it = iter(ld)
+    next(it)
+    kill_a_worker()
+    try:
+        list(it)
+    except L.LoaderWorkerError as e:
+        print("ERROR", e)
+    """)
+    assert "ERROR DataLoader worker pid" in proc.stdout and "gave up after 0 restarts" in proc.stdout, proc.stdout
+
+
 def test_watchdog_interrupts_a_call_blocked_on_a_dead_worker():
     """A worker dying while the main thread is blocked in a pipeline call (DALI's semaphore wait): the
     watchdog sees the exit and breaks the wait within seconds."""
