@@ -7,7 +7,8 @@ Three faults, each seen in real runs (issue #13):
   sleeper to acknowledge, forever. ``dead_workers`` reads the workers' exit codes without blocking, so the
   loader checks before every ``run()`` and restarts the pipeline; ``RunWatchdog`` covers a death *during* a
   ``run()`` by interrupting the blocked call.
-* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal).
+* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal, set
+  in each forked worker at birth by ``children_die_with_me``, in a spawned one at its first task).
 * **Plan folders** (``/tmp/usjepa-dali-<pid>-*``) of a killed trainer stay behind: the next loader removes
   those whose owner process is gone (``remove_stale_plan_dirs``).
 """
@@ -63,6 +64,31 @@ def die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+_FORKING_FOR: int | None = None  # pid of the process while it forks loader workers (``children_die_with_me``)
+_AT_FORK_REGISTERED = False
+
+
+def _arm_forked_child() -> None:
+    if _FORKING_FOR is not None:
+        die_with_parent(_FORKING_FOR)
+
+
+@contextlib.contextmanager
+def children_die_with_me():
+    """Processes forked inside this block are armed with ``die_with_parent`` at birth, before they run any task:
+    a loader's workers start when it is built, and validation's sit idle until the first validation, so arming
+    at the first task would let them outlive a SIGKILLed trainer."""
+    global _FORKING_FOR, _AT_FORK_REGISTERED
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_arm_forked_child)
+        _AT_FORK_REGISTERED = True
+    _FORKING_FOR = os.getpid()
+    try:
+        yield
+    finally:
+        _FORKING_FOR = None
 
 
 def pipeline_workers(pipe) -> list:
