@@ -110,7 +110,7 @@ def test_resume_with_another_world_size_continues_the_key_sequence(corpus):
     seen = [k for b in collect(loader, 3) for k in b.keys]  # stop mid-epoch, as a checkpoint would
     state = loader.state_dict()
     assert state == {"seed": 7, "epoch": 0, "consumed": 12}
-    # the same loader object continues where it stopped (the DALI pipeline is rebuilt underneath)
+    # the same loader object continues where it stopped (the pass left mid-way is ended, the workers kept)
     nxt = [k for b in collect(loader, 1) for k in b.keys]
     assert nxt == expected[12:16]
     loader.close()
