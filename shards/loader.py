@@ -32,7 +32,7 @@ from usjepa.shards.readers import SampleTable
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import (LoaderWorkerError, WorkerDied, children_die_with_me, dead_workers, make_plan_dir,
-                                        run_watchdog)
+                                        run_watchdog, spawn_without_main)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class _DaliBackend:
         if method == "spawn":
             log.info("CUDA is initialised in this process: spawning %d DALI workers", self.cfg.num_workers)
         pipe = build_pipeline(self.source, self.batch_size, self.cfg, self.device_id, method)
-        with children_die_with_me():
+        with children_die_with_me(), spawn_without_main():
             pipe.start_py_workers()
         self._k = 0
         self._open = False  # pass self._k was started and not run to its end

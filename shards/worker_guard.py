@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -89,6 +90,23 @@ def children_die_with_me():
         yield
     finally:
         _FORKING_FOR = None
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Children spawned inside this block do not re-import the parent's ``__main__``, as spawn otherwise does
+    (for a trainer: torch, CUDA libraries, the models; seconds per child and a torch import the DALI workers
+    never use; their callable is imported from usjepa by the unpickling)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def pipeline_workers(pipe) -> list:
