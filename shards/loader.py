@@ -136,10 +136,10 @@ class _DaliBackend:
 
         t, restarts, watchdog = 0, 0, run_watchdog()
         while True:
+            if self._pipe is not None and self._open:  # the previous pass was left mid-way (a loop broke off)
+                self._end_pass_or_drop(watchdog, early=True)
             if self._pipe is None:
                 self._pipe = self._new_pipeline()
-            elif self._open:  # the previous pass was left mid-way (a loop that broke off)
-                self._end_pass(watchdog, early=True)
             write_pass(self.plan_dir, self._k, ids[t:], epoch, positions[t:])
             self._open = True
             # no local reference to the pipeline: a pass abandoned mid-way (max_steps) must not keep it alive
@@ -174,7 +174,13 @@ class _DaliBackend:
                     return
                 continue
             break
-        self._end_pass(watchdog, early=False)
+        self._end_pass_or_drop(watchdog, early=False)
+
+    def _end_pass_or_drop(self, watchdog, early: bool) -> None:
+        try:
+            self._end_pass(watchdog, early)
+        except WorkerDied:  # died while the pass was being ended: the next pass starts on a fresh pipeline
+            self.close_pipeline()
 
     def _render_with_opencv(self, ids: np.ndarray, epoch: int, position: int) -> dict:
         from usjepa.shards.augment import MaskDecoder, mask_seed, prepare_batch
