@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -206,8 +205,8 @@ def bench_gpu(work: Path, steps: int) -> dict:
         res[f"loop_dali_{tag}"] = loop(
             str(REPO / "configs" / "usjepa_vitb16.yaml"), work / f"gpu_{tag}",
             [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "optim.warmup_epochs=0.1", "train.log_every=5",
-             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false",
-             "data.loader={num_workers: %d}" % max(1, min(12, (os.cpu_count() or 2) - 2))],
+             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false"],
+            # the loader sizes its workers and DALI threads itself (DataConfig's worker budget)
         )
         res[f"ratio_loop_vs_compute_only_{tag}"] = (res[f"loop_dali_{tag}"]["images_per_s"]
                                                     / res[f"compute_only_{tag}"]["images_per_s"])

@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from usjepa.shards.loader import build_loader, dali_available
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
