@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -119,7 +119,35 @@ def loop(config: str, out: Path, overrides: list[str]) -> dict:
             "intervals": len(recs), "wall_s": wall, "mfu_peak_source": recs[0].get("mfu_peak_source")}
 
 
+def main_thread_cpu(root: Path, batch_size: int, batches: int, speckle_on: str, backend: str = "dali") -> dict:
+    """CPU time of the consuming thread per batch inside the loader's backend (``time.thread_time`` around each
+    batch; the workers' and DALI's threads are not counted): feeding DALI, unpacking, copies. This is what the
+    trainer's main thread pays per step on a GPU (with ``speckle_on="device"``, the GPU's default), where the
+    affine the loader adds runs on the device; on a CPU the image copy out of DALI is part of it."""
+    import numpy as np
+
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(root, "train", batch_size, {"num_workers": 1, "cap": None, "speckle_on": speckle_on}, None,
+                          backend=backend)
+    ids = loader.sampler.pass_ids()[:batches]
+    positions = np.arange(len(ids), dtype=np.int64) * batch_size
+    it = loader._backend.iter_pass(ids, 0, positions)
+    next(it)  # start-up apart
+    per_batch = []
+    while True:
+        t = time.thread_time()
+        if next(it, None) is None:
+            break
+        per_batch.append(time.thread_time() - t)
+    loader.close()
+    return {"ms_per_batch_median": 1e3 * statistics.median(per_batch), "batches": len(per_batch),
+            "batch_size": batch_size, "speckle_on": speckle_on}
+
+
 def bench_cpu(work: Path, steps: int) -> dict:
+    import yaml
+
     from usjepa.train import measured_matmul_flops
 
     root = write_synthetic_corpus(work / "shards_cpu", toy_split(8 * steps), size=(240, 300), per_shard=32,
@@ -129,15 +157,30 @@ def bench_cpu(work: Path, steps: int) -> dict:
     device = torch.device("cpu")
     batch = first_batch(root, 8, device)
     peak = measured_matmul_flops()
-    ceiling = compute_only("vit_test_tiny", "vit_test_tiny", PredictorConfig(48, 2, 2), batch, device, False, False,
-                           steps=20, peak=peak)
+    # The loop computes on the config's train.threads and leaves the other cores to the data layer, as a GPU
+    # computes on the GPU: its ceiling is the step on those same threads. The step on every core is reported
+    # beside it (it is what the CPU could compute with no data layer at all).
+    threads = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())["train"]["threads"]
+    all_cores = torch.get_num_threads()
+    step = functools.partial(compute_only, "vit_test_tiny", "vit_test_tiny", PredictorConfig(48, 2, 2), batch, device,
+                             False, False, steps=20, peak=peak)
+    torch.set_num_threads(all_cores)
+    everything = step()
+    torch.set_num_threads(threads)
+    ceiling = step()
+    ceiling["threads"], everything["threads"] = threads, all_cores
     common = [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "train.log_every=8",
               "data.loader={num_workers: 1}"]
-    res = {"compute_only": ceiling}
+    res = {"compute_only": ceiling, "compute_only_all_cores": everything}
+    big = write_synthetic_corpus(work / "shards_b128", {"toy": 128 * 12}, size=(240, 300), per_shard=256)
+    # the loop's loader (batch 8, speckle in the worker), and a GPU's batch and speckle setting
+    res["main_thread_cpu"] = {"batch8": main_thread_cpu(root, 8, 40, "worker"),
+                              "batch128": main_thread_cpu(big, 128, 11, "device")}
     for backend in ("dali", "torch"):
         res[f"loop_{backend}"] = loop(str(REPO / "configs" / "tiny_cpu.yaml"), work / f"cpu_{backend}",
                                       common + [f"data.backend={backend}"])
     res["ratio_loop_dali_vs_compute_only"] = res["loop_dali"]["images_per_s"] / ceiling["images_per_s"]
+    res["ratio_loop_dali_vs_compute_only_all_cores"] = res["loop_dali"]["images_per_s"] / everything["images_per_s"]
     res["ratio_dali_vs_torch_loader"] = res["loop_dali"]["images_per_s"] / res["loop_torch"]["images_per_s"]
     return res
 
@@ -162,8 +205,8 @@ def bench_gpu(work: Path, steps: int) -> dict:
         res[f"loop_dali_{tag}"] = loop(
             str(REPO / "configs" / "usjepa_vitb16.yaml"), work / f"gpu_{tag}",
             [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "optim.warmup_epochs=0.1", "train.log_every=5",
-             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false",
-             "data.loader={num_workers: %d}" % max(1, min(12, (os.cpu_count() or 2) - 2))],
+             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false"],
+            # the loader sizes its workers and DALI threads itself (DataConfig's worker budget)
         )
         res[f"ratio_loop_vs_compute_only_{tag}"] = (res[f"loop_dali_{tag}"]["images_per_s"]
                                                     / res[f"compute_only_{tag}"]["images_per_s"])
@@ -177,7 +220,11 @@ def markdown_rows(res: dict) -> list[str]:
     if c:
         rows.append(
             f"| train step, tiny ViT, CPU ({hw['cpu']}, {hw['cores']} cores) | loop DALI {c['loop_dali']['images_per_s']:.1f} img/s "
-            f"= {c['ratio_loop_dali_vs_compute_only']:.2f} x compute-only ({c['compute_only']['images_per_s']:.1f}); "
+            f"= {c['ratio_loop_dali_vs_compute_only']:.2f} x compute-only on the loop's {c['compute_only']['threads']} "
+            f"thread(s) ({c['compute_only']['images_per_s']:.1f}; on all {c['compute_only_all_cores']['threads']}: "
+            f"{c['compute_only_all_cores']['images_per_s']:.1f}); "
+            f"main-thread CPU per batch in the DALI loader {c['main_thread_cpu']['batch8']['ms_per_batch_median']:.2f} ms "
+            f"(batch 8), {c['main_thread_cpu']['batch128']['ms_per_batch_median']:.2f} ms (batch 128, speckle on the device); "
             f"{c['ratio_dali_vs_torch_loader']:.2f} x DataLoader+OpenCV loop ({c['loop_torch']['images_per_s']:.1f}); "
             f"data wait {100 * c['loop_dali']['data_wait_frac']:.1f} % (torch loader {100 * c['loop_torch']['data_wait_frac']:.1f} %); "
             f"MFU {100 * (c['loop_dali']['mfu'] or 0):.1f} % of measured matmul rate |")

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from usjepa.shards.format import SampleMeta, ShardFormatError, read_member, stable_unit_hash
-from usjepa.shards.readers import SampleTable
+from usjepa.shards.readers import SampleTable, open_sample_table
 
 
 class HoldoutError(ValueError):
@@ -64,3 +64,12 @@ def split_off_validation(train: SampleTable, fraction: float) -> tuple[SampleTab
     held = set(ranked[: min(len(ranked) - 1, max(1, math.ceil(fraction * len(ranked))))])
     is_val = np.fromiter((g in held for g in groups), dtype=bool, count=len(groups))
     return subset(train, ~is_val, "train"), subset(train, is_val, "val")
+
+
+def open_split_table(root, split: str, val_from_train: float = 0.0) -> SampleTable:
+    """The table a loader of ``split`` reads: the split itself, or with ``val_from_train`` > 0 its side of the
+    training split (``split == "train"``: the rest; any other: the held-out groups). Cheap inputs (a path and
+    two values), so a spawned loader worker opens the same table from them."""
+    if not val_from_train:
+        return open_sample_table(root, split)
+    return split_off_validation(open_sample_table(root, "train"), val_from_train)[0 if split == "train" else 1]

@@ -1,13 +1,14 @@
 """Loader worker processes that cannot outlive, hang or litter their trainer.
 
-Three faults, each seen in real runs (issue #13):
+The faults, each seen in real runs (issues #13, #20):
 
 * **A worker dies** (the OOM killer, a segfault in a decoder) while its DALI pipeline is idle. DALI's pool then
   deadlocks the next ``run()``: its task queue's ``multiprocessing.Condition.notify`` waits for the dead
   sleeper to acknowledge, forever. ``dead_workers`` reads the workers' exit codes without blocking, so the
   loader checks before every ``run()`` and restarts the pipeline; ``RunWatchdog`` covers a death *during* a
   ``run()`` by interrupting the blocked call.
-* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal).
+* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal, set
+  in each forked worker at birth by ``children_die_with_me``, in a spawned one at its first task).
 * **A DataLoader worker dies** (``backend="torch"``). torch's SIGCHLD handler would raise "DataLoader worker
   ... is killed" in the main thread wherever it happens to be, usually inside the training step, where nothing
   can recover; ``detach_from_sigchld`` leaves the death to the loader instead, which reads the exit codes before
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -68,6 +70,48 @@ def die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+_FORKING_FOR: int | None = None  # pid of the process while it forks loader workers (``children_die_with_me``)
+_AT_FORK_REGISTERED = False
+
+
+def _arm_forked_child() -> None:
+    if _FORKING_FOR is not None:
+        die_with_parent(_FORKING_FOR)
+
+
+@contextlib.contextmanager
+def children_die_with_me():
+    """Processes forked inside this block are armed with ``die_with_parent`` at birth, before they run any task:
+    a loader's workers start when it is built, and validation's sit idle until the first validation, so arming
+    at the first task would let them outlive a SIGKILLed trainer."""
+    global _FORKING_FOR, _AT_FORK_REGISTERED
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_arm_forked_child)
+        _AT_FORK_REGISTERED = True
+    _FORKING_FOR = os.getpid()
+    try:
+        yield
+    finally:
+        _FORKING_FOR = None
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Children spawned inside this block do not re-import the parent's ``__main__``, as spawn otherwise does
+    (for a trainer: torch, CUDA libraries, the models; seconds per child and a torch import the DALI workers
+    never use; their callable is imported from usjepa by the unpickling)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def pipeline_workers(pipe) -> list:

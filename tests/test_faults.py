@@ -359,7 +359,7 @@ def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards
         wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
         ranks = children(proc.pid)
         everyone = ranks + [w for r in ranks for w in children(r)]
-        assert len(everyone) == 4, everyone  # 2 ranks x 1 train worker (val pipelines start at validation)
+        assert len(everyone) == 6, everyone  # 2 ranks x (1 train + 1 val worker, both started with their loader)
         killed = max(ranks)
         os.kill(killed, signal.SIGKILL)
         proc.communicate(timeout=60)  # the other rank is stopped too, not left waiting in a collective

@@ -272,7 +272,7 @@ RANGES = {
         "hflip_p": _PROBABILITY, "vflip_p": _PROBABILITY, "blur_p": _PROBABILITY, "speckle_p": _PROBABILITY,
         "contrast_p": _PROBABILITY, "blur_eps": _NON_NEGATIVE, "speckle_eps": _NON_NEGATIVE,
         "contrast_eps": _NON_NEGATIVE, "std": _POSITIVE, "cap": _AT_LEAST_1, "num_workers": _NON_NEGATIVE,
-        "prefetch": _AT_LEAST_1, "mask_cache": _AT_LEAST_1}.items()},
+        "dali_threads": _AT_LEAST_1, "prefetch": _AT_LEAST_1, "mask_cache": _AT_LEAST_1}.items()},
 }
 
 

@@ -128,16 +128,10 @@ def train(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    # device_count() asks NVML and leaves CUDA uninitialised (is_available() would not), so that the loaders
+    # below can fork their workers; CUDA starts after them.
+    cuda = torch.cuda.device_count() > 0
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     master = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -160,9 +154,17 @@ def train(argv=None) -> int:
     if ckpt is not None:
         check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data (workers start here), then CUDA
     train_loader = make_loader(cfg, "train", rank, world, device)
     val_loader = make_val_loader(cfg, rank, world, device)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     steps_per_epoch = train_loader.batches_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per rank x {world} ranks is more than the "
