@@ -355,12 +355,7 @@ def build_loader(
                           "in the CPU workers instead")
             cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
-    if val_from_train:
-        from usjepa.shards.holdout import split_off_validation
-
-        table = split_off_validation(open_sample_table(root, "train"), val_from_train)[0 if train else 1]
-    else:
-        table = open_sample_table(root, split)
+    table = open_sample_table(root, split, val_from_train)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,
