@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("index", help="(re)build the corpus table (table.npz) of a corpus, e.g. one ingested before "
                        "tables existed; loaders otherwise build it at first open")
     x.add_argument("root", help="corpus folder (holding manifest.json)")
+    x.add_argument("--workers", type=_positive, metavar="N", default=_default_workers(),
+                   help="processes reading the indexes and metadata (default: the CPUs available, here %(default)s)")
 
     v = sub.add_parser("verify", help="re-check every shard against the manifest: size, sha256, index, "
                        "sample counts, decodable JPEG/PNG, metadata; exit 1 on any problem")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         from usjepa.shards.readers import build_corpus_table
 
         try:
-            path = build_corpus_table(a.root)
+            path = build_corpus_table(a.root, workers=a.workers)
         except (ShardFormatError, OSError) as e:
             print(f"usjepa-ingest index: error: {e}", file=sys.stderr)
             return EXIT_FAILED

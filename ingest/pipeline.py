@@ -489,7 +489,7 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
         manifest = _manifest(listing, opts, summaries, shards, fp)
         write_json_atomic(man_path, manifest)
         if opts.part[1] == 1:  # a whole corpus: its table now, not at every rank's first open (parts: at merge)
-            build_corpus_table(out)
+            build_corpus_table(out, workers=opts.workers)
         fsync_dir(out)
         shutil.rmtree(work)
         lock.unlink()

@@ -75,6 +75,7 @@ IMAGE_EXT = "jpg"
 MASK_EXT = "mask.png"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, MASK_EXT, META_EXT)
+_EXT_SET = set(SAMPLE_EXTS)
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -332,6 +333,15 @@ class ShardIndex:
 def _parse_index_line(line: str, tar_size: int | None) -> tuple[str, dict[str, tuple[int, int]]]:
     """One sample line -> (key, {ext: (data_offset, size)}); raises ShardFormatError (or ValueError)."""
     parts = line.split()
+    if len(parts) == 12 and tar_size is None:  # the usual line: checked here without a call per member
+        name = parts[3]
+        dot = name.find(".")
+        key = name[:dot]
+        if (dot > 0 and name[dot + 1 :] == parts[0] and parts[7] == f"{key}.{parts[4]}"
+                and parts[11] == f"{key}.{parts[8]}" and "/" not in key and "\\" not in key
+                and {parts[0], parts[4], parts[8]} == _EXT_SET):
+            return key, {parts[0]: (int(parts[1]), int(parts[2])), parts[4]: (int(parts[5]), int(parts[6])),
+                         parts[8]: (int(parts[9]), int(parts[10]))}
     if len(parts) % 4 or not parts:
         raise ShardFormatError("malformed line")
     key, members = None, {}

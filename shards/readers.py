@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import multiprocessing as mp
 import os
 import tempfile
 from collections import Counter
@@ -129,29 +130,51 @@ def _groups_and_medians(tar: str, keys: list[str], rows: np.ndarray) -> tuple[li
     return groups, medians
 
 
-def build_corpus_table(root: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+def _scan_shard(tar: str, idx: str) -> tuple:
+    """Everything the table keeps of one shard: (keys, byte ranges [n, 6], groups, medians, skipped, tar and
+    index sizes as found)."""
+    sizes = _stat_size(tar), _stat_size(idx)
+    skipped: Counter = Counter()
+    got = _shard_rows(Path(tar), Path(idx), skipped)
+    keys, rows = got if got is not None else ([], np.zeros((0, 6), np.int64))
+    groups, medians = _groups_and_medians(tar, keys, rows) if keys else ([], np.zeros(0, np.float32))
+    return keys, rows, groups, medians, skipped, *sizes
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_corpus_table(root: str | os.PathLike, out: str | os.PathLike | None = None,
+                       workers: int | None = None) -> Path:
     """Parse the manifest, every index and every metadata member once into the corpus table; write it to
     ``out`` (default ``root/table.npz``) atomically and return its path. Unusable shards and samples are left
-    out and counted (module docstring), with the same warnings as at load time before tables existed."""
+    out and counted (module docstring), with the same warnings as at load time before tables existed.
+    ``workers`` (default: the CPUs available) processes scan the shards of a large corpus in parallel."""
     root = Path(root)
     manifest = load_manifest(root)
     shards = sorted(manifest["shards"], key=lambda s: (s["split"], s["dataset"], s["path"]))
+    jobs = [(s["abs_path"], s["abs_index"]) for s in shards]
+    workers = min(workers or _default_workers(), len(jobs) // 32)
+    if workers > 1:  # spawned, not forked: the caller may be a training rank with CUDA and threads running
+        with mp.get_context("spawn").Pool(workers) as pool:
+            scans = pool.starmap(_scan_shard, jobs, chunksize=8)
+    else:
+        scans = [_scan_shard(*job) for job in jobs]
     blocks, keys, groups, medians, shard_col = [], [], [], [], []
     entries, splits, n = [], {}, 0
-    for s in shards:
+    for s, (k, rows, g, med, skipped, tar_bytes, idx_bytes) in zip(shards, scans):
         sp = splits.setdefault(s["split"], {"rows": [n, n], "datasets": [], "skipped": Counter()})
-        got = _shard_rows(Path(s["abs_path"]), Path(s["abs_index"]), sp["skipped"])
-        k, rows = got if got is not None else ([], np.zeros((0, 6), np.int64))
+        sp["skipped"].update(skipped)
         if k:
-            g, med = _groups_and_medians(s["abs_path"], k, rows)
             blocks.append(rows)
             keys += k
             groups += g
             medians.append(med)
             shard_col.append(np.full(len(k), len(entries), np.int32))
         entries.append({"path": s["path"], "index": s["index"], "dataset": s["dataset"], "split": s["split"],
-                        "tar_bytes": _stat_size(s["abs_path"]), "idx_bytes": _stat_size(s["abs_index"]),
-                        "end": int(_ends(rows).max(initial=0)), "rows": [n, n + len(k)]})
+                        "tar_bytes": tar_bytes, "idx_bytes": idx_bytes, "end": int(_ends(rows).max(initial=0)),
+                        "rows": [n, n + len(k)]})
         ds = sp["datasets"]
         if k and (not ds or ds[-1][0] != s["dataset"]):
             ds.append([s["dataset"], n - sp["rows"][0], n - sp["rows"][0]])

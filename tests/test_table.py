@@ -168,3 +168,13 @@ def test_build_corpus_table_refuses_an_escaping_manifest_path(tmp_path):
     F.write_json_atomic(root / F.MANIFEST_NAME, m)
     with pytest.raises(F.ShardFormatError, match="escapes"):
         build_corpus_table(root)
+
+
+def test_parallel_build_writes_the_same_table(tmp_path):
+    root = write_synthetic_corpus(tmp_path, {"a": 40, "b": 30}, size=(16, 16), per_shard=1, seed=1,
+                                  masks_per_video=4)  # 70 shards: enough for two build processes
+    serial = F.map_table(build_corpus_table(root, tmp_path / "serial.npz", workers=1))
+    parallel = F.map_table(build_corpus_table(root, tmp_path / "parallel.npz", workers=2))
+    assert serial[1] == parallel[1]  # the same info (shards, splits, skips)
+    for name, col in serial[2].items():
+        np.testing.assert_array_equal(col, parallel[2][name])
