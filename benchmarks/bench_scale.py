@@ -30,7 +30,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import resource
 import shutil
 import subprocess
 import sys
@@ -229,7 +228,11 @@ def old_sample_groups(table: OldTable) -> int:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def memory_mb() -> dict:
@@ -402,6 +405,7 @@ def main(argv=None) -> dict:
         return {}
     from benchmarks.common import hardware
 
+    hw = hardware()
     work = Path(tempfile.mkdtemp(prefix="bench_scale_", dir=args.work))
     rows = []
     try:
@@ -422,12 +426,12 @@ def main(argv=None) -> dict:
             row["projection"] = project(n, made["shards"], made["index_bytes"], row.get("before"), after)
             rows.append(row)
             shutil.rmtree(root)
+            # saved after each size: the 5 M corpus takes minutes, the smaller ones are kept if it is stopped
+            record = {"benchmark": "bench_scale", "when": utc_now(), "hardware": hw, "per_shard": PER_SHARD,
+                      "datasets": N_DATASETS, "load_average_at_end": os.getloadavg(), "rows": rows}
+            save_result(args.out, "bench_scale", record, markdown(rows, hardware_line(hw)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    hw = hardware()
-    record = {"benchmark": "bench_scale", "when": utc_now(), "hardware": hw, "load_average": os.getloadavg(),
-              "per_shard": PER_SHARD, "datasets": N_DATASETS, "rows": rows}
-    save_result(args.out, "bench_scale", record, markdown(rows, hardware_line(hw)))
     return record
 
 

@@ -37,7 +37,6 @@ from usjepa.shards.format import (
     MANIFEST_NAME,
     MASK_EXT,
     META_EXT,
-    SAMPLE_EXTS,
     TABLE_NAME,
     TABLE_VERSION,
     SampleMeta,
