@@ -178,3 +178,12 @@ def test_parallel_build_writes_the_same_table(tmp_path):
     assert serial[1] == parallel[1]  # the same info (shards, splits, skips)
     for name, col in serial[2].items():
         np.testing.assert_array_equal(col, parallel[2][name])
+
+
+def test_a_table_naming_a_path_outside_the_root_is_refused(tmp_path):
+    root = corpus(tmp_path / "c")
+    info, _, cols = F.map_table(root / F.TABLE_NAME)
+    info["shards"][0]["path"] = "../../elsewhere.tar"  # tampered, the manifest's hash left as it was
+    F.write_table(root / F.TABLE_NAME, info, {k: np.array(v) for k, v in cols.items()})
+    with pytest.raises(F.ShardFormatError, match="escapes"):
+        open_sample_table(root, "train")
