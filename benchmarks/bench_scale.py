@@ -379,8 +379,9 @@ def markdown(rows: list[dict], hw: str) -> str:
         speed = f" (**{b['open_s'] / a['open_s']:.0f}×**)" if b else ""
         vb = f"{b['val_from_train_extra_s']:.1f} s → " if "val_from_train_extra_s" in b else ""
         out.append(
-            f"| {r['frames'] / 1e3:,.0f} k frames, {r['shards']} shards | {cell(r, 'before', 'open_s', '{:.1f} s')} → "
-            f"**{a['open_s']:.2f} s**{speed} | {cell(r, 'before', 'rss_mb', '{:.0f} MB')} → **{a['rss_mb']:.0f} MB** | "
+            f"| {r['frames'] / 1e3:,.0f} k frames, {r['shards']} shards | "
+            f"{cell(r, 'before', 'open_s', '{:.1f} s')} → **{a['open_s']:.2f} s**{speed} | "
+            f"{cell(r, 'before', 'rss_mb', '{:.0f} MB')} → **{a['rss_mb']:.0f} MB** | "
             f"{cell(r, 'before', 'pickle_mb', '{:.1f} MB')} → {a['pickle_mb'] * 1e3:.2f} kB | "
             f"{b['spawn_worker']['anon_mb'] if b else '—'} MB → **{a['spawn_worker']['anon_mb']} MB** "
             f"(+{a['spawn_worker']['file_mb']} MB shared page cache) | "

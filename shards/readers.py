@@ -235,8 +235,8 @@ def _check_table(path: Path, root: Path, manifest_sha: str) -> tuple[dict, list[
     sizes, root_r = [], str(root.resolve())
     for s in info["shards"]:
         size = _stat_size(_shard_file(root_r, s["path"]))
-        if _stat_size(_shard_file(root_r, s["index"])) != s["idx_bytes"] or (size is not None and (s["tar_bytes"] is None or
-                                                                          size > s["tar_bytes"])):
+        grown = size is not None and (s["tar_bytes"] is None or size > s["tar_bytes"])
+        if grown or _stat_size(_shard_file(root_r, s["index"])) != s["idx_bytes"]:
             log.info("%s: %s or its index changed since the table was built: rebuilding it", path, s["path"])
             return None
         sizes.append(size)
@@ -314,7 +314,8 @@ class SampleTable:
 
     def __init__(self, path, root, split: str, val_from_train: float = 0.0, limits: dict[int, int] | None = None,
                  table_id: str | None = None):
-        self._recipe = (str(path), str(root), split, float(val_from_train), dict(limits or {}))
+        # absolute paths: a worker may start in another folder
+        self._recipe = (os.path.abspath(path), os.path.abspath(root), split, float(val_from_train), dict(limits or {}))
         info, tid, cols = map_table(path)
         if table_id is not None and tid != table_id:
             raise ShardFormatError(f"{path} was rebuilt after this loader opened it (another manifest or shards): "
