@@ -21,6 +21,7 @@ batch keeps its size and every rank its batch count.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -273,7 +274,9 @@ def corpus_table_path(root: str | os.PathLike) -> tuple[Path, dict, list[int | N
                     root, TABLE_NAME)
         try:
             path = build_corpus_table(root)
-        except PermissionError:
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             path = _fallback_table_path(root)
             path.parent.mkdir(parents=True, exist_ok=True)
             log.warning("%s is read-only: the corpus table goes to %s", root, path)
