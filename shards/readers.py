@@ -330,7 +330,6 @@ class SampleTable:
         a, b = sp["rows"] if sp else (0, 0)
         self.skipped = Counter(sp["skipped"] if sp else {})
         keep = np.ones(b - a, bool) if limits or val_from_train else None
-        ends = None
         for k, size in sorted((limits or {}).items()):  # shards truncated or gone since the table was built
             s = info["shards"][k]
             lo, hi = s["rows"][0] - a, s["rows"][1] - a
@@ -338,10 +337,7 @@ class SampleTable:
                 keep[lo:hi] = False
                 self.skipped["missing_shard"] += 1
                 continue
-            if ends is None:
-                ends = np.zeros(b - a, np.int64)
-            ends[lo:hi] = _ends(np.stack([cols[c][a + lo : a + hi] for c in BYTE_COLUMNS], axis=1))
-            out = ends[lo:hi] > size
+            out = _ends(np.stack([cols[c][a + lo : a + hi] for c in BYTE_COLUMNS], axis=1)) > size
             keep[lo:hi] &= ~out
             self.skipped["truncated"] += int(out.sum())
         if val_from_train:
