@@ -15,7 +15,7 @@ import sys
 from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED as EXIT_FAILED, OK as EXIT_OK, SKIPPED as EXIT_SKIPPED
 from usjepa.exit_codes import USAGE as EXIT_USAGE
 
-COMMANDS = ("run", "merge", "verify", "contact-sheet")
+COMMANDS = ("run", "merge", "index", "verify", "contact-sheet")
 
 _EPILOG = EXIT_STATUS_HELP + """
 A bare `usjepa-ingest SRC... --out DIR` means `usjepa-ingest run SRC... --out DIR`."""
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("parts", nargs="*", help="part manifests to merge (default: every manifest.part-*-of-N.json "
                    "under ROOT)")
 
+    x = sub.add_parser("index", help="(re)build the corpus table (table.npz) of a corpus, e.g. one ingested before "
+                       "tables existed; loaders otherwise build it at first open")
+    x.add_argument("root", help="corpus folder (holding manifest.json)")
+    x.add_argument("--workers", type=_positive, metavar="N", default=_default_workers(),
+                   help="processes reading the indexes and metadata (default: the CPUs available, here %(default)s)")
+
     v = sub.add_parser("verify", help="re-check every shard against the manifest: size, sha256, index, "
                        "sample counts, decodable JPEG/PNG, metadata; exit 1 on any problem")
     v.add_argument("root", help="corpus folder (holding manifest.json)")
@@ -162,6 +168,17 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         print(f"merged: {m['summary']['frames']} frames in {m['summary']['shards']} shards; "
               f"{m['summary']['skipped_files']} files skipped")
+        return EXIT_OK
+    if a.command == "index":
+        from usjepa.shards.format import ShardFormatError
+        from usjepa.shards.readers import build_corpus_table
+
+        try:
+            path = build_corpus_table(a.root, workers=a.workers)
+        except (ShardFormatError, OSError) as e:
+            print(f"usjepa-ingest index: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(path)
         return EXIT_OK
     if a.command == "verify":
         from usjepa.ingest.verify import verify_corpus

@@ -1,4 +1,4 @@
-"""Combine the part manifests of a ``--part i/N`` job array into one ``manifest.json``.
+"""Combine the part manifests of a ``--part i/N`` job array into one ``manifest.json`` and its corpus table.
 
 Parts write distinct shard numbers (part i writes numbers i, i+N, i+2N, ...), so their shards can share one
 folder; a part manifest in a sub-folder (e.g. copied back from another machine) is rebased so that every
@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from usjepa.shards.format import FORMAT_VERSION, MANIFEST_NAME, resolve_in_root, write_json_atomic
+from usjepa.shards.readers import build_corpus_table
 
 _PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 _SAME = ("format_version", "preprocess", "split", "shuffle", "exclude", "inputs")
@@ -107,4 +108,5 @@ def merge_manifests(root: str | Path, parts: list[str | Path] | None = None) -> 
                     "excluded_files": sum(v.get("excluded_files", 0) for v in datasets.values())},
     }
     write_json_atomic(root / MANIFEST_NAME, merged)
+    build_corpus_table(root)
     return merged

@@ -51,6 +51,7 @@ from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SampleMeta,
                                   ShardWriter, dataset_slug, fsync_dir, sample_key, split_of_group,
                                   write_json_atomic)
+from usjepa.shards.readers import build_corpus_table
 
 STILLS_PER_TASK = 32  # stills per task: few enough files per spill, many enough to amortise its fsync
 MASK_CHUNK_FRAMES = 1000  # one USrc mask per clip, or per 1000 frames of a longer one (bounds worker RAM)
@@ -531,6 +532,8 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
         shards.sort(key=lambda s: s["path"])
         manifest = _manifest(listing, opts, summaries, shards, fp)
         write_json_atomic(man_path, manifest)
+        if opts.part[1] == 1:  # a whole corpus: its table now, not at every rank's first open (parts: at merge)
+            build_corpus_table(out, workers=opts.workers)
         fsync_dir(out)
         shutil.rmtree(work)
         lock.unlink()

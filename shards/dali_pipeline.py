@@ -84,9 +84,9 @@ class DaliBatchSource:
     @property
     def reader(self):
         if self._reader is None:
-            from usjepa.shards.holdout import open_split_table
+            from usjepa.shards.readers import open_sample_table
 
-            self._reader = open_split_table(self.root, self.split, self.val_from_train).reader_view()
+            self._reader = open_sample_table(self.root, self.split, self.val_from_train).reader_view()
         return self._reader
 
     def _plan(self, k: int):

@@ -27,13 +27,13 @@ import torch
 
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
-from usjepa.shards.holdout import open_split_table
 from usjepa.shards.readers import (
     MAX_UNREADABLE_FRACTION,
     MAX_UNREADABLE_IN_A_ROW,
     UNREADABLE_ALLOWANCE,
     ReadErrorBudget,
     SampleTable,
+    open_sample_table,
 )
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
@@ -477,7 +477,7 @@ def build_loader(
                           "in the CPU workers instead")
             cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
-    table = open_split_table(root, split, val_from_train)
+    table = open_sample_table(root, split, val_from_train)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,

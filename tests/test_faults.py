@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,16 +111,14 @@ def test_corpus_without_validation_split_trains_and_keeps_the_last_as_best(no_va
 
 
 def test_val_from_train_holds_out_whole_groups_deterministically(no_val_shards, teacher, tmp_path):
-    from usjepa.shards.holdout import sample_groups, split_off_validation
     from usjepa.shards.readers import open_sample_table
 
-    table = open_sample_table(no_val_shards, "train")
-    rest, val = split_off_validation(table, 0.25)
+    rest, val = (open_sample_table(no_val_shards, split, val_from_train=0.25) for split in ("train", "val"))
     assert (len(rest), len(val)) == (18, 6)  # 24 one-frame groups: ceil(0.25 x 24) held out
-    assert set(sample_groups(rest)).isdisjoint(sample_groups(val))
-    again = split_off_validation(open_sample_table(no_val_shards, "train"), 0.25)[1]
-    assert list(again.keys) == list(val.keys)
-    assert len(split_off_validation(table, 0.001)[1]) == 1  # never empty
+    assert set(np.asarray(rest.group)).isdisjoint(np.asarray(val.group))
+    again = open_sample_table(no_val_shards, "val", val_from_train=0.25)
+    assert list(np.asarray(again.keys)) == list(np.asarray(val.keys))
+    assert len(open_sample_table(no_val_shards, "val", val_from_train=0.001)) == 1  # never empty
 
     out = tmp_path / "run"
     assert train(args(no_val_shards, out, teacher, "optim.epochs=2", "data.val_from_train=0.25")) == 0

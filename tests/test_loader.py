@@ -334,8 +334,6 @@ def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
     from usjepa.shards import format as F
     from usjepa.shards.augment import MaskDecoder, contrast_centre, median_in_mask
     from usjepa.shards.corruptions import masked_median
-    from usjepa.shards.readers import SampleReader
-
     reader = open_sample_table(corpus, "train").reader_view()
     jpg, png = reader.read(3)
     mask = MaskDecoder()(png)
@@ -343,20 +341,30 @@ def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
     assert stored is not None and contrast_centre(reader, 3, jpg, mask) == stored
     decoded = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert abs(stored - masked_median(decoded, mask)) <= 2.0  # JPEG moves the median by a gray level or two
-    with F.ShardWriter(tmp_path, "old", "train", 0) as w:  # a shard written before the median existed
-        w.write("old_k0", jpg, png, F.SampleMeta("old", "a", "s", 0, "g", mask.shape, "train"))
-    tar = tmp_path / F.shard_name("old", "train", 0)
-    ix = F.read_index(F.index_path_for(tar))
-    cols = [ix.offsets[F.IMAGE_EXT], ix.sizes[F.IMAGE_EXT], ix.offsets[F.MASK_EXT], ix.sizes[F.MASK_EXT],
-            ix.offsets[F.META_EXT], ix.sizes[F.META_EXT]]
-    old = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
-    assert old.median(0) is None
-    assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
-    old.close()
-    with open(tar, "r+b") as f:  # metadata damaged in place: still a fallback, never an exception
-        f.seek(int(ix.offsets[F.META_EXT][0]))
-        f.write(b"\xff{" * (int(ix.sizes[F.META_EXT][0]) // 2))
-    damaged = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
-    assert damaged.median(0) is None
-    assert contrast_centre(damaged, 0, jpg, mask) == median_in_mask(jpg, mask)
-    damaged.close()
+    # a corpus written before the median existed, and one whose metadata member is damaged
+    old_meta = F.SampleMeta("old", "a", "s", 0, "g", mask.shape, "train")
+    for name, meta in (("old", old_meta.to_json()), ("damaged", b"\xff{" * (len(old_meta.to_json()) // 2))):
+        root = tmp_path / name
+        root.mkdir()
+        with F.ShardWriter(root, "old", "train", 0) as w:
+            w.write("old_k0", jpg, png, old_meta)
+        tar = root / F.shard_name("old", "train", 0)
+        ix = F.read_index(F.index_path_for(tar))
+        with open(tar, "r+b") as f:
+            f.seek(int(ix.offsets[F.META_EXT][0]))
+            f.write(meta)
+        _write_manifest(root, [tar])
+        old = open_sample_table(root, "train").reader_view()
+        assert old.median(0) is None
+        assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
+        old.close()
+
+
+def _write_manifest(root: Path, tars: list[Path]) -> None:
+    """A manifest over ``tars`` (one dataset, train split) as usjepa-ingest writes it."""
+    from usjepa.shards import format as F
+
+    shards = [{"path": t.name, "index": F.index_path_for(t).name, "dataset": "old", "split": "train",
+               "samples": int(open(F.index_path_for(t)).readline().split()[1]), "bytes": t.stat().st_size,
+               "sha256": ""} for t in tars]
+    F.write_json_atomic(root / F.MANIFEST_NAME, {"format_version": F.FORMAT_VERSION, "datasets": {}, "shards": shards})
