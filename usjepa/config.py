@@ -64,7 +64,7 @@ class OptimSection:
 @dataclass
 class TrainSection:
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU, where float32 is exact and reproducible)
-    compile: bool = False  # torch.compile the student + predictor (and the teacher)
+    compile: bool | None = None  # torch.compile student + predictor (and teacher); null = on CUDA, off on CPU
     log_every: int = 20  # steps per metrics line
     ckpt_every_steps: int = 1000  # 0 = only at epoch ends
     keep_last: int = 3  # step/epoch checkpoints kept (best.pt is kept apart)

@@ -163,19 +163,20 @@ def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tenso
     """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
     the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``).
     With ``packing`` (``plan_salt_packing``) the packed step, which gives the same loss and gradients."""
+    if target_norm not in TARGET_NORMS:
+        raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {target_norm!r}")
     if packing is not None:
         ctx, pred = net(images, packing=packing)
-        with torch.no_grad():
+        with torch.inference_mode():  # the frozen teacher: no autograd bookkeeping at all
             tokens = teacher.patch_tokens(images)
             if target_norm == "layernorm":
                 tokens = F.layer_norm(tokens, tokens.shape[-1:])
             targets = tokens.reshape(-1, tokens.shape[-1])[packing.tgt_src]  # [Lt, Dt]
+        targets = targets.clone()  # an ordinary tensor again, which the loss's backward may save
         err = F.smooth_l1_loss(pred.float(), targets.float(), reduction="none").mean(dim=-1)
         real = packing.tgt_weight > 0
         stds = torch.stack([token_std(ctx, packing.student_patch), token_std(pred, real), token_std(targets, real)])
         return (err * packing.tgt_weight).sum(), stds  # Eq. 5: the weights are 1 / (T x block's real tokens)
-    if target_norm not in TARGET_NORMS:
-        raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {target_norm!r}")
     ctx, pred = net(images, ctx_idx, tgt_idx)
     targets = teacher_targets(teacher, images, tgt_idx, target_norm)
     real = tgt_idx >= 0
