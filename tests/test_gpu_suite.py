@@ -93,6 +93,13 @@ def test_dry_run_with_what_the_device_call_has(tmp_path):
         co, lp = r["salt"][tag]["compute_only"], r["salt"][tag]["loop"]
         assert co["images_per_s"] > 0 and lp["images_per_s"] > 0 and 0 <= lp["data_wait_frac"] < 1
         assert lp["intervals"] >= 1 and lp["mfu"] > 0
+        # MFU counts real tokens only; the padded count beside it is larger; warm-up steps are not measured
+        assert 0 < co["mfu"] < co["mfu_padded"] and 0 < lp["mfu"] < lp["mfu_padded"] and co["packed"]
+        assert lp["steady_steps"] == r["sizes"]["loop_steps"] - r["sizes"]["warmup_steps"]
+    pr = r["profile"]  # the compiled packed step's time split by what the kernels compute
+    assert pr["compiled"] and abs(sum(pr["share"].values()) - 1) < 1e-6
+    assert pr["share"]["matmul"] > 0 and pr["share"]["attention"] > 0 and pr["share"]["norm+elementwise"] > 0
+    assert "| profile |" in (tmp_path / "gpu_suite.md").read_text()
     assert r["salt"]["loader_backend"] == "torch"
     for key in ("compute_only_eager", "compute_only_compile", "loop_eager"):
         assert r["stage1"][key]["images_per_s"] > 0
