@@ -43,6 +43,7 @@ from usjepa.models import (
     teacher_targets,
 )
 from usjepa.models.salt import plan_salt_packing, salt_step_flops_real
+from usjepa.step import compile_teacher
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def salt_step(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, de
     student = build_vit(arch)
     model = SALTModel(student, Predictor(pred_cfg, student.embed_dim, teacher.embed_dim, student.cfg.num_patches)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    net, tnet = (torch.compile(model), torch.compile(teacher)) if compile_ else (model, teacher)
+    net, tnet = (torch.compile(model), compile_teacher(teacher)) if compile_ else (model, teacher)
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     images, ctx, tgt = batch.images.to(device), batch.ctx_idx.to(device), batch.tgt_idx.to(device)
 

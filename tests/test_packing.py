@@ -10,6 +10,7 @@ import torch
 from usjepa.models import Predictor, PredictorConfig, SALTModel, build_vit, freeze
 from usjepa.models.packing import PACK_MULTIPLE, attention_layout, packed_attention
 from usjepa.models.salt import plan_salt_packing, salt_forward
+from usjepa.step import compile_teacher
 
 TINY = "vit_test_tiny"
 N = 196
@@ -99,7 +100,7 @@ def test_compiled_packed_step_has_few_shapes_no_recompiles_no_graph_breaks():
     model, teacher = tiny_salt()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     net = torch.compile(model, backend="eager")
-    tnet = torch.compile(teacher, backend="eager")
+    tnet = compile_teacher(teacher, backend="eager")
     rng = np.random.default_rng(2)
     x = torch.randn(4, 1, 224, 224)
     padded_shapes, packed_shapes, graphs_after_warmup = set(), set(), None
@@ -118,7 +119,7 @@ def test_compiled_packed_step_has_few_shapes_no_recompiles_no_graph_breaks():
     assert len(padded_shapes) > 50  # what the padded step would have compiled
     for row in ("student", "predictor", "targets"):  # multiples of 128 tokens: a few per row
         assert len([n for r, n in packed_shapes if r == row]) <= 8, sorted(packed_shapes)
-    assert counters["stats"]["unique_graphs"] <= 4  # student+predictor and teacher, maybe one dynamic recompile
+    assert 2 <= counters["stats"]["unique_graphs"] <= 4  # student + predictor, teacher; maybe one dynamic recompile
     assert counters["stats"]["unique_graphs"] == graphs_after_warmup, "recompiled after warm-up"
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert sum(counters["recompiles"].values()) <= 1 if "recompiles" in counters else True

@@ -72,7 +72,7 @@ from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import LoaderWorkerError
-from usjepa.step import compile_models, salt_packing
+from usjepa.step import batch_size_from_memory, compile_models, salt_packing
 
 log = logging.getLogger("usjepa.train")
 
@@ -157,6 +157,8 @@ def train(argv=None) -> int:
         raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
                               f"or choose another --out")
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if cfg.train.batch_from_memory and cfg.stage == 2:  # measured on this GPU, or the resumed run's own
+        cfg.data.batch_size = ckpt["config"]["data"]["batch_size"] if ckpt else batch_size_from_memory(cfg, device)
     if ckpt is not None:
         check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
 
