@@ -95,10 +95,14 @@ def salt_step(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, de
 
 
 def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
-                 compile_: bool, steps: int, peak: float | None, packed: bool = True) -> dict:
+                 compile_: bool, steps: int, peak: float | None, packed: bool = True, keep: dict | None = None
+                 ) -> dict:
     """The SALT step alone, on one batch that is already on the device: packed (the trainer's step) or
-    padded to the batch's widths with key-padding masks (the step before packing)."""
+    padded to the batch's widths with key-padding masks (the step before packing). ``keep``: receives the
+    warmed-up step under "step" (a profile of it then costs no second compilation)."""
     step, f = salt_step(arch, teacher_arch, pred_cfg, batch, device, bf16, compile_, packed)
+    if keep is not None:
+        keep["step"] = step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_warm = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)

@@ -310,8 +310,11 @@ def bench_salt(res: dict, shared: dict, root: Path, work: Path, sz: dict, device
         shared["batch"] = first_batch(root, sz["batch"], device)
         res.update(batch=sz["batch"], arch=sz["arch"], loader_backend=backend, bf16=device.type == "cuda")
     tag = "compile" if compile_ else "eager"
+    keep: dict = {}
     co = compute_only(sz["arch"], sz["arch"], PredictorConfig(**sz["predictor"]), shared["batch"], device,
-                      res["bf16"], compile_, steps=sz["compute_steps"], peak=peak)
+                      res["bf16"], compile_, steps=sz["compute_steps"], peak=peak, keep=keep)
+    if compile_:
+        shared["compiled_step"] = keep["step"]  # for the profile section
     lp = loop(str(REPO / "configs" / sz["config"]), work / f"salt_{tag}",
               loop_overrides(sz, root, backend, compile_, shared["teacher"])
               + [f"model.arch={sz['arch']}", f"model.teacher_arch={sz['arch']}"], warmup_steps=sz["warmup_steps"])
@@ -371,11 +374,14 @@ def bench_profile(shared: dict, root: Path, sz: dict, device: torch.device, comp
     from benchmarks.bench_train import first_batch, salt_step
     from usjepa.models import PredictorConfig
 
-    if "batch" not in shared:
-        shared["batch"] = first_batch(root, sz["batch"], device)
-    step, _ = salt_step(sz["arch"], sz["arch"], PredictorConfig(**sz["predictor"]), shared["batch"], device,
-                        device.type == "cuda", compile_)
-    for _ in range(3):  # warm-up and compilation
+    if compile_ and "compiled_step" in shared:  # compiled and warmed up by the salt section
+        step = shared["compiled_step"]
+    else:
+        if "batch" not in shared:
+            shared["batch"] = first_batch(root, sz["batch"], device)
+        step, _ = salt_step(sz["arch"], sz["arch"], PredictorConfig(**sz["predictor"]), shared["batch"], device,
+                            device.type == "cuda", compile_)
+    for _ in range(3):  # warm-up (and compilation, unless the salt section did it)
         step()
     sync(device)
     cuda = device.type == "cuda"
@@ -608,7 +614,7 @@ def main(argv=None) -> int:
                 ("sync", "sync", 5 if a.dry_run else 30, lambda: bench_sync(syn, sz, device, backend)),
                 ("salt", "salt compile", 20 if a.dry_run else 180,
                  lambda: bench_salt(salt, salt_shared, syn, work, sz, device, backend, peak, compile_=True)),
-                ("profile", "profile", 10 if a.dry_run else 90,
+                ("profile", "profile", 10 if a.dry_run else (20 if "salt" in only else 90),
                  lambda: bench_profile(salt_shared, syn, sz, device, compile_=True)),
                 ("stage1", "stage1", 10 if a.dry_run else 40,
                  lambda: bench_stage1(syn, work, sz, device, backend, peak, budget, a.dry_run)),
