@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_suite --out DIR --real-root SHARDS   # + an ingested real corpus
     python -m benchmarks.gpu_suite --dry-run --out DIR            # every code path, tiny, on CPU (make test)
 
-Sections, in this order — loader, SALT eager, sync, SALT compiled, stage 1, speckle: the most wanted and
+Sections, in this order — loader, SALT eager, sync, SALT compiled, profile, stage 1, speckle: the most wanted and
 cheapest first (each writes ``DIR/gpu_suite.json`` + ``.md`` as it finishes, so a run stopped at its
 time limit keeps what it measured; a section that does not fit the remaining ``--budget-s`` is skipped and
 says so):
@@ -17,15 +17,18 @@ says so):
   GPU); the torch backend's GPU path (``decode_on="device"``: nvJPEG + roi_align) where torchvision imports.
   Steady-state img/s inside passes; start-up and pass restarts apart; a loader that fails is recorded as
   such and the others still run.
-* ``salt``    — the SALT step, ViT-B/16 student + teacher, bf16, batch 128, eager and ``torch.compile``:
+* ``salt``    — the packed SALT step, ViT-B/16 student + teacher, bf16, batch 128, eager and ``torch.compile``:
   compute-only (one batch on the device, repeated) and the real loop (``usjepa.train`` fed by the real
-  loader): img/s, data-wait fraction (CUDA events), MFU, peak memory.
+  loader; 150 steady steps after 30 warm-up steps): img/s, data-wait fraction (CUDA events), MFU over real
+  tokens and the padded count, peak memory.
+* ``profile`` — torch.profiler over the compiled packed step: share of device time in matmul, attention,
+  norm + elementwise; the top kernels.
 * ``sync``    — the steady-state step under ``torch.cuda.set_sync_debug_mode("error")`` (gpu_checks.py).
 * ``stage1``  — the stage-1 (MAE) step, ViT-B/16 bf16: compute-only eager and compiled, and the eager loop.
 * ``speckle`` — cost per batch of drawing speckle in a worker (OpenCV, host) vs on the device (events).
 
-Needs torch, numpy, numba and OpenCV (what the lent GPU machine has) and webdataset (the shard writer's; the
-machine's call brings it: tools/gpu-call.sh installs .gpu-wheels); DALI is measured when it is importable,
+Needs torch, numpy, numba and OpenCV and webdataset (the shard writer's; on an air-gapped CUDA machine
+tools/gpu-call.sh installs it from the carried .gpu-wheels); DALI is measured when it is importable,
 e.g. from a ``--target`` install on ``PYTHONPATH`` (tools/stage-gpu-wheels.sh). ``--dry-run``
 runs every section on the CPU with tiny sizes and the tiny test ViT, and ``torch.compile`` with its
 ``eager`` backend (dynamo's tracing without inductor's C++ build), so that it fits in ``make test``.
@@ -549,7 +552,7 @@ def main(argv=None) -> int:
         import webdataset  # noqa: F401  (the shard writer's, for the synthetic corpus)
     except ImportError as e:
         why = " ".join(str(e).split())
-        print(f"gpu_suite: webdataset is not importable ({why}); on the lent GPU machine the call brings it: "
+        print(f"gpu_suite: webdataset is not importable ({why}); on a CUDA machine without network, carry it: "
               "bash tools/stage-gpu-wheels.sh --wheels-only here, carry .gpu-wheels, run tools/gpu-call.sh",
               file=sys.stderr)
         return USAGE

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage what the lent GPU machine lacks, as few <= 64 MiB device calls as possible: the small pure-Python
+# Stage what an air-gapped CUDA machine lacks, in as few <= 64 MiB transfers as possible: the small pure-Python
 # wheels every call that runs the project carries (webdataset for the shard writer: tools/gpu-call-wheels.txt,
 # 88 KiB -> .gpu-wheels/), then DALI (the smallest set that imports and runs our pipeline) and an ingested
 # real corpus in parts. Run from the project root, after `make install`:
