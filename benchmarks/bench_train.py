@@ -38,9 +38,12 @@ from usjepa.models import (
     export_encoder_safetensors,
     freeze,
     salt_loss,
+    salt_forward,
     salt_step_flops,
     teacher_targets,
 )
+from usjepa.models.salt import plan_salt_packing, salt_step_flops_real
+from usjepa.step import compile_teacher
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,25 +63,46 @@ def first_batch(root: Path, batch_size: int, device: torch.device):
     return batch
 
 
-def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
-                 compile_: bool, steps: int, peak: float | None) -> dict:
-    """The SALT step alone, on one batch that is already on the device."""
+def salt_step(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool, compile_: bool,
+              packed: bool = True):
+    """-> (step(): one SALT training step on ``batch``, repeated as is; the FLOPs dict of that step)."""
     torch.manual_seed(0)
     teacher = freeze(build_vit(teacher_arch)).to(device)
     student = build_vit(arch)
     model = SALTModel(student, Predictor(pred_cfg, student.embed_dim, teacher.embed_dim, student.cfg.num_patches)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    net, tnet = (torch.compile(model), torch.compile(teacher)) if compile_ else (model, teacher)
+    net, tnet = (torch.compile(model), compile_teacher(teacher)) if compile_ else (model, teacher)
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     images, ctx, tgt = batch.images.to(device), batch.ctx_idx.to(device), batch.tgt_idx.to(device)
 
+    packing = plan_salt_packing(ctx, tgt, *batch.lengths, student.cfg.num_patches) if packed else None
+
     def step():
         with ac:
-            loss = salt_loss(net(images, ctx, tgt)[1], teacher_targets(tnet, images, tgt))
+            if packed:
+                loss = salt_forward(net, tnet, images, ctx, tgt, packing=packing)[0]
+            else:
+                loss = salt_loss(net(images, ctx, tgt)[1], teacher_targets(tnet, images, tgt), tgt >= 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    T, B, Kt = tgt.shape
+    flops = {"padded": salt_step_flops(student.cfg, teacher.cfg, model.predictor, B, ctx.shape[1], T, Kt),
+             "real": salt_step_flops_real(student.cfg, teacher.cfg, model.predictor, *batch.lengths),
+             "Kc": int(ctx.shape[1]), "T": int(T), "Kt": int(Kt), "batch": int(B)}
+    return step, flops
+
+
+def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
+                 compile_: bool, steps: int, peak: float | None, packed: bool = True, keep: dict | None = None
+                 ) -> dict:
+    """The SALT step alone, on one batch that is already on the device: packed (the trainer's step) or
+    padded to the batch's widths with key-padding masks (the step before packing). ``keep``: receives the
+    warmed-up step under "step" (a profile of it then costs no second compilation)."""
+    step, f = salt_step(arch, teacher_arch, pred_cfg, batch, device, bf16, compile_, packed)
+    if keep is not None:
+        keep["step"] = step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_warm = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)
@@ -92,15 +116,17 @@ def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch,
         step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    T, B, Kt = tgt.shape
-    flops = salt_step_flops(student.cfg, teacher.cfg, model.predictor, B, ctx.shape[1], T, Kt)
+    B, flops, padded = f["batch"], f["real"], f["padded"]  # MFU over real tokens; the padded count beside it
     return {"step_s": dt, "images_per_s": B / dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
+            "mfu_padded": padded / dt / peak if peak else None, "packed": packed,
             "warmup_s": warmup_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "Kc": int(ctx.shape[1]), "T": int(T), "Kt": int(Kt), "batch": int(B)}
+            **{k: f[k] for k in ("Kc", "T", "Kt", "batch")}}
 
 
-def loop(config: str, out: Path, overrides: list[str]) -> dict:
-    """Run usjepa.train and summarise its metrics (first log interval dropped: start-up)."""
+def loop(config: str, out: Path, overrides: list[str], warmup_steps: int = 0) -> dict:
+    """Run usjepa.train and summarise its metrics: the first log interval dropped (start-up), and every
+    interval ending within ``warmup_steps`` (compilation, the first shapes), so that what is left is the
+    steady state."""
     from usjepa.train import train
 
     argv = [config, "--out", str(out)]
@@ -110,12 +136,16 @@ def loop(config: str, out: Path, overrides: list[str]) -> dict:
     train(argv)
     wall = time.perf_counter() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["kind"] == "train"][1:]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    recs = [r for r in train_recs[1:] if r["step"] > warmup_steps]
+    # steps inside the kept intervals: from the end of the interval before the first kept one
+    steady_steps = recs[-1]["step"] - train_recs[train_recs.index(recs[0]) - 1]["step"] if recs else 0
     if not recs:
         raise RuntimeError(f"{out}: too few log intervals to measure; raise the step count")
     med = lambda k: statistics.median(r[k] for r in recs) if recs[0].get(k) is not None else None  # noqa: E731
     return {"images_per_s": med("images_per_s_per_device"), "data_wait_frac": med("data_wait_frac"),
-            "mfu": med("mfu"), "tflops": med("tflops_per_device"), "peak_mem_gb": med("peak_mem_gb"),
+            "mfu": med("mfu"), "mfu_padded": med("mfu_padded"), "steady_steps": steady_steps,
+            "tflops": med("tflops_per_device"), "peak_mem_gb": med("peak_mem_gb"),
             "intervals": len(recs), "wall_s": wall, "mfu_peak_source": recs[0].get("mfu_peak_source")}
 
 

@@ -66,6 +66,9 @@ class Batch:
     keys: list[str]
     sample_ids: torch.Tensor = field(default=None)  # int64 [B] rows of the sample table (-1: placeholder)
     replaced: torch.Tensor = field(default=None)  # bool [B] planned sample was unreadable and was replaced
+    # host (numpy) copies of ctx_len [B] and tgt_len [T, B], counted before the device copy: the packed step
+    # plans its layout from them without a device-to-host sync (usjepa.models.salt.plan_salt_packing)
+    lengths: tuple = field(default=None)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -402,6 +405,7 @@ class ShardLoader:
             ctx_idx=to_device(raw["ctx"], dev),
             tgt_idx=to_device(raw["tgt"], dev),
             keys=keys,
+            lengths=((raw["ctx"] >= 0).sum(-1).numpy(), (raw["tgt"] >= 0).sum(-1).numpy()),
             sample_ids=sid,
             replaced=replaced,
         )
