@@ -10,7 +10,7 @@ time limit keeps what it measured; a section that does not fit the remaining ``-
 says so):
 
 * ``env``     — device (name, memory, SMs), torch/CUDA/cuDNN, DALI, torchvision, cores.
-* ``loader``  — data layer img/s, all augmentations at their defaults, 224², batch 128, workers = cores, on
+* ``loader``  — data layer img/s, all augmentations at their defaults, 224², batch 128, workers = the rank's budget (cores − 2), on
   a synthetic corpus (written here, in parallel) and on ``--real-root``: DALI ``mixed`` (only where DALI is
   importable), our torch backend, and the plain per-sample DataLoader + OpenCV chain; DALI and torch
   also with speckle drawn in the workers (``speckle_on="worker"``) against on the device (the default on a
@@ -42,7 +42,6 @@ import functools
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import hardware, save_result, utc_now
+from usjepa.shards.augment import worker_budget
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "gpu_suite"
@@ -69,17 +69,12 @@ def sizes(dry: bool, cores: int) -> dict:
                 "decoder": {"embed_dim": 48, "depth": 1, "num_heads": 2}, "compute_steps": 2, "loop_steps": 8,
                 "warmup_steps": 2, "log_every": 2, "profile_steps": 2, "config": "tiny_cpu.yaml"}
     # the loop: 30 warm-up steps (compilation, the first packed lengths, DALI's queues), then 150 measured
-    return {"frames": 24576, "side": 320, "datasets": 8, "batch": 128, "workers": worker_budget(cores),
+    return {"frames": 24576, "side": 320, "datasets": 8, "batch": 128,
+            "workers": worker_budget("cuda", "torch", cores, local_ranks=1)[0],
             "loader_s": 6.0, "arch": "vit_base_patch16_224",
             "predictor": {"embed_dim": 384, "depth": 12, "num_heads": 12},
             "decoder": {"embed_dim": 256, "depth": 2, "num_heads": 8}, "compute_steps": 20, "loop_steps": 180,
             "warmup_steps": 30, "log_every": 10, "profile_steps": 5, "config": "usjepa_vitb16.yaml"}
-
-
-def worker_budget(cores: int, trainer_cores: int = 2) -> int:
-    """Loader workers for one GPU per machine: every core but those the trainer's own thread and its
-    launch/copy threads need (16 workers on 16 cores starved the trainer's main thread)."""
-    return max(1, cores - trainer_cores)
 
 
 class Budget:
