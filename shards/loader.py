@@ -28,6 +28,7 @@ import torch
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
 from usjepa.shards.readers import SampleTable, open_sample_table
+from usjepa.shards.remote import DEFAULT_CACHE_LIMIT_GB
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import LoaderWorkerError, WorkerDied, dead_workers, make_plan_dir, run_watchdog
@@ -325,6 +326,8 @@ def build_loader(
     seed: int = 0,
     backend: str = "dali",
     val_from_train: float = 0.0,
+    cache_dir: str | None = None,
+    cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB,
 ) -> ShardLoader:
     """Loader over ``split`` of the corpus at ``root`` (contract in docs/architecture.md).
 
@@ -332,6 +335,8 @@ def build_loader(
     tail dropped. Any other split: every sample in id order, padded to whole global batches, full-frame
     resize without random augmentation, block masks from a fixed seed. ``val_from_train`` > 0: the "val" split
     is that slice of the training split's groups instead, and "train" is the rest (``shards.holdout``).
+    ``root`` may be an fsspec URL (``s3://``, ``gs://``, ``https://``): ``cache_dir`` holds its mirrored indexes
+    and up to ``cache_limit_gb`` of whole shards (``shards.remote``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -358,9 +363,9 @@ def build_loader(
     if val_from_train:
         from usjepa.shards.holdout import split_off_validation
 
-        table = split_off_validation(open_sample_table(root, "train"), val_from_train)[0 if train else 1]
+        table = split_off_validation(open_sample_table(root, "train", cache_dir, cache_limit_gb), val_from_train)[0 if train else 1]
     else:
-        table = open_sample_table(root, split)
+        table = open_sample_table(root, split, cache_dir, cache_limit_gb)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,

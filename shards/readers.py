@@ -34,6 +34,14 @@ from usjepa.shards.format import (
     read_index,
     read_member,
 )
+from usjepa.shards.remote import (  # issue 21.2
+    DEFAULT_CACHE_LIMIT_GB,
+    RemoteReads,
+    RemoteShards,
+    is_url,
+    local_path,
+    mirror_corpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ class SampleTable:
     meta_size: np.ndarray  # int64 [N]
     keys: np.ndarray  # bytes 'S' [N]
     skipped: Counter = field(default_factory=Counter)  # reason -> samples (or shards) dropped at build time
+    remote: RemoteShards | None = None  # issue 21.2: set when shard_paths are URLs (shards/remote.py)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -76,12 +85,14 @@ class SampleTable:
 
     def reader_view(self) -> "SampleReader":
         return SampleReader(self.shard_paths, self.shard, self.jpg_offset, self.jpg_size, self.mask_offset,
-                            self.mask_size, self.meta_offset, self.meta_size)
+                            self.mask_size, self.meta_offset, self.meta_size,
+                            remote=RemoteReads(self.remote) if self.remote else None)
 
 
-def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.ndarray] | None:
+def _shard_rows(tar: Path, idx: Path, skipped: Counter, tar_size: int | None = None
+                ) -> tuple[list[str], np.ndarray] | None:
     try:
-        tar_size = tar.stat().st_size
+        tar_size = tar.stat().st_size if tar_size is None else tar_size
     except OSError as e:
         log.warning("skipping shard %s: %s", tar, e)
         skipped["missing_shard"] += 1
@@ -114,21 +125,31 @@ def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.n
     return keys, rows
 
 
-def open_sample_table(root: str | os.PathLike, split: str) -> SampleTable:
-    """Read the manifest and every index of ``split``; skip (with a warning, counted) what is unusable."""
-    root = Path(root)
-    manifest = load_manifest(root)
+def open_sample_table(root: str | os.PathLike, split: str, cache_dir: str | None = None,
+                      cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB) -> SampleTable:
+    """Read the manifest and every index of ``split``; skip (with a warning, counted) what is unusable.
+
+    ``root`` may be an fsspec URL: its manifest and indexes are mirrored into ``cache_dir`` and the shards
+    are read remotely (``shards/remote.py``; ``cache_limit_gb`` bounds its local shard cache)."""
+    remote = None
+    if is_url(root):  # issue 21.2: the table is built from the local mirror; shard paths become URLs
+        url = str(root)
+        root, manifest, remote = mirror_corpus(url, cache_dir, cache_limit_gb)
+    else:
+        root = Path(local_path(root))
+        manifest = load_manifest(root)
     shards = sorted((s for s in manifest["shards"] if s["split"] == split), key=lambda s: (s["dataset"], s["path"]))
     skipped: Counter = Counter()
     paths: list[str] = []
     shard_col, row_blocks, key_blocks, ds_sizes = [], [], [], {}
     for s in shards:
-        got = _shard_rows(Path(s["abs_path"]), Path(s["abs_index"]), skipped)
+        size = int(s["bytes"]) if remote and "bytes" in s else None  # issue 21.2: no stat for a URL
+        got = _shard_rows(Path(s["abs_path"]), Path(s["abs_index"]), skipped, size)
         if got is None or not got[0]:
             continue
         keys, rows = got
         shard_col.append(np.full(len(keys), len(paths), np.int32))
-        paths.append(s["abs_path"])
+        paths.append(s["url"] if remote else s["abs_path"])
         row_blocks.append(rows)
         key_blocks.append(np.asarray(keys, dtype="S"))
         ds_sizes[s["dataset"]] = ds_sizes.get(s["dataset"], 0) + len(keys)
@@ -153,6 +174,7 @@ def open_sample_table(root: str | os.PathLike, split: str) -> SampleTable:
         meta_size=rows[:, 5].copy(),
         keys=np.concatenate(key_blocks),
         skipped=skipped,
+        remote=remote,
     )
 
 
@@ -162,8 +184,10 @@ class SampleReader:
     Picklable (descriptors are opened lazily in whatever process uses it), so it travels into DALI's and
     PyTorch's worker processes."""
 
-    def __init__(self, shard_paths, shard, jpg_offset, jpg_size, mask_offset, mask_size, meta_offset, meta_size):
+    def __init__(self, shard_paths, shard, jpg_offset, jpg_size, mask_offset, mask_size, meta_offset, meta_size,
+                 remote: RemoteReads | None = None):
         self.shard_paths = list(shard_paths)
+        self.remote = remote  # issue 21.2: shard paths are URLs, read by range or from the local shard cache
         self.shard = shard
         self.jpg_offset, self.jpg_size = jpg_offset, jpg_size
         self.mask_offset, self.mask_size = mask_offset, mask_size
@@ -178,7 +202,8 @@ class SampleReader:
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            path = self.shard_paths[shard]
+            fd = os.open(self.remote.local_path(path) if self.remote else path, os.O_RDONLY)
             self._fds[shard] = fd
         return fd
 
@@ -186,9 +211,8 @@ class SampleReader:
         """(jpeg bytes, mask png bytes) of sample ``i``; ``BadSample`` when they cannot be used."""
         s = int(self.shard[i])
         try:
-            fd = self._fd(s)
-            jpg = read_member(fd, self.jpg_offset[i], self.jpg_size[i])
-            mask = read_member(fd, self.mask_offset[i], self.mask_size[i])
+            jpg = self._bytes(s, self.jpg_offset[i], self.jpg_size[i])
+            mask = self._bytes(s, self.mask_offset[i], self.mask_size[i])
         except (OSError, ShardFormatError) as e:
             raise BadSample(f"{self.shard_paths[s]} sample {i}: {e}") from e
         # A JPEG cut short loses its end-of-image marker; checking both markers keeps a decoder error (which
@@ -203,10 +227,23 @@ class SampleReader:
         """The masked median stored at ingest (``SampleMeta.median``); None when the corpus predates it or the
         metadata member is unreadable (the caller then computes it from the pixels)."""
         try:
-            return SampleMeta.from_json(read_member(self._fd(int(self.shard[i])), self.meta_offset[i],
+            return SampleMeta.from_json(self._bytes(int(self.shard[i]), self.meta_offset[i],
                                                     self.meta_size[i])).median
         except (OSError, ShardFormatError, UnicodeDecodeError, ValueError):
             return None
+
+    def _bytes(self, shard: int, offset, size) -> bytes:
+        if self.remote is not None:  # issue 21.2: from the batch's ranges unless the shard is cached locally
+            got = self.remote.member(self.shard_paths[shard], offset, size)
+            if got is not None:
+                return got
+        return read_member(self._fd(shard), offset, size)
+
+    def prefetch(self, ids) -> None:
+        """Called with a batch's sample ids before they are read: a remote corpus fetches their members in
+        coalesced ranges; local shards need nothing (``pread`` is as cheap as a lookup)."""
+        if self.remote is not None:
+            self.remote.prefetch(self, ids)
 
     def close(self) -> None:
         for fd in self._fds.values():
