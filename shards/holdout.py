@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from usjepa.shards.format import SampleMeta, ShardFormatError, read_member, stable_unit_hash
+from usjepa.shards.format import SampleMeta, ShardFormatError, stable_unit_hash
 from usjepa.shards.readers import SampleTable
 
 
@@ -28,8 +28,10 @@ def sample_groups(table: SampleTable) -> list[str]:
     groups = []
     try:
         for i in range(len(table)):
+            if i % 4096 == 0:  # issue 21.2: a remote corpus fetches these members in coalesced ranges
+                reader.prefetch(np.arange(i, min(i + 4096, len(table))))
             try:
-                meta = read_member(reader._fd(int(table.shard[i])), table.meta_offset[i], table.meta_size[i])
+                meta = reader._bytes(int(table.shard[i]), table.meta_offset[i], table.meta_size[i])
                 groups.append(SampleMeta.from_json(meta).group)
             except (OSError, ShardFormatError, UnicodeDecodeError, ValueError, KeyError):
                 groups.append("sample:" + table.key(i))

@@ -9,8 +9,9 @@ on the sample ids without touching a tar. The tars stay remote and are read in t
   between a sample's members), then fetched in one concurrent ``cat_ranges`` call: about one request per
   (shard, run of samples) instead of three per sample;
 * **from the local shard cache**: a shard is downloaded whole, checked against the manifest's sha256 and kept
-  under ``cache_dir/shards/<sha256>.tar`` once range reads of it have fetched as many bytes as the shard holds
-  (ski rental: a shard read once costs at most twice its bytes, a shard read every epoch is downloaded once).
+  under ``cache_dir/shards/<sha256>.tar`` once range reads of it have fetched as many bytes as the shard holds,
+  counted by every process of the node together (ski rental: a shard read once costs at most twice its
+  bytes, a shard read every epoch is downloaded once).
   The cache is bounded by ``cache_limit_gb``: least recently used shards (file mtime, shared by all
   processes of a node) are deleted past the limit; a shard larger than the limit is never cached.
 
@@ -157,6 +158,30 @@ class RemoteShards:
     def cacheable(self, url: str) -> bool:
         return url in self.sha256 and 0 < self.sizes[url] <= self.cache_limit_bytes
 
+    def _range_counter(self, url: str) -> Path:
+        return Path(self.cache_dir) / "ranges" / f"{self.sha256[url]}.kb"
+
+    def note_range_bytes(self, url: str, nbytes: int) -> None:
+        """Count bytes fetched by range from ``url`` where every process of the node sees them: one byte per
+        KB appended to a counter file (``O_APPEND`` writes are atomic), so DataLoader workers that are
+        restarted each epoch, and the node's other ranks, add up to the same total."""
+        if not self.cacheable(url):
+            return
+        p = self._range_counter(url)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, bytes(-(-int(nbytes) // 1024)))
+        finally:
+            os.close(fd)
+
+    def ranges_paid_for(self, url: str) -> bool:
+        """Range reads of ``url`` have fetched as many bytes as the whole shard: time to cache it."""
+        try:
+            return self.cacheable(url) and self._range_counter(url).stat().st_size * 1024 >= self.sizes[url]
+        except FileNotFoundError:
+            return False
+
     def download(self, url: str) -> Path:
         """Download ``url`` whole into the cache, verify its sha256 (one refetch on a mismatch, then
         ``RemoteError``), evict least recently used shards past the limit; return the local path."""
@@ -171,6 +196,7 @@ class RemoteShards:
             got = _sha256_file(tmp)
             if got == want:
                 os.replace(tmp, dest)  # atomic: other processes see the whole verified shard or nothing
+                self._range_counter(url).unlink(missing_ok=True)
                 return dest
             tmp.unlink(missing_ok=True)
             log.warning("%s: sha256 %s does not match the manifest's %s (try %d of 2)", url, got, want, attempt)
@@ -278,11 +304,10 @@ class RemoteReads:
     def __init__(self, store: RemoteShards):
         self.store = store
         self._batch: dict[tuple[str, int, int], bytes] = {}
-        self._range_bytes: Counter = Counter()  # shard URL -> bytes fetched by range in this process
         self._refused: dict[str, str] = {}  # shard URL -> why it cannot be read (sha256 never matched)
 
     def __getstate__(self):
-        return {"store": self.store, "_batch": {}, "_range_bytes": Counter(), "_refused": {}}
+        return {"store": self.store, "_batch": {}, "_refused": {}}
 
     def local_path(self, url: str) -> str:
         """The verified local copy of shard ``url``, downloaded into the cache if needed."""
@@ -302,9 +327,7 @@ class RemoteReads:
 
     def _local(self, url: str) -> bool:
         """Read ``url`` through the cache: it is there, or range reads have cost as much as downloading it."""
-        return url not in self._refused and (
-            self.store.cached(url) is not None
-            or self.store.cacheable(url) and self._range_bytes[url] >= self.store.sizes[url])
+        return url not in self._refused and (self.store.cached(url) is not None or self.store.ranges_paid_for(url))
 
     def prefetch(self, reader, ids) -> None:
         """Fetch the members (image, mask, metadata) of samples ``ids`` whose shards are not read locally:
@@ -329,7 +352,7 @@ class RemoteReads:
             for o, n in members:
                 k = bisect.bisect_right(starts, o) - 1
                 self._batch[(url, o, n)] = blobs[k][o - starts[k]:o - starts[k] + n]
-            self._range_bytes[url] += sum(e - b for b, e in zip(starts, ends))
+            self.store.note_range_bytes(url, sum(e - b for b, e in zip(starts, ends)))
 
     def member(self, url: str, offset, size) -> bytes | None:
         """The bytes of one member: from this batch's ranges, else None when the shard is read from the local
@@ -341,7 +364,7 @@ class RemoteReads:
             raise RemoteError(self._refused[url])
         if self._local(url):
             return None
-        self._range_bytes[url] += int(size)
+        self.store.note_range_bytes(url, int(size))
         return self.store.fetch_ranges(url, [int(offset)], [int(offset) + int(size)])[0]
 
 

@@ -125,10 +125,12 @@ def test_shards_are_cached_after_their_bytes_were_read_by_range(s3, corpus, tmp_
     local = [open_sample_table(corpus, "train").reader_view().read(int(i)) for i in first]
     cached = Path(store.cache_dir) / "shards" / f"{store.sha256[table.shard_paths[0]]}.tar"
     for _ in range(2):  # after two passes over shard 0, range reads have fetched as many bytes as it holds
+        reader = table.reader_view()  # a fresh reader each time, as a restarted worker is: the count is shared
         reader.prefetch(first)
         assert [reader.read(int(i)) for i in first] == local
     requests = reader.remote.store.requests
     assert not cached.exists() and (requests["range"], requests["shard"]) == (2, 0)
+    reader = table.reader_view()
     reader.prefetch(first)  # the third pass downloads it whole (once) and reads it locally
     assert [reader.read(int(i)) for i in first] == local
     assert (requests["range"], requests["shard"]) == (2, 1)
@@ -207,3 +209,13 @@ def test_coalesce_merges_close_ranges_only():
     assert coalesce([(100, 10), (0, 50)], max_gap=50) == ([0], [110])
     assert coalesce([(100, 10), (0, 50)], max_gap=49) == ([0, 100], [50, 110])
     assert coalesce([(0, 10), (0, 10)], max_gap=0) == ([0], [10])
+
+
+def test_validation_slice_of_an_s3_corpus_is_the_local_one(s3, corpus, tmp_path):
+    from usjepa.shards.holdout import split_off_validation
+
+    url = _url(s3, corpus)
+    want = split_off_validation(open_sample_table(corpus, "train"), 0.25)
+    got = split_off_validation(open_sample_table(url, "train", cache_dir=str(tmp_path), cache_limit_gb=0), 0.25)
+    for a, b in zip(want, got):  # the groups come from each sample's metadata, read by range here
+        assert list(a.keys) == list(b.keys) and len(b) > 0
