@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from usjepa.shards.format import MANIFEST_NAME, ShardFormatError, load_manifest, write_json_atomic
+from usjepa.shards.format import MANIFEST_NAME, ShardFormatError, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,12 @@ class RemoteShards:
         return removed
 
 
+def _write_atomic(dest: Path, data: bytes) -> None:
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -248,7 +254,7 @@ def mirror_corpus(url: str, cache_dir: str | None = None,
     digest = hashlib.sha256(raw).hexdigest()
     stamp = mirror / "mirrored.json"
     same = stamp.is_file() and json.loads(stamp.read_text()).get("manifest_sha256") == digest
-    (mirror / MANIFEST_NAME).write_bytes(raw)
+    _write_atomic(mirror / MANIFEST_NAME, raw)  # the node's other ranks may be mirroring the same corpus
     manifest = load_manifest(mirror)  # checks the format; resolves (and bounds) every path inside the mirror
     todo = {}
     for s in manifest["shards"]:
@@ -271,13 +277,11 @@ def mirror_corpus(url: str, cache_dir: str | None = None,
             if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
                 data = store.retry(f"reading {u}", store.fs.cat_file, u)  # transient: retried, or a clear error
             if isinstance(data, bytes):
-                tmp = dest.with_name(dest.name + ".tmp")
-                tmp.write_bytes(data)
-                os.replace(tmp, dest)
+                _write_atomic(dest, data)
             else:
                 dest.unlink(missing_ok=True)
         log.info("mirrored %d indexes of %s in %.1f s", len(todo), url, time.perf_counter() - t0)
-    write_json_atomic(stamp, {"url": url, "manifest_sha256": digest})
+    _write_atomic(stamp, json.dumps({"url": url, "manifest_sha256": digest}).encode())
     return mirror, manifest, store
 
 
