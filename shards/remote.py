@@ -122,8 +122,11 @@ class RemoteShards:
             try:
                 return fn(*args, **kwargs)
             except _NOT_TRANSIENT as e:
-                raise RemoteError(f"{what}: {e}") from e
+                raise RemoteError(f"{what}: {type(e).__name__}: {e}") from e
             except transient as e:
+                status = getattr(e, "status", None)  # an HTTP answer: only 429 and 5xx are worth another try
+                if isinstance(status, int) and status < 500 and status != 429:
+                    raise RemoteError(f"{what}: {e!r}") from e
                 if attempt + 1 == self.retries:
                     raise RemoteError(f"{what}: failed {self.retries} times, last error: {e!r}") from e
                 delay = self.backoff_s * 2 ** attempt
