@@ -51,7 +51,7 @@ def subset(table: SampleTable, keep: np.ndarray, split: str) -> SampleTable:
                        jpg_offset=pick(table.jpg_offset), jpg_size=pick(table.jpg_size),
                        mask_offset=pick(table.mask_offset), mask_size=pick(table.mask_size),
                        meta_offset=pick(table.meta_offset), meta_size=pick(table.meta_size), keys=pick(table.keys),
-                       skipped=table.skipped)
+                       skipped=table.skipped, remote=table.remote)
 
 
 def split_off_validation(train: SampleTable, fraction: float) -> tuple[SampleTable, SampleTable]:

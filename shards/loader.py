@@ -363,7 +363,8 @@ def build_loader(
     if val_from_train:
         from usjepa.shards.holdout import split_off_validation
 
-        table = split_off_validation(open_sample_table(root, "train", cache_dir, cache_limit_gb), val_from_train)[0 if train else 1]
+        whole = open_sample_table(root, "train", cache_dir, cache_limit_gb)
+        table = split_off_validation(whole, val_from_train)[0 if train else 1]
     else:
         table = open_sample_table(root, split, cache_dir, cache_limit_gb)
     sampler = EpochSampler(

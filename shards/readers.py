@@ -133,8 +133,7 @@ def open_sample_table(root: str | os.PathLike, split: str, cache_dir: str | None
     are read remotely (``shards/remote.py``; ``cache_limit_gb`` bounds its local shard cache)."""
     remote = None
     if is_url(root):  # issue 21.2: the table is built from the local mirror; shard paths become URLs
-        url = str(root)
-        root, manifest, remote = mirror_corpus(url, cache_dir, cache_limit_gb)
+        root, manifest, remote = mirror_corpus(str(root), cache_dir, cache_limit_gb)
     else:
         root = Path(local_path(root))
         manifest = load_manifest(root)

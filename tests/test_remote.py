@@ -219,6 +219,9 @@ def test_validation_slice_of_an_s3_corpus_is_the_local_one(s3, corpus, tmp_path)
     got = split_off_validation(open_sample_table(url, "train", cache_dir=str(tmp_path), cache_limit_gb=0), 0.25)
     for a, b in zip(want, got):  # the groups come from each sample's metadata, read by range here
         assert list(a.keys) == list(b.keys) and len(b) > 0
+        ra, rb = a.reader_view(), b.reader_view()  # and each slice still reads from the store
+        rb.prefetch(np.arange(len(b)))
+        assert [rb.read(i) for i in range(len(b))] == [ra.read(i) for i in range(len(a))]
 
 
 def test_http_url_reads_the_same_bytes(s3, corpus, tmp_path):
@@ -236,9 +239,9 @@ def test_http_url_reads_the_same_bytes(s3, corpus, tmp_path):
     batch = np.arange(0, len(local), 3)
     rr.prefetch(batch)
     assert [rr.read(int(i)) for i in batch] == [lr.read(int(i)) for i in batch]
-    # a refusal (403: these objects are private; fsspec's HTTP reports it as missing) is not transient: one
-    # clear error at once, no retries
+    # a refusal (403: these objects are private) is not transient: one clear error at once, no retries
+    _url(s3, corpus)
     t0 = time.perf_counter()
-    with pytest.raises(RemoteError, match="FileNotFoundError") as refused:
+    with pytest.raises(RemoteError, match="status=403") as refused:
         open_sample_table(f"{s3.endpoint}/{BUCKET}/corpus", "train", cache_dir=str(tmp_path))
     assert "failed" not in str(refused.value) and time.perf_counter() - t0 < 5
