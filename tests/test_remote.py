@@ -245,3 +245,8 @@ def test_http_url_reads_the_same_bytes(s3, corpus, tmp_path):
     with pytest.raises(RemoteError, match="status=403") as refused:
         open_sample_table(f"{s3.endpoint}/{BUCKET}/corpus", "train", cache_dir=str(tmp_path))
     assert "failed" not in str(refused.value) and time.perf_counter() - t0 < 5
+
+
+def test_file_url_is_the_local_corpus(corpus):
+    table = open_sample_table(f"file://{corpus}", "train")
+    assert table.remote is None and list(table.keys) == list(open_sample_table(corpus, "train").keys)
