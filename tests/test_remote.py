@@ -106,15 +106,18 @@ def test_s3_corpus_reads_byte_identical_and_batches_equal_local(s3, corpus, tmp_
     assert rr.remote.store.requests["range"] == requests  # every read came from the batch's ranges
     assert not list((tmp_path / "cache").glob("shards/*.tar"))  # cache_limit_gb=0: nothing cached
 
-    kw = dict(batch_size=8, data_cfg={"num_workers": 2}, backend="torch", seed=3)
-    want = [b for _, b in zip(range(3), build_loader(corpus, "train", **kw))]
-    got = [b for _, b in zip(range(3), build_loader(url, "train", cache_dir=str(tmp_path / "cache2"),
-                                                        cache_limit_gb=0, **kw))]
-    for a, b in zip(want, got):
-        assert a.keys == b.keys
-        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
-        assert torch.equal(a.valid, b.valid) and torch.equal(a.ctx_idx, b.ctx_idx)
-        assert torch.equal(a.tgt_idx, b.tgt_idx) and not b.replaced.any()
+    from usjepa.shards.loader import dali_available
+
+    for backend in ("torch", "dali") if dali_available() else ("torch",):  # DALI: its workers get the reader
+        kw = dict(batch_size=8, data_cfg={"num_workers": 2}, backend=backend, seed=3)
+        want = [b for _, b in zip(range(3), build_loader(corpus, "train", **kw))]
+        got = [b for _, b in zip(range(3), build_loader(url, "train", cache_dir=str(tmp_path / backend),
+                                                            cache_limit_gb=0, **kw))]
+        for a, b in zip(want, got):
+            assert a.keys == b.keys
+            torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+            assert torch.equal(a.valid, b.valid) and torch.equal(a.ctx_idx, b.ctx_idx)
+            assert torch.equal(a.tgt_idx, b.tgt_idx) and not b.replaced.any()
 
 
 def test_shards_are_cached_after_their_bytes_were_read_by_range(s3, corpus, tmp_path):
