@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     rpb = record["requests_per_batch_s3"]
     md = (f"| read path | local | loopback S3 (moto) | S3 / local |\n|---|---|---|---|\n"
           f"| bytes only, batch {args.batch_size} | {med('bytes_local'):.0f} img/s | {med('bytes_s3'):.0f} img/s, "
-          f"{rpb:.1f} requests/batch (members: {3 * args.batch_size}) | {record['ratio_to_local']['bytes_s3']:.2f}× |\n"
+          f"{rpb:.1f} requests/batch (members: {2 * args.batch_size}) | {record['ratio_to_local']['bytes_s3']:.2f}× |\n"
           f"| loader (torch backend, {args.workers} workers), range reads | {med('loader_local'):.0f} img/s | "
           f"{med('loader_s3_range'):.0f} img/s | {record['ratio_to_local']['loader_s3_range']:.2f}× |\n"
           f"| loader, 3rd epoch, from the shard cache | {med('loader_local'):.0f} img/s | "

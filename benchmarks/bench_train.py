@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -38,9 +38,12 @@ from usjepa.models import (
     export_encoder_safetensors,
     freeze,
     salt_loss,
+    salt_forward,
     salt_step_flops,
     teacher_targets,
 )
+from usjepa.models.salt import plan_salt_packing, salt_step_flops_real
+from usjepa.step import compile_teacher
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,25 +63,46 @@ def first_batch(root: Path, batch_size: int, device: torch.device):
     return batch
 
 
-def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
-                 compile_: bool, steps: int, peak: float | None) -> dict:
-    """The SALT step alone, on one batch that is already on the device."""
+def salt_step(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool, compile_: bool,
+              packed: bool = True):
+    """-> (step(): one SALT training step on ``batch``, repeated as is; the FLOPs dict of that step)."""
     torch.manual_seed(0)
     teacher = freeze(build_vit(teacher_arch)).to(device)
     student = build_vit(arch)
     model = SALTModel(student, Predictor(pred_cfg, student.embed_dim, teacher.embed_dim, student.cfg.num_patches)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    net, tnet = (torch.compile(model), torch.compile(teacher)) if compile_ else (model, teacher)
+    net, tnet = (torch.compile(model), compile_teacher(teacher)) if compile_ else (model, teacher)
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     images, ctx, tgt = batch.images.to(device), batch.ctx_idx.to(device), batch.tgt_idx.to(device)
 
+    packing = plan_salt_packing(ctx, tgt, *batch.lengths, student.cfg.num_patches) if packed else None
+
     def step():
         with ac:
-            loss = salt_loss(net(images, ctx, tgt)[1], teacher_targets(tnet, images, tgt))
+            if packed:
+                loss = salt_forward(net, tnet, images, ctx, tgt, packing=packing)[0]
+            else:
+                loss = salt_loss(net(images, ctx, tgt)[1], teacher_targets(tnet, images, tgt), tgt >= 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    T, B, Kt = tgt.shape
+    flops = {"padded": salt_step_flops(student.cfg, teacher.cfg, model.predictor, B, ctx.shape[1], T, Kt),
+             "real": salt_step_flops_real(student.cfg, teacher.cfg, model.predictor, *batch.lengths),
+             "Kc": int(ctx.shape[1]), "T": int(T), "Kt": int(Kt), "batch": int(B)}
+    return step, flops
+
+
+def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch, device, bf16: bool,
+                 compile_: bool, steps: int, peak: float | None, packed: bool = True, keep: dict | None = None
+                 ) -> dict:
+    """The SALT step alone, on one batch that is already on the device: packed (the trainer's step) or
+    padded to the batch's widths with key-padding masks (the step before packing). ``keep``: receives the
+    warmed-up step under "step" (a profile of it then costs no second compilation)."""
+    step, f = salt_step(arch, teacher_arch, pred_cfg, batch, device, bf16, compile_, packed)
+    if keep is not None:
+        keep["step"] = step
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_warm = time.perf_counter()
     for _ in range(3):  # warm-up (and compilation)
@@ -92,15 +116,17 @@ def compute_only(arch: str, teacher_arch: str, pred_cfg: PredictorConfig, batch,
         step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    T, B, Kt = tgt.shape
-    flops = salt_step_flops(student.cfg, teacher.cfg, model.predictor, B, ctx.shape[1], T, Kt)
+    B, flops, padded = f["batch"], f["real"], f["padded"]  # MFU over real tokens; the padded count beside it
     return {"step_s": dt, "images_per_s": B / dt, "tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
+            "mfu_padded": padded / dt / peak if peak else None, "packed": packed,
             "warmup_s": warmup_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "Kc": int(ctx.shape[1]), "T": int(T), "Kt": int(Kt), "batch": int(B)}
+            **{k: f[k] for k in ("Kc", "T", "Kt", "batch")}}
 
 
-def loop(config: str, out: Path, overrides: list[str]) -> dict:
-    """Run usjepa.train and summarise its metrics (first log interval dropped: start-up)."""
+def loop(config: str, out: Path, overrides: list[str], warmup_steps: int = 0) -> dict:
+    """Run usjepa.train and summarise its metrics: the first log interval dropped (start-up), and every
+    interval ending within ``warmup_steps`` (compilation, the first shapes), so that what is left is the
+    steady state."""
     from usjepa.train import train
 
     argv = [config, "--out", str(out)]
@@ -110,16 +136,48 @@ def loop(config: str, out: Path, overrides: list[str]) -> dict:
     train(argv)
     wall = time.perf_counter() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    recs = [r for r in recs if r["kind"] == "train"][1:]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    recs = [r for r in train_recs[1:] if r["step"] > warmup_steps]
+    # steps inside the kept intervals: from the end of the interval before the first kept one
+    steady_steps = recs[-1]["step"] - train_recs[train_recs.index(recs[0]) - 1]["step"] if recs else 0
     if not recs:
         raise RuntimeError(f"{out}: too few log intervals to measure; raise the step count")
     med = lambda k: statistics.median(r[k] for r in recs) if recs[0].get(k) is not None else None  # noqa: E731
     return {"images_per_s": med("images_per_s_per_device"), "data_wait_frac": med("data_wait_frac"),
-            "mfu": med("mfu"), "tflops": med("tflops_per_device"), "peak_mem_gb": med("peak_mem_gb"),
+            "mfu": med("mfu"), "mfu_padded": med("mfu_padded"), "steady_steps": steady_steps,
+            "tflops": med("tflops_per_device"), "peak_mem_gb": med("peak_mem_gb"),
             "intervals": len(recs), "wall_s": wall, "mfu_peak_source": recs[0].get("mfu_peak_source")}
 
 
+def main_thread_cpu(root: Path, batch_size: int, batches: int, speckle_on: str, backend: str = "dali") -> dict:
+    """CPU time of the consuming thread per batch inside the loader's backend (``time.thread_time`` around each
+    batch; the workers' and DALI's threads are not counted): feeding DALI, unpacking, copies. This is what the
+    trainer's main thread pays per step on a GPU (with ``speckle_on="device"``, the GPU's default), where the
+    affine the loader adds runs on the device; on a CPU the image copy out of DALI is part of it."""
+    import numpy as np
+
+    from usjepa.shards.loader import build_loader
+
+    loader = build_loader(root, "train", batch_size, {"num_workers": 1, "cap": None, "speckle_on": speckle_on}, None,
+                          backend=backend)
+    ids = loader.sampler.pass_ids()[:batches]
+    positions = np.arange(len(ids), dtype=np.int64) * batch_size
+    it = loader._backend.iter_pass(ids, 0, positions)
+    next(it)  # start-up apart
+    per_batch = []
+    while True:
+        t = time.thread_time()
+        if next(it, None) is None:
+            break
+        per_batch.append(time.thread_time() - t)
+    loader.close()
+    return {"ms_per_batch_median": 1e3 * statistics.median(per_batch), "batches": len(per_batch),
+            "batch_size": batch_size, "speckle_on": speckle_on}
+
+
 def bench_cpu(work: Path, steps: int) -> dict:
+    import yaml
+
     from usjepa.train import measured_matmul_flops
 
     root = write_synthetic_corpus(work / "shards_cpu", toy_split(8 * steps), size=(240, 300), per_shard=32,
@@ -129,15 +187,30 @@ def bench_cpu(work: Path, steps: int) -> dict:
     device = torch.device("cpu")
     batch = first_batch(root, 8, device)
     peak = measured_matmul_flops()
-    ceiling = compute_only("vit_test_tiny", "vit_test_tiny", PredictorConfig(48, 2, 2), batch, device, False, False,
-                           steps=20, peak=peak)
+    # The loop computes on the config's train.threads and leaves the other cores to the data layer, as a GPU
+    # computes on the GPU: its ceiling is the step on those same threads. The step on every core is reported
+    # beside it (it is what the CPU could compute with no data layer at all).
+    threads = yaml.safe_load((REPO / "configs" / "tiny_cpu.yaml").read_text())["train"]["threads"]
+    all_cores = torch.get_num_threads()
+    step = functools.partial(compute_only, "vit_test_tiny", "vit_test_tiny", PredictorConfig(48, 2, 2), batch, device,
+                             False, False, steps=20, peak=peak)
+    torch.set_num_threads(all_cores)
+    everything = step()
+    torch.set_num_threads(threads)
+    ceiling = step()
+    ceiling["threads"], everything["threads"] = threads, all_cores
     common = [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "train.log_every=8",
               "data.loader={num_workers: 1}"]
-    res = {"compute_only": ceiling}
+    res = {"compute_only": ceiling, "compute_only_all_cores": everything}
+    big = write_synthetic_corpus(work / "shards_b128", {"toy": 128 * 12}, size=(240, 300), per_shard=256)
+    # the loop's loader (batch 8, speckle in the worker), and a GPU's batch and speckle setting
+    res["main_thread_cpu"] = {"batch8": main_thread_cpu(root, 8, 40, "worker"),
+                              "batch128": main_thread_cpu(big, 128, 11, "device")}
     for backend in ("dali", "torch"):
         res[f"loop_{backend}"] = loop(str(REPO / "configs" / "tiny_cpu.yaml"), work / f"cpu_{backend}",
                                       common + [f"data.backend={backend}"])
     res["ratio_loop_dali_vs_compute_only"] = res["loop_dali"]["images_per_s"] / ceiling["images_per_s"]
+    res["ratio_loop_dali_vs_compute_only_all_cores"] = res["loop_dali"]["images_per_s"] / everything["images_per_s"]
     res["ratio_dali_vs_torch_loader"] = res["loop_dali"]["images_per_s"] / res["loop_torch"]["images_per_s"]
     return res
 
@@ -162,8 +235,8 @@ def bench_gpu(work: Path, steps: int) -> dict:
         res[f"loop_dali_{tag}"] = loop(
             str(REPO / "configs" / "usjepa_vitb16.yaml"), work / f"gpu_{tag}",
             [f"data.root={root}", f"model.teacher={teacher}", "optim.epochs=1", "optim.warmup_epochs=0.1", "train.log_every=5",
-             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false",
-             "data.loader={num_workers: %d}" % max(1, min(12, (os.cpu_count() or 2) - 2))],
+             f"train.compile={str(compile_).lower()}", "train.progress=false", "train.tensorboard=false"],
+            # the loader sizes its workers and DALI threads itself (DataConfig's worker budget)
         )
         res[f"ratio_loop_vs_compute_only_{tag}"] = (res[f"loop_dali_{tag}"]["images_per_s"]
                                                     / res[f"compute_only_{tag}"]["images_per_s"])
@@ -177,7 +250,11 @@ def markdown_rows(res: dict) -> list[str]:
     if c:
         rows.append(
             f"| train step, tiny ViT, CPU ({hw['cpu']}, {hw['cores']} cores) | loop DALI {c['loop_dali']['images_per_s']:.1f} img/s "
-            f"= {c['ratio_loop_dali_vs_compute_only']:.2f} x compute-only ({c['compute_only']['images_per_s']:.1f}); "
+            f"= {c['ratio_loop_dali_vs_compute_only']:.2f} x compute-only on the loop's {c['compute_only']['threads']} "
+            f"thread(s) ({c['compute_only']['images_per_s']:.1f}; on all {c['compute_only_all_cores']['threads']}: "
+            f"{c['compute_only_all_cores']['images_per_s']:.1f}); "
+            f"main-thread CPU per batch in the DALI loader {c['main_thread_cpu']['batch8']['ms_per_batch_median']:.2f} ms "
+            f"(batch 8), {c['main_thread_cpu']['batch128']['ms_per_batch_median']:.2f} ms (batch 128, speckle on the device); "
             f"{c['ratio_dali_vs_torch_loader']:.2f} x DataLoader+OpenCV loop ({c['loop_torch']['images_per_s']:.1f}); "
             f"data wait {100 * c['loop_dali']['data_wait_frac']:.1f} % (torch loader {100 * c['loop_torch']['data_wait_frac']:.1f} %); "
             f"MFU {100 * (c['loop_dali']['mfu'] or 0):.1f} % of measured matmul rate |")

@@ -2,7 +2,8 @@
 
 Used by ``benchmarks.gpu_suite`` (section ``sync``) and tests/test_gpu_sync.py (skipped without CUDA). The
 step is the training loop's own sequence — ``DataWaitTimer`` marks, the loader's next batch (pinned copies,
-device speckle, normalisation), teacher targets, the SALT loss, backward, gradient clipping, the on-device
+device speckle, normalisation), the packed layout planned from the loader's host-side lengths (FlexAttention
+block tables), teacher targets, the SALT loss, backward, gradient clipping, the on-device
 non-finite flag, fused AdamW with schedule values set from the host — so a call that makes the host wait
 for the GPU (``.item()``, a pageable copy, a boolean mask with a data-dependent size) raises inside it.
 """
@@ -17,6 +18,7 @@ import torch
 from usjepa.data_wait import DataWaitTimer
 from usjepa.models import Predictor, PredictorConfig, SALTModel, build_vit, freeze, salt_forward
 from usjepa.schedules import lr_at, set_optimizer_hparams, wd_at
+from usjepa.step import salt_packing
 
 
 def salt_steps_without_sync(loader, device: torch.device, arch: str, predictor: PredictorConfig, bf16: bool,
@@ -44,7 +46,8 @@ def salt_steps_without_sync(loader, device: torch.device, arch: str, predictor: 
         timer.batch_ready()
         set_optimizer_hparams(opt, lr_at(k, total, 1, 1e-6, 1e-5, 1e-7), wd_at(k, total, 0.04, 0.4))
         with autocast:
-            loss, _ = salt_forward(model, teacher, batch.images, batch.ctx_idx, batch.tgt_idx)
+            loss, _ = salt_forward(model, teacher, batch.images, batch.ctx_idx, batch.tgt_idx,
+                                   packing=salt_packing(batch, student.cfg.num_patches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf)

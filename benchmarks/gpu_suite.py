@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_suite --out DIR --real-root SHARDS   # + an ingested real corpus
     python -m benchmarks.gpu_suite --dry-run --out DIR            # every code path, tiny, on CPU (make test)
 
-Sections, in this order — loader, SALT eager, sync, SALT compiled, stage 1, speckle: the most wanted and
+Sections, in this order — loader, SALT eager, sync, SALT compiled, profile, stage 1, speckle: the most wanted and
 cheapest first (each writes ``DIR/gpu_suite.json`` + ``.md`` as it finishes, so a run stopped at its
 time limit keeps what it measured; a section that does not fit the remaining ``--budget-s`` is skipped and
 says so):
@@ -17,15 +17,18 @@ says so):
   GPU); the torch backend's GPU path (``decode_on="device"``: nvJPEG + roi_align) where torchvision imports.
   Steady-state img/s inside passes; start-up and pass restarts apart; a loader that fails is recorded as
   such and the others still run.
-* ``salt``    — the SALT step, ViT-B/16 student + teacher, bf16, batch 128, eager and ``torch.compile``:
+* ``salt``    — the packed SALT step, ViT-B/16 student + teacher, bf16, batch 128, eager and ``torch.compile``:
   compute-only (one batch on the device, repeated) and the real loop (``usjepa.train`` fed by the real
-  loader): img/s, data-wait fraction (CUDA events), MFU, peak memory.
+  loader; 150 steady steps after 30 warm-up steps): img/s, data-wait fraction (CUDA events), MFU over real
+  tokens and the padded count, peak memory.
+* ``profile`` — torch.profiler over the compiled packed step: share of device time in matmul, attention,
+  norm + elementwise; the top kernels.
 * ``sync``    — the steady-state step under ``torch.cuda.set_sync_debug_mode("error")`` (gpu_checks.py).
 * ``stage1``  — the stage-1 (MAE) step, ViT-B/16 bf16: compute-only eager and compiled, and the eager loop.
 * ``speckle`` — cost per batch of drawing speckle in a worker (OpenCV, host) vs on the device (events).
 
-Needs torch, numpy, numba and OpenCV (what the lent GPU machine has) and webdataset (the shard writer's; the
-machine's call brings it: tools/gpu-call.sh installs .gpu-wheels); DALI is measured when it is importable,
+Needs torch, numpy, numba and OpenCV and webdataset (the shard writer's; on an air-gapped CUDA machine
+tools/gpu-call.sh installs it from the carried .gpu-wheels); DALI is measured when it is importable,
 e.g. from a ``--target`` install on ``PYTHONPATH`` (tools/stage-gpu-wheels.sh). ``--dry-run``
 runs every section on the CPU with tiny sizes and the tiny test ViT, and ``torch.compile`` with its
 ``eager`` backend (dynamo's tracing without inductor's C++ build), so that it fits in ``make test``.
@@ -64,11 +67,19 @@ def sizes(dry: bool, cores: int) -> dict:
         return {"frames": 96, "side": 160, "datasets": 2, "batch": 8, "workers": 1, "loader_s": 1.0,
                 "arch": "vit_test_tiny", "predictor": {"embed_dim": 48, "depth": 2, "num_heads": 2},
                 "decoder": {"embed_dim": 48, "depth": 1, "num_heads": 2}, "compute_steps": 2, "loop_steps": 8,
-                "log_every": 2, "config": "tiny_cpu.yaml"}
-    return {"frames": 24576, "side": 320, "datasets": 8, "batch": 128, "workers": cores, "loader_s": 6.0,
-            "arch": "vit_base_patch16_224", "predictor": {"embed_dim": 384, "depth": 12, "num_heads": 12},
-            "decoder": {"embed_dim": 256, "depth": 2, "num_heads": 8}, "compute_steps": 20, "loop_steps": 30,
-            "log_every": 5, "config": "usjepa_vitb16.yaml"}
+                "warmup_steps": 2, "log_every": 2, "profile_steps": 2, "config": "tiny_cpu.yaml"}
+    # the loop: 30 warm-up steps (compilation, the first packed lengths, DALI's queues), then 150 measured
+    return {"frames": 24576, "side": 320, "datasets": 8, "batch": 128, "workers": worker_budget(cores),
+            "loader_s": 6.0, "arch": "vit_base_patch16_224",
+            "predictor": {"embed_dim": 384, "depth": 12, "num_heads": 12},
+            "decoder": {"embed_dim": 256, "depth": 2, "num_heads": 8}, "compute_steps": 20, "loop_steps": 180,
+            "warmup_steps": 30, "log_every": 10, "profile_steps": 5, "config": "usjepa_vitb16.yaml"}
+
+
+def worker_budget(cores: int, trainer_cores: int = 2) -> int:
+    """Loader workers for one GPU per machine: every core but those the trainer's own thread and its
+    launch/copy threads need (16 workers on 16 cores starved the trainer's main thread)."""
+    return max(1, cores - trainer_cores)
 
 
 class Budget:
@@ -302,11 +313,14 @@ def bench_salt(res: dict, shared: dict, root: Path, work: Path, sz: dict, device
         shared["batch"] = first_batch(root, sz["batch"], device)
         res.update(batch=sz["batch"], arch=sz["arch"], loader_backend=backend, bf16=device.type == "cuda")
     tag = "compile" if compile_ else "eager"
+    keep: dict = {}
     co = compute_only(sz["arch"], sz["arch"], PredictorConfig(**sz["predictor"]), shared["batch"], device,
-                      res["bf16"], compile_, steps=sz["compute_steps"], peak=peak)
+                      res["bf16"], compile_, steps=sz["compute_steps"], peak=peak, keep=keep)
+    if compile_:
+        shared["compiled_step"] = keep["step"]  # for the profile section
     lp = loop(str(REPO / "configs" / sz["config"]), work / f"salt_{tag}",
               loop_overrides(sz, root, backend, compile_, shared["teacher"])
-              + [f"model.arch={sz['arch']}", f"model.teacher_arch={sz['arch']}"])
+              + [f"model.arch={sz['arch']}", f"model.teacher_arch={sz['arch']}"], warmup_steps=sz["warmup_steps"])
     res[tag] = {"compute_only": co, "loop": lp,
                 "loop_vs_compute_only": lp["images_per_s"] / co["images_per_s"] if co["images_per_s"] else None}
     print(f"salt {tag}: compute-only {co['images_per_s']:.0f} img/s, loop {lp['images_per_s']:.0f} img/s, "
@@ -332,8 +346,67 @@ def bench_stage1(root: Path, work: Path, sz: dict, device: torch.device, backend
     if budget.fits(10 if dry else 45):
         res["loop_eager"] = loop(str(REPO / "configs" / sz["config"]), work / "stage1_eager",
                                  loop_overrides(sz, root, backend, False, None)
-                                 + ["stage=1", f"model.arch={sz['arch']}", "model.teacher=null"])
+                                 + ["stage=1", f"model.arch={sz['arch']}", "model.teacher=null"],
+                                 warmup_steps=sz["warmup_steps"])
     return res
+
+
+# kernel (CUDA) or operator (CPU) names -> what they compute; the first match wins
+PROFILE_CLASSES = (
+    ("attention", ("flash", "flex", "attention", "fmha", "sdpa", "softmax", "triton_tem")),
+    ("matmul", ("gemm", "mm", "matmul", "linear", "cutlass", "xmma", "sm90", "cublas", "conv", "bmm", "baddbmm")),
+    ("norm+elementwise", ("norm", "gelu", "triton_poi", "triton_per", "triton_red", "elementwise", "vectorized",
+                          "add", "mul", "copy", "fill", "index", "gather", "scatter", "reduce", "sum", "cat",
+                          "smooth_l1", "adam", "foreach", "clone", "where", "sqrt", "div", "sub", "pow")),
+)
+
+
+def classify_kernel(name: str) -> str:
+    low = name.lower()
+    for cls, keys in PROFILE_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def bench_profile(shared: dict, root: Path, sz: dict, device: torch.device, compile_: bool) -> dict:
+    """A short torch.profiler trace of the packed SALT step (compiled when ``compile_``): the share of device
+    time (CPU time on a CPU) in matmul, attention, norm + elementwise and the rest, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.bench_train import first_batch, salt_step
+    from usjepa.models import PredictorConfig
+
+    if compile_ and "compiled_step" in shared:  # compiled and warmed up by the salt section
+        step = shared["compiled_step"]
+    else:
+        if "batch" not in shared:
+            shared["batch"] = first_batch(root, sz["batch"], device)
+        step, _ = salt_step(sz["arch"], sz["arch"], PredictorConfig(**sz["predictor"]), shared["batch"], device,
+                            device.type == "cuda", compile_)
+    for _ in range(3):  # warm-up (and compilation, unless the salt section did it)
+        step()
+    sync(device)
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(sz["profile_steps"]):
+            step()
+        sync(device)
+    shares, top = {}, []
+    for ev in prof.key_averages():
+        t = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if t <= 0 or (cuda and getattr(ev, "device_type", None) is not None and "CUDA" not in str(ev.device_type)):
+            continue
+        cls = classify_kernel(ev.key)
+        shares[cls] = shares.get(cls, 0.0) + t
+        top.append((t, ev.key[:120], cls))
+    total = sum(shares.values()) or 1.0
+    top.sort(reverse=True)
+    return {"compiled": compile_, "steps": sz["profile_steps"], "time": "device" if cuda else "cpu (self)",
+            "share": {k: v / total for k, v in sorted(shares.items())},
+            "ms_per_step": total / 1e3 / sz["profile_steps"],
+            "top": [{"name": n, "class": c, "share": t / total} for t, n, c in top[:12]]}
 
 
 def bench_sync(root: Path, sz: dict, device: torch.device, backend: str) -> dict:
@@ -422,7 +495,9 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| SALT {tag}, {res['arch']}, batch {res['batch']} | compute-only / loop ({res['loader_backend']}) | "
                 f"{co['images_per_s']:.0f} / {lp['images_per_s']:.0f} img/s; data wait {100 * (lp['data_wait_frac'] or 0):.1f} %; "
-                f"MFU {100 * (co['mfu'] or 0):.1f} / {100 * (lp['mfu'] or 0):.1f} %; peak {co['peak_mem_gb'] or 0:.1f} GiB |")
+                f"MFU (real tokens) {100 * (co['mfu'] or 0):.1f} / {100 * (lp['mfu'] or 0):.1f} % "
+                f"(padded count {100 * (co.get('mfu_padded') or 0):.1f} / {100 * (lp.get('mfu_padded') or 0):.1f} %); "
+                f"{lp.get('steady_steps', '?')} steady loop steps; peak {co['peak_mem_gb'] or 0:.1f} GiB |")
         for key in ("compute_only_eager", "compute_only_compile", "loop_eager"):
             r = res.get(key) if section == "stage1" else None
             if r is None:
@@ -434,6 +509,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| stage-1 (MAE) {key}, {res['arch']}, batch {res['batch']} | img/s, MFU, peak | "
                          f"{r['images_per_s']:.0f} img/s; MFU {100 * (r['mfu'] or 0):.1f} %{extra}; "
                          f"peak {r['peak_mem_gb'] or 0:.1f} GiB |")
+    pr = report.get("profile")
+    if pr:
+        shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(pr["share"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| profile | packed SALT step{' compiled' if pr['compiled'] else ''}, {pr['steps']} steps, "
+                     f"{pr['time']} time | {pr['ms_per_step']:.1f} ms/step: {shares} |")
     s = report.get("sync")
     if s:
         lines.append(f"| sync | steady-state step under set_sync_debug_mode('error') | "
@@ -457,7 +537,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real-root", type=Path, help="an ingested real corpus (manifest.json) for the loader section")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget; sections that do not fit "
                     "are skipped (default 450 s: the suite stays inside 8 minutes with start-up)")
-    ap.add_argument("--only", default="loader,salt,sync,stage1,speckle", help="comma-separated sections")
+    ap.add_argument("--only", default="loader,salt,sync,profile,stage1,speckle", help="comma-separated sections")
+    ap.add_argument("--workers", type=int, help="loader workers (default: the cores less two for the trainer)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: exercises every code path")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed at the end)")
     a = ap.parse_args(argv)
@@ -471,12 +552,14 @@ def main(argv=None) -> int:
         import webdataset  # noqa: F401  (the shard writer's, for the synthetic corpus)
     except ImportError as e:
         why = " ".join(str(e).split())
-        print(f"gpu_suite: webdataset is not importable ({why}); on the lent GPU machine the call brings it: "
+        print(f"gpu_suite: webdataset is not importable ({why}); on a CUDA machine without network, carry it: "
               "bash tools/stage-gpu-wheels.sh --wheels-only here, carry .gpu-wheels, run tools/gpu-call.sh",
               file=sys.stderr)
         return USAGE
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     sz = sizes(a.dry_run, cores)
+    if a.workers:
+        sz["workers"] = a.workers
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -534,6 +617,8 @@ def main(argv=None) -> int:
                 ("sync", "sync", 5 if a.dry_run else 30, lambda: bench_sync(syn, sz, device, backend)),
                 ("salt", "salt compile", 20 if a.dry_run else 180,
                  lambda: bench_salt(salt, salt_shared, syn, work, sz, device, backend, peak, compile_=True)),
+                ("profile", "profile", 10 if a.dry_run else (20 if "salt" in only else 90),
+                 lambda: bench_profile(salt_shared, syn, sz, device, compile_=True)),
                 ("stage1", "stage1", 10 if a.dry_run else 40,
                  lambda: bench_stage1(syn, work, sz, device, backend, peak, budget, a.dry_run)),
                 ("speckle", "speckle", 1 if a.dry_run else 5, lambda: bench_speckle(sz, device)),

@@ -15,7 +15,7 @@ import sys
 from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED as EXIT_FAILED, OK as EXIT_OK, SKIPPED as EXIT_SKIPPED
 from usjepa.exit_codes import USAGE as EXIT_USAGE
 
-COMMANDS = ("run", "merge", "verify", "contact-sheet")
+COMMANDS = ("run", "merge", "index", "verify", "contact-sheet")
 
 _EPILOG = EXIT_STATUS_HELP + """
 A bare `usjepa-ingest SRC... --out DIR` means `usjepa-ingest run SRC... --out DIR`."""
@@ -79,19 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, metavar="S", default=0,
                    help="seed of the within-dataset shuffle of samples in the shards (default 0)")
     r.add_argument("--exclude", action="append", metavar="GLOB", default=None,
-                   help="leave out files whose name matches GLOB (repeatable). Default: %s (label masks such "
-                        "as BUSI's 'benign (1)_mask.png' and 'benign (4)_mask_1.png' are annotations, not frames; "
-                        "listed under 'exclude' in the manifest); --exclude '' excludes nothing"
+                   help="leave out files whose name matches GLOB, or folders whose name matches a GLOB ending in "
+                        "'/' (repeatable). Default: %s (label masks such as BUSI's 'benign (1)_mask.png', "
+                        "'benign (4)_mask_1.png' and DDTI's mask/ folder are annotations, not frames; so are folders "
+                        "of binary label images pairing 1:1 with a sibling folder's frames; counted in the manifest); "
+                        "--exclude '' excludes nothing"
                         % " ".join(DEFAULT_EXCLUDE))
     r.add_argument("--max-pixels", type=_positive, metavar="N", default=pc.max_pixels,
-                   help="pixel budget of a still: larger JPEGs are decoded reduced (1/2, 1/4, 1/8), other formats "
-                        "are skipped; never decoded whole (default %(default)s)")
+                   help="pixel budget of a frame, checked from the file's header: larger JPEGs are decoded reduced "
+                        "(1/2, 1/4, 1/8); other stills, video frames and volume slices are skipped; never decoded "
+                        "whole (default %(default)s)")
     r.add_argument("--quiet", action="store_true", help="no progress bar (the summary line is still printed)")
 
     m = sub.add_parser("merge", help="combine the manifests of a --part i/N job array into manifest.json")
     m.add_argument("root", help="folder that will hold manifest.json; part manifests are searched below it")
     m.add_argument("parts", nargs="*", help="part manifests to merge (default: every manifest.part-*-of-N.json "
                    "under ROOT)")
+
+    x = sub.add_parser("index", help="(re)build the corpus table (table.npz) of a corpus, e.g. one ingested before "
+                       "tables existed; loaders otherwise build it at first open")
+    x.add_argument("root", help="corpus folder (holding manifest.json)")
+    x.add_argument("--workers", type=_positive, metavar="N", default=_default_workers(),
+                   help="processes reading the indexes and metadata (default: the CPUs available, here %(default)s)")
 
     v = sub.add_parser("verify", help="re-check every shard against the manifest: size, sha256, index, "
                        "sample counts, decodable JPEG/PNG, metadata; exit 1 on any problem")
@@ -160,10 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merged: {m['summary']['frames']} frames in {m['summary']['shards']} shards; "
               f"{m['summary']['skipped_files']} files skipped")
         return EXIT_OK
+    if a.command == "index":
+        from usjepa.shards.format import ShardFormatError
+        from usjepa.shards.readers import build_corpus_table
+
+        try:
+            path = build_corpus_table(a.root, workers=a.workers)
+        except (ShardFormatError, OSError) as e:
+            print(f"usjepa-ingest index: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        print(path)
+        return EXIT_OK
     if a.command == "verify":
         from usjepa.ingest.verify import verify_corpus
 
-        problems = verify_corpus(a.root, progress=sys.stderr.isatty())
+        problems = verify_corpus(a.root, progress=True)
         for p in problems[:50]:
             print(f"  {p}", file=sys.stderr)
         if problems:
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = make_contact_sheet(a.root, a.out, n=a.n, cols=a.cols, cell=a.cell, seed=a.seed, sort=a.sort,
-                                  diff=a.diff)
+                                  diff=a.diff, progress=True)
     except (OSError, ValueError) as e:
         print(f"usjepa-ingest contact-sheet: error: {e}", file=sys.stderr)
         return EXIT_FAILED

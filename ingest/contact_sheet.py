@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from usjepa.ingest.progress import with_progress
 from usjepa.shards.format import (IMAGE_EXT, MASK_EXT, META_EXT, SampleMeta, load_manifest, read_index, read_member,
                                   sample_key)
 
@@ -90,10 +91,13 @@ def _random_picks(by_dataset: dict, n: int, rng, indexes: dict) -> list[tuple]:
     return out
 
 
-def _scan(by_dataset: dict, rng, indexes: dict):
+def _scan(by_dataset: dict, rng, indexes: dict, progress: bool = False):
     """Up to SCAN_LIMIT samples in random order (all of them for a small corpus)."""
     flat = [(s, i) for shards in by_dataset.values() for s in shards for i in range(s["samples"])]
-    for k in rng.permutation(len(flat))[:SCAN_LIMIT]:
+    picks = rng.permutation(len(flat))[:SCAN_LIMIT]
+    if progress:
+        picks = with_progress(picks, len(picks), "contact-sheet", "frames read")
+    for k in picks:
         yield _read_sample(*flat[int(k)], indexes)
 
 
@@ -108,9 +112,10 @@ def _old_masks(old_root: str | Path) -> tuple[dict, dict]:
 
 
 def make_contact_sheet(root: str | Path, out: str | Path, n: int = 24, cols: int = 6, cell: int = 160,
-                       seed: int = 0, sort: str = "random", diff: str | Path | None = None) -> Path:
+                       seed: int = 0, sort: str = "random", diff: str | Path | None = None,
+                       progress: bool = False) -> Path:
     """Write a grid of ``n`` samples (module doc: random, ``sort="coverage"``, or ``diff=OLD_ROOT``).
-    Returns the PNG path."""
+    Returns the PNG path. ``progress``: a bar or periodic lines on stderr while frames are scanned."""
     if sort not in ("random", "coverage"):
         raise ValueError(f"sort must be 'random' or 'coverage', got {sort!r}")
     manifest = load_manifest(root)
@@ -126,7 +131,7 @@ def make_contact_sheet(root: str | Path, out: str | Path, n: int = 24, cols: int
     else:
         old_where, old_indexes = _old_masks(diff) if diff is not None else ({}, {})
         ranked = {}  # one frame per source: the worst of it
-        for img, mask, meta in _scan(by_dataset, rng, indexes):
+        for img, mask, meta in _scan(by_dataset, rng, indexes, progress):
             valid = mask > 0
             if diff is not None:
                 key = sample_key(meta.dataset, meta.source, meta.frame)

@@ -1,4 +1,4 @@
-"""Combine the part manifests of a ``--part i/N`` job array into one ``manifest.json``.
+"""Combine the part manifests of a ``--part i/N`` job array into one ``manifest.json`` and its corpus table.
 
 Parts write distinct shard numbers (part i writes numbers i, i+N, i+2N, ...), so their shards can share one
 folder; a part manifest in a sub-folder (e.g. copied back from another machine) is rebased so that every
@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from usjepa.shards.format import FORMAT_VERSION, MANIFEST_NAME, resolve_in_root, write_json_atomic
+from usjepa.shards.readers import build_corpus_table
 
 _PART_RE = re.compile(r"manifest\.part-(\d+)-of-(\d+)\.json$")
 _SAME = ("format_version", "preprocess", "split", "shuffle", "exclude", "inputs")
@@ -62,7 +63,7 @@ def merge_manifests(root: str | Path, parts: list[str | Path] | None = None) -> 
                 what = "source lists" if k == "inputs" else "settings"
                 raise MergeError(f"{p.name}: {k!r} differs from {docs[0][0].name}; parts must share {what} "
                                  f"(same datasets, files and options)")
-    shards, skipped, ignored, datasets = [], [], [], {}
+    shards, skipped, ignored, excluded_folders, short, datasets = [], [], [], [], [], {}
     for p, d in docs:
         for s in d["shards"]:
             rebased = dict(s)
@@ -73,6 +74,8 @@ def merge_manifests(root: str | Path, parts: list[str | Path] | None = None) -> 
             shards.append(rebased)
         skipped += d.get("skipped", [])
         ignored += d.get("ignored", [])
+        excluded_folders += d.get("excluded_folders", [])
+        short += d.get("short_of_header", [])
         for name, v in d["datasets"].items():
             acc = datasets.setdefault(name, {k: v[k] for k in ("anatomy", "kind") if k in v})
             for k, x in v.items():
@@ -98,8 +101,12 @@ def merge_manifests(root: str | Path, parts: list[str | Path] | None = None) -> 
         "shards": shards,
         "skipped": sorted(skipped, key=lambda k: (k["dataset"], k["path"])),
         "ignored": ignored,
+        "excluded_folders": excluded_folders,
+        "short_of_header": sorted(short, key=lambda k: (k["dataset"], k["path"])),
         "summary": {"frames": frames, "sources": sum(v.get("sources", 0) for v in datasets.values()),
-                    "skipped_files": len(skipped), "shards": len(shards)},
+                    "skipped_files": len(skipped), "shards": len(shards),
+                    "excluded_files": sum(v.get("excluded_files", 0) for v in datasets.values())},
     }
     write_json_atomic(root / MANIFEST_NAME, merged)
+    build_corpus_table(root)
     return merged

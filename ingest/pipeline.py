@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -43,13 +44,14 @@ import numpy as np
 
 from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_usrc_mask, encode_sample,
                                       finish_frame, prepare_frame)
-from usjepa.ingest.readers import SourceUnreadable, open_frames
+from usjepa.ingest.readers import SourceUnreadable, native_messages_dropped, open_frames
 from usjepa.ingest.sources import (DEFAULT_EXCLUDE, DatasetSpec, Listing, Source, assign_splits, group_counts,
                                    list_sources, part_of)
 from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import (DEFAULT_VAL_FRACTION, FORMAT_VERSION, MANIFEST_NAME, SPLITS, SampleMeta,
                                   ShardWriter, dataset_slug, fsync_dir, sample_key, split_of_group,
                                   write_json_atomic)
+from usjepa.shards.readers import build_corpus_table
 
 STILLS_PER_TASK = 32  # stills per task: few enough files per spill, many enough to amortise its fsync
 MASK_CHUNK_FRAMES = 1000  # one USrc mask per clip, or per 1000 frames of a longer one (bounds worker RAM)
@@ -60,6 +62,26 @@ _TAR_BLOCK = 512
 
 class IngestError(RuntimeError):
     """A run that cannot start or continue (locked, options changed since the interrupted run, ...)."""
+
+
+class OutputWriteError(IngestError):
+    """Writing into ``--out`` failed (disk full, I/O error, read-only file system, quota). The run stops;
+    the sources being written are not journaled, so a rerun of the same command retries them."""
+
+
+@contextlib.contextmanager
+def _writing_into(out: Path):
+    """Turn an ``OSError`` raised while writing the output into one line naming the cause and ``--out``.
+    Only wrap code that touches nothing but the output folder: a source's own read errors are bad input,
+    reported per file by ``process_task``."""
+    try:
+        yield
+    except OSError as e:
+        code = errno.errorcode.get(e.errno, "") if e.errno else ""
+        fix = "free space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable (or fix the disk)"
+        raise OutputWriteError(f"cannot write to --out {out}: {e.strerror or e}{f' ({code})' if code else ''}; "
+                               f"the run stopped with no source marked bad: {fix}, then rerun the same "
+                               f"command to resume") from e
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,8 @@ def _worker_init() -> None:
 class _SourceStats:
     def __init__(self) -> None:
         self.decoded = self.strided = self.duplicates = self.written = 0
+        self.header_frames: int | None = None
+        self.header_shortfall = 0
         self.rejected: Counter = Counter()
 
 
@@ -158,10 +182,17 @@ def _frames_of_source(src: Source, cfg: PreprocessConfig, stride: int, stats: _S
             yield from finish(chunk)
     finally:
         stats.decoded, stats.strided, stats.duplicates = stream.decoded, stream.strided, stream.duplicates
+        stats.header_frames, stats.header_shortfall = stream.header_frames, stream.header_shortfall
 
 
 def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path) -> dict:
     """Worker: ingest one task into its spill folder and return its summary (also saved as summary.json)."""
+    out = work.parents[1]
+    with _writing_into(out), native_messages_dropped():
+        return _process_task(task, cfg, stride, val_fraction, work, out)
+
+
+def _process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: float, work: Path, out: Path) -> dict:
     final = work / "tasks" / task.task_id
     if final.is_dir():
         return _light(json.loads((final / "summary.json").read_text()))
@@ -170,6 +201,7 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
     tmp.mkdir(parents=True)
     samples: list[list] = []  # [key, split, offset, len_jpg, len_png, len_json]
     skipped: list[dict] = []
+    short: list[dict] = []  # videos kept with fewer frames than their header declares
     totals = {"sources": 0, "decoded": 0, "strided": 0, "duplicates": 0, "written": 0,
               "frames": {s: 0 for s in SPLITS}, "decoded_in_skipped": 0}
     rejected: Counter = Counter()
@@ -187,9 +219,10 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                         meta = SampleMeta(dataset=task.dataset, anatomy=task.anatomy, source=src.rel,
                                           frame=index, group=src.group, orig_size=orig, split=split,
                                           label=src.label, median=masked_median(gray, mask)).to_json()
-                        spill.write(jpg)
-                        spill.write(png)
-                        spill.write(meta)
+                        with _writing_into(out):  # the output's fault, not the source's: stop, journal nothing
+                            spill.write(jpg)
+                            spill.write(png)
+                            spill.write(meta)
                         records.append([sample_key(task.dataset, src.rel, index), split,
                                         None,  # byte offset, set once the whole source is kept
                                         len(jpg), len(png), len(meta)])
@@ -199,6 +232,8 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                     reason = f"no usable frame ({stats.decoded} decoded; rejected {why})"
             except SourceUnreadable as e:
                 reason = e.reason
+            except OutputWriteError:
+                raise
             except Exception as e:  # a library failing on odd input must not abort the run: report it
                 reason = f"{type(e).__name__}: {e}".strip()[:300]
             if reason is not None:
@@ -212,6 +247,9 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
                 r[2] = offset
                 offset += r[3] + r[4] + r[5]
             samples += records
+            if stats.header_shortfall:
+                short.append({"dataset": task.dataset, "path": src.rel, "decoded": stats.decoded,
+                              "header_frames": stats.header_frames})
             rejected.update(stats.rejected)
             for k in ("decoded", "strided", "duplicates"):
                 totals[k] += getattr(stats, k)
@@ -222,7 +260,7 @@ def process_task(task: Task, cfg: PreprocessConfig, stride: int, val_fraction: f
         os.fsync(spill.fileno())
     totals["rejected"] = dict(rejected)
     summary = {"task_id": task.task_id, "dataset": task.dataset, "n_sources": len(task.sources),
-               "totals": totals, "skipped": skipped, "samples": samples}
+               "totals": totals, "skipped": skipped, "short_of_header": short, "samples": samples}
     with open(tmp / "summary.json", "w") as f:
         json.dump(summary, f, separators=(",", ":"))
         f.flush()
@@ -261,6 +299,12 @@ def _padded(n: int) -> int:
 def write_split_shards(dataset: str, split: str, task_ids: list[str], work: Path, out: Path,
                        part: tuple[int, int], shard_size: int, seed: int) -> list[dict]:
     """Worker: write the shuffled shards of one (dataset, split) from the spills; resumes from its journal."""
+    with _writing_into(out):
+        return _write_split_shards(dataset, split, task_ids, work, out, part, shard_size, seed)
+
+
+def _write_split_shards(dataset: str, split: str, task_ids: list[str], work: Path, out: Path,
+                        part: tuple[int, int], shard_size: int, seed: int) -> list[dict]:
     # compact arrays, not Python objects: ~60 bytes a frame, so millions of frames shuffle in little RAM
     blocks = []
     for t, tid in enumerate(task_ids):
@@ -433,7 +477,8 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     """Ingest ``specs`` into ``opts.out``; returns the manifest (plus a ``timing`` entry not saved in it)."""
     t0 = time.perf_counter()
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _writing_into(out):
+        out.mkdir(parents=True, exist_ok=True)
     listing = assign_splits(list_sources(specs, opts.exclude), opts.val_fraction)
     fp = _fingerprint(listing, opts)
     man_path = out / manifest_name(opts.part)
@@ -441,7 +486,7 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     lock = out / WORK_DIR / f"{_part_tag(opts.part)}.lock"
     # Everything from the completeness check to the removal of the work folder happens under the lock, so a
     # second run into the same --out sees either "locked" or a finished output ("already complete").
-    with _locked(lock):
+    with _writing_into(out), _locked(lock):
         if man_path.is_file() and not work.is_dir():
             old = json.loads(man_path.read_text())
             lock.unlink(missing_ok=True)
@@ -487,6 +532,8 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
         shards.sort(key=lambda s: s["path"])
         manifest = _manifest(listing, opts, summaries, shards, fp)
         write_json_atomic(man_path, manifest)
+        if opts.part[1] == 1:  # a whole corpus: its table now, not at every rank's first open (parts: at merge)
+            build_corpus_table(out, workers=opts.workers)
         fsync_dir(out)
         shutil.rmtree(work)
         lock.unlink()
@@ -528,7 +575,11 @@ def _run_tasks(tasks: list[Task], opts: IngestOptions, work: Path, workers: _Wor
 
 def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shards: list[dict], fp: str) -> dict:
     datasets = {}
-    skipped = sorted((k for s in summaries for k in s["skipped"]), key=lambda k: (k["dataset"], k["path"]))
+    # what the listing finds outside any source (unreadable folders, excluded and ignored files) belongs to
+    # no part: part 0 reports it, so that ``merge`` counts it once
+    first_part = opts.part[0] == 0
+    unlisted = listing.unreadable if first_part else []
+    skipped = sorted([k for s in summaries for k in s["skipped"]] + unlisted, key=lambda k: (k["dataset"], k["path"]))
     for d in listing.datasets:
         mine = [s for s in summaries if s["dataset"] == d.name]
         t = lambda k: sum(s["totals"][k] for s in mine)  # noqa: E731
@@ -544,8 +595,8 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
             "decoded_frames": t("decoded"), "strided_frames": t("strided"),
             "decoded_frames_in_skipped_files": t("decoded_in_skipped"),
             "duplicate_frames_dropped": t("duplicates"), "rejected_frames": dict(rejected),
-            "excluded_files": listing.excluded.get(d.name, 0),
-            "ignored_files": sum(1 for k in listing.ignored if k["dataset"] == d.name),
+            "excluded_files": listing.excluded.get(d.name, 0) if first_part else 0,
+            "ignored_files": sum(1 for k in listing.ignored if k["dataset"] == d.name) if first_part else 0,
         }
         written = frames["train"] + frames["val"]
         expected = t("decoded") - t("strided") - t("duplicates") - sum(rejected.values())
@@ -575,9 +626,14 @@ def _manifest(listing: Listing, opts: IngestOptions, summaries: list[dict], shar
         "datasets": datasets,
         "shards": shards,
         "skipped": skipped,
-        "ignored": listing.ignored,
+        "ignored": listing.ignored if first_part else [],
+        "excluded_folders": listing.excluded_folders if first_part else [],
+        # videos kept whole with fewer frames than their container header declares (an estimate for VFR)
+        "short_of_header": sorted((k for s in summaries for k in s.get("short_of_header", [])),
+                                  key=lambda k: (k["dataset"], k["path"])),
         "summary": {"frames": n, "sources": sum(v["sources"] for v in datasets.values()),
-                    "skipped_files": len(skipped), "shards": len(shards)},
+                    "skipped_files": len(skipped), "shards": len(shards),
+                    "excluded_files": sum(v["excluded_files"] for v in datasets.values())},
     }
 
 
@@ -589,6 +645,8 @@ def summary_line(manifest: dict) -> str:
     line = (f"ingested {s['frames']} frames (train {tr}, val {va}) from {s['sources']} sources in "
             f"{len(manifest['datasets'])} datasets into {s['shards']} shards; {dup} duplicate frames dropped; "
             f"skipped {s['skipped_files']} files")
+    if s.get("excluded_files"):
+        line += f"; left out {s['excluded_files']} files by the exclude rules (label masks by default)"
     timing = manifest.get("timing")
     if timing and not timing.get("already_complete"):
         line += f"; {timing['seconds']:.1f} s, {timing['frames_per_second']:.0f} frames/s"

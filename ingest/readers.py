@@ -10,8 +10,10 @@ A file that cannot be read raises ``SourceUnreadable`` with a one-line reason, w
 into the manifest; it never aborts a run. That includes **truncated videos**, checked per container
 (OpenCV's decoder stops quietly at a cut, so a half-file would otherwise pass as a short clip):
 
-* ``.avi``, ``.mp4``, ``.mov``: fewer frames decoded than the container header declares (its index/moov
-  gives frame count and duration; an mp4/mov cut before its moov does not open at all);
+* ``.avi``, ``.mp4``, ``.mov``: an mp4/mov cut before its moov does not open at all. Fewer frames decoded
+  than the header declares is *not* a reason to skip: the header count is an estimate for variable-frame-
+  rate files (a .mov declaring 210 frames that decodes 192 clean ones), so every frame that decodes is
+  kept and the shortfall is reported (``FrameStream.header_shortfall``, the manifest's ``short_of_header``);
 * ``.mpeg``/``.mpg`` program streams: the pack/packet structure is walked and must end exactly at the end
   of the file (a cut leaves a packet whose declared length runs past it); OpenCV's frame count for these
   is an estimate from the file size, useless for the check;
@@ -25,11 +27,13 @@ clip that ends in garbage is not worth the frames before it, and a rerun after f
 
 **Pixel budget**: a still of more than ``max_pixels`` pixels (size read from its header, before decoding)
 is decoded reduced by 2, 4 or 8 when it is a JPEG (``cv2.IMREAD_REDUCED_COLOR_*``, which libjpeg scales
-while decoding), and skipped otherwise (OpenCV decodes other formats whole before reducing them).
+while decoding), and skipped otherwise (OpenCV decodes other formats whole before reducing them). A video
+or volume whose frames (slices) exceed the budget is skipped from its header too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import zlib
@@ -106,14 +110,15 @@ class FrameStream:
         self.decoded = 0
         self.strided = 0
         self.duplicates = 0
+        self.header_frames: int | None = None  # a video's frame count as its container header declares it
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         if self.kind == "video":
-            raw = _read_video(self.path, self.stride)
+            raw = _read_video(self.path, self.stride, self)
         elif self.kind == "still":
             raw = _read_still(self.path, self.max_pixels)
         else:
-            raw = _read_volume(self.path)
+            raw = _read_volume(self.path, self.max_pixels)
         previous = None
         for index, frame in raw:
             self.decoded += 1
@@ -129,6 +134,16 @@ class FrameStream:
             raise SourceUnreadable(f"no decodable frame in this {self.kind} file")
 
 
+    @property
+    def header_shortfall(self) -> int:
+        """Frames the container header declares beyond those decoded; 0 within a few frames of slack (edit
+        lists and B-frame reordering move OpenCV's count by one or two). Headers of variable-frame-rate
+        files only estimate the count, so a shortfall is reported, never a reason to drop decoded frames."""
+        if self.header_frames is None or self.decoded >= 0.98 * self.header_frames - 1:
+            return 0
+        return self.header_frames - self.decoded
+
+
 def open_frames(path: str | os.PathLike, stride: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> FrameStream:
     return FrameStream(path, stride, max_pixels)
 
@@ -140,11 +155,17 @@ def _image_header(path: Path) -> tuple[int, int, str] | None:
     """(width, height, format) from the file header without decoding pixels; None if Pillow cannot tell."""
     from PIL import Image
 
+    # Pillow refuses to open an image past its own bomb limit (~179 Mpx) and says so by raising; then the
+    # size would be unknown here and OpenCV would decode it whole. Only the header is read, so lift the
+    # limit for the open; the caller applies the project's budget (max_pixels) to the size read.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
             return im.size[0], im.size[1], str(im.format)
     except Exception:  # not an image Pillow knows: OpenCV decides below
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
@@ -171,18 +192,28 @@ def _read_still(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tu
 # ------------------------------------------------------------------------------------------- videos
 
 
-def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray | None]]:
+def _read_video(path: Path, stride: int = 1, stream: FrameStream | None = None) -> Iterator[tuple[int, np.ndarray | None]]:
     """Frames in file order; frames the stride leaves out are only grabbed (no colour conversion) and
-    yielded as None, so that they are still counted."""
+    yielded as None, so that they are still counted. Sets ``stream.header_frames`` for the containers
+    whose header declares a frame count."""
     problem = _container_end_problem(path)
     if problem:
         raise SourceUnreadable(problem)
     log = _NativeStderr()
-    cap = cv2.VideoCapture(str(path))
+    log.start()
+    try:
+        cap = cv2.VideoCapture(str(path))
+    finally:
+        log.stop()
     try:
         if not cap.isOpened():
-            raise SourceUnreadable("OpenCV cannot open this video (truncated, corrupt or unknown codec)")
+            said = f": {log.last_line()}" if log.last_line() else ""
+            raise SourceUnreadable(f"OpenCV cannot open this video (truncated, corrupt or unknown codec){said}")
         declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        _check_frame_budget(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                            stream.max_pixels if stream is not None else DEFAULT_MAX_PIXELS, "frames")
+        if stream is not None and file_ext(path) in _HEADER_COUNTED and declared > 0:
+            stream.header_frames = int(declared)
         index = 0
         first_message_at = None  # frame index at which the decoder first wrote to stderr
         while True:
@@ -204,20 +235,17 @@ def _read_video(path: Path, stride: int = 1) -> Iterator[tuple[int, np.ndarray |
         if first_message_at is not None:
             raise SourceUnreadable(f"truncated: the stream ends in a decode error ({log.last_line()!r}) "
                                    f"after {index} frames")
-        ext = file_ext(path)
-        # a few frames of slack: edit lists and B-frame reordering move OpenCV's count by one or two
-        if ext in _HEADER_COUNTED and declared > 0 and index < 0.98 * declared - 1:
-            raise SourceUnreadable(f"truncated: {index} frames decoded of the {int(declared)} that the "
-                                   f"{ext[1:]} header declares")
     finally:
         cap.release()
         log.close()
 
 
 class _NativeStderr:
-    """What FFmpeg (inside OpenCV) writes to file descriptor 2 while a frame is decoded: its only report
-    of a damaged stream ("ac-tex damaged", "Error at MB", "LZW decode failed"). Captured frame by frame,
-    passed on to the real stderr, and remembered (last line) for the skip reason."""
+    """What FFmpeg or libjpeg (inside OpenCV) write to file descriptor 2 while a file is opened or a frame
+    decoded: FFmpeg's only report of a damaged stream ("ac-tex damaged", "Error at MB", "LZW decode
+    failed"). Captured call by call and remembered (last line) for the skip reason, not passed on: the
+    run's stderr carries ingest's own one-line reports (a damaged frame mid-clip is no news to a user,
+    and thousands of codec lines would bury the skipped-file list)."""
 
     def __init__(self) -> None:
         self._saved = None
@@ -244,9 +272,8 @@ class _NativeStderr:
         self._saved = None
         self._tmp.seek(0)
         text = self._tmp.read()
-        if text:
-            os.write(2, text)
-            self._last = text.strip().splitlines()[-1] if text.strip() else self._last
+        if text.strip():
+            self._last = text.strip().splitlines()[-1]
         return bool(text)
 
     def last_line(self) -> str:
@@ -257,6 +284,22 @@ class _NativeStderr:
         if self._tmp is not None:
             self._tmp.close()
             self._tmp = None
+
+
+@contextlib.contextmanager
+def native_messages_dropped():
+    """Point file descriptor 2 at a scratch file while this block decodes: FFmpeg and libjpeg write their
+    warnings ("Corrupt JPEG data: ...", "[mjpeg @ 0x...] error y=4 x=7") there themselves, bypassing
+    Python, and would bury ingest's own one-line reports. The video reader still sees (and keeps for its
+    skip reasons) what FFmpeg writes during each frame, since its own capture nests inside this one.
+    Process-wide, like every fd-2 redirection: for a process that decodes on one thread (ingest's
+    workers), not for threads that decode side by side (the probe's)."""
+    scratch = _NativeStderr()
+    scratch.start()
+    try:
+        yield
+    finally:
+        scratch.close()
 
 
 def _container_end_problem(path: Path) -> str | None:
@@ -323,24 +366,34 @@ def _slices(vol: np.ndarray, axis: int) -> Iterator[tuple[int, np.ndarray]]:
         yield i, np.ascontiguousarray(vol[i])
 
 
-def _read_volume(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _check_frame_budget(width: int, height: int, max_pixels: int, what: str) -> None:
+    """Frames of a video or volume larger than the pixel budget: skipped from the header, before any
+    decoding (there is no reduced decode for them, as there is for JPEG stills)."""
+    if width * height > max_pixels:
+        raise SourceUnreadable(f"{width}x{height} {what} ({width * height / 1e6:.0f} Mpx) exceed the pixel budget "
+                               f"of {max_pixels / 1e6:.0f} Mpx (--max-pixels)")
+
+
+def _read_volume(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     ext = file_ext(path)
     try:
         if ext in (".nii", ".nii.gz"):
-            vol = _load_nifti(path)
+            vol = _load_nifti(path, max_pixels)
             # NIfTI: frames are slices along the last spatial axis; a 4-D series (x, y, z, t) is flattened
             vol = vol.reshape(vol.shape[0], vol.shape[1], -1) if vol.ndim > 3 else vol
             axis = 2 if vol.ndim == 3 else None
         elif ext in (".nrrd", ".nhdr"):
             import nrrd
 
+            sizes = [int(n) for n in nrrd.read_header(str(path))["sizes"]]  # x first
+            _check_frame_budget(sizes[0], sizes[1] if len(sizes) > 1 else 1, max_pixels, "slices")
             vol, _ = nrrd.read(str(path), index_order="C")  # C order: [slowest, ..., fastest=x]
             axis = 0 if vol.ndim == 3 else None
         elif ext in (".mha", ".mhd"):
-            vol = read_metaimage(path)
+            vol = read_metaimage(path, max_pixels)
             axis = 0 if vol.ndim == 3 else None
         else:
-            yield from _read_dicom(path)
+            yield from _read_dicom(path, max_pixels)
             return
     except SourceUnreadable:
         raise
@@ -354,18 +407,24 @@ def _read_volume(path: Path) -> Iterator[tuple[int, np.ndarray]]:
         yield from _slices(vol, axis)
 
 
-def _load_nifti(path: Path) -> np.ndarray:
+def _load_nifti(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # the header only: data is read by asanyarray below
+    _check_frame_budget(img.shape[0], img.shape[1] if len(img.shape) > 1 else 1, max_pixels, "slices")
     if img.get_data_dtype().names:  # RGB NIfTI (structured dtype)
         raise SourceUnreadable("RGB NIfTI volumes are not supported")
     return np.asanyarray(img.dataobj)
 
 
-def _read_dicom(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _read_dicom(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[int, np.ndarray]]:
     import pydicom
 
+    try:
+        head = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as e:
+        raise SourceUnreadable(f"cannot read the DICOM header: {type(e).__name__}: {e}") from e
+    _check_frame_budget(int(getattr(head, "Columns", 0) or 0), int(getattr(head, "Rows", 0) or 0), max_pixels, "frames")
     try:
         ds = pydicom.dcmread(str(path))
         arr = ds.pixel_array  # needs a pixel-data handler for compressed transfer syntaxes
@@ -391,7 +450,7 @@ _MET_TYPES = {
 }
 
 
-def read_metaimage(path: str | os.PathLike) -> np.ndarray:
+def read_metaimage(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarray:
     """Read an ITK MetaImage (.mha with data inline, or .mhd + raw file) into a C-order array
     [z, y, x] (or [y, x]). SimpleITK is not a dependency; the format is a text header and raw bytes.
     Only single-component images; zlib-compressed data is supported."""
@@ -418,6 +477,8 @@ def read_metaimage(path: str | os.PathLike) -> np.ndarray:
         raise SourceUnreadable(f"MetaImage without DimSize or with unsupported ElementType {header.get('ElementType')!r}")
     if int(header.get("ElementNumberOfChannels", "1")) != 1:
         raise SourceUnreadable("multi-channel MetaImage is not supported")
+    if max_pixels is not None:
+        _check_frame_budget(dims[0], dims[1] if len(dims) > 1 else 1, max_pixels, "slices")
     src = header["ElementDataFile"]
     if src == "LOCAL":
         raw = inline

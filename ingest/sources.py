@@ -41,9 +41,11 @@ import fnmatch
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows
@@ -52,9 +54,11 @@ from usjepa.shards.format import DEFAULT_VAL_FRACTION, dataset_slug, split_of_gr
 
 # Label masks that datasets ship beside their images are annotations, not ultrasound frames: BUSI's
 # "benign (1)_mask.png" and, for images with several lesions, "benign (4)_mask_1.png", "_mask_2", ...
-# (the probe's default exclusion, ``_mask(_\d+)?$`` on the stem, leaves out the same files). Excluded
-# files are counted in the manifest, not reported as skipped.
-DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_[0-9]*.*")
+# (the probe's default exclusion, ``_mask(_\d+)?$`` on the stem, leaves out the same files), and folders
+# of masks: ``mask/``, ``masks/`` (DDTI's ``mask/*.gif``) or binary label images pairing 1:1 with the
+# frames of a sibling folder whatever its name. Excluded files are counted in the manifest, not reported
+# as skipped; ``--exclude ''`` keeps them all.
+DEFAULT_EXCLUDE = ("*_mask.*", "*_mask_[0-9]*.*", "mask/", "masks/")
 MIN_GROUPS_FOR_VAL = 20
 
 
@@ -94,6 +98,8 @@ class Listing:
     sources: list[Source]
     excluded: dict[str, int] = field(default_factory=dict)  # dataset -> files left out by exclude globs
     ignored: list[dict] = field(default_factory=list)  # files of types ingest does not read (README, CSV)
+    unreadable: list[dict] = field(default_factory=list)  # folders os.walk could not list, with the reason
+    excluded_folders: list[dict] = field(default_factory=list)  # folders left out whole (mask folders), per rule
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -200,31 +206,71 @@ def _check_unique(names: list[str], where) -> None:
 
 
 def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> Listing:
-    """Walk every dataset root (sorted, so the listing is the same on every machine)."""
+    """Walk every dataset root (sorted, so the listing is the same on every machine). Symbolic links to
+    folders are followed, each real folder once (a link to a folder listed already, or to an ancestor, is
+    listed under ``ignored``); a folder that cannot be read is listed under ``unreadable`` with the reason.
+    Globs ending in ``/`` leave out folders by name (case-insensitive), and with them any folder of binary
+    label images pairing 1:1 by name with a sibling folder's frames (``_label_folders``)."""
     sources: list[Source] = []
     excluded: dict[str, int] = {}
     ignored: list[dict] = []
+    unreadable: list[dict] = []
+    excluded_folders: list[dict] = []
     for spec in specs:
         if not spec.root.is_dir():
             raise FileNotFoundError(f"dataset {spec.name!r}: root {spec.root} is not a folder")
         globs = tuple(exclude) + spec.exclude
+        file_globs = tuple(g for g in globs if not g.endswith("/"))
+        folder_globs = tuple(g[:-1].lower() for g in globs if g.endswith("/"))
         pattern = re.compile(spec.group_pattern) if spec.group_pattern else None
         label_of = _Labeller(spec.labels)
         n_excl = 0
-        for dirpath, dirnames, filenames in os.walk(spec.root, followlinks=False):
+        rel_of = lambda p: Path(p).relative_to(spec.root).as_posix()  # noqa: E731
+
+        def unreadable_folder(e: OSError, spec=spec) -> None:
+            unreadable.append({"dataset": spec.name, "path": rel_of(e.filename) + "/",
+                               "reason": f"folder not readable: {e.strerror or e}"})
+
+        # real folders first: a link into the tree is a second name for a folder listed anyway
+        seen = {os.path.realpath(d) for d, _, _ in os.walk(spec.root, onerror=lambda e: None)}
+        for dirpath, dirnames, filenames in os.walk(spec.root, followlinks=True, onerror=unreadable_folder):
             dirnames.sort()
             here = Path(dirpath)
             # a folder named like an image (x.png) is listed as a source, so that it is reported, not ignored
             names = sorted(filenames + [d for d in dirnames if kind_of(d)])
-            dirnames[:] = [d for d in dirnames if not kind_of(d) and not d.startswith(".")]
+            keep = []
+            for d in dirnames:
+                if kind_of(d) or d.startswith("."):
+                    continue
+                if (here / d).is_symlink():
+                    real = os.path.realpath(here / d)
+                    if real in seen:
+                        ignored.append({"dataset": spec.name, "path": rel_of(here / d) + "/",
+                                        "reason": "symbolic link to a folder listed already (or to an ancestor)"})
+                        continue
+                    seen.update(os.path.realpath(x) for x, _, _ in os.walk(real, onerror=lambda e: None))
+                keep.append(d)
+            if folder_globs:
+                label_folders = _label_folders(here, keep, names)
+                for d in list(keep):
+                    rule = next((g + "/" for g in folder_globs if fnmatch.fnmatch(d.lower(), g)), None)
+                    if rule is None and d in label_folders:
+                        rule = "binary label images pairing 1:1 with a sibling folder's frames"
+                    if rule is not None:
+                        n = sum(1 for _, _, fs in os.walk(here / d) for f in fs if kind_of(f))
+                        excluded_folders.append({"dataset": spec.name, "path": rel_of(here / d) + "/", "files": n,
+                                                 "rule": rule})
+                        n_excl += n
+                        keep.remove(d)
+            dirnames[:] = keep
             for name in names:
                 if name.startswith("."):
                     continue
-                if any(fnmatch.fnmatch(name, g) for g in globs):
+                if any(fnmatch.fnmatch(name, g) for g in file_globs):
                     n_excl += 1
                     continue
                 path = here / name
-                rel = path.relative_to(spec.root).as_posix()
+                rel = rel_of(path)
                 kind = kind_of(name)
                 if kind is None:
                     ignored.append({"dataset": spec.name, "path": rel, "reason": "not a frame format ingest reads"})
@@ -235,7 +281,65 @@ def list_sources(specs: list[DatasetSpec], exclude: tuple[str, ...] = DEFAULT_EX
                     group = m.group(1) if m.groups() else m.group(0)
                 sources.append(Source(spec.name, rel, path, kind, f"{dataset_slug(spec.name)}:{group}", label_of(rel)))
         excluded[spec.name] = n_excl
-    return Listing(specs, sources, excluded, ignored)
+    return Listing(specs, sources, excluded, ignored, unreadable, excluded_folders)
+
+
+_LABEL_SAMPLE = 3  # label images decoded to tell a mask folder (few: they are small and this runs per folder)
+
+
+def _label_folders(parent: Path, folders: list[str], parent_files: list[str]) -> set[str]:
+    """The sub-folders of ``parent`` that hold label masks for frames stored beside them: (nearly) every
+    file has a namesake (same stem) in a sibling folder or in ``parent`` itself, and the first few decode
+    to at most two grey values (a binary mask), which their namesakes do not. DDTI's ``mask/*.gif`` beside
+    ``cropped/*.png`` is the case this is for. One listing per folder and an index by stem, so a parent
+    with thousands of sub-folders costs thousands of listings, not millions."""
+    stems = {d: _frame_stems(parent / d) for d in folders}
+    stems[""] = {Path(n).stem for n in parent_files if kind_of(n)}  # "": the parent's own files
+    holders: dict[str, list[str]] = {}
+    for d, st in stems.items():
+        for stem in st:
+            holders.setdefault(stem, []).append(d)
+    found = set()
+    for d in folders:
+        mine = stems[d]
+        matches = [o for o, n in Counter(o for s in mine for o in holders[s] if o != d).most_common(3)
+                   if n >= 0.9 * len(mine)]
+        if not matches:
+            continue
+        files = {Path(f).stem: f for f in _frame_files(parent / d)}
+        picked = sorted(files)[:_LABEL_SAMPLE]
+        if not all(_is_binary_image(parent / d / files[k]) for k in picked):
+            continue  # frames, not masks (patients' folders often repeat the same file names)
+        for other in matches:
+            partners = {Path(f).stem: f for f in _frame_files(parent / other)}
+            if not all(k in partners and _is_binary_image(parent / other / partners[k]) for k in picked):
+                found.add(d)
+                break
+    return found
+
+
+def _frame_files(folder: Path) -> list[str]:
+    try:
+        return [n for n in os.listdir(folder) if kind_of(n) in ("still", "video") and not n.startswith(".")]
+    except OSError:
+        return []
+
+
+def _frame_stems(folder: Path) -> set[str]:
+    return {Path(n).stem for n in _frame_files(folder)}
+
+
+def _is_binary_image(path: Path) -> bool:
+    """At most two distinct grey values in the first frame (False for anything that does not open)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.size[0] * im.size[1] > 16_000_000:  # no label image this large: not worth decoding
+                return False
+            return len(np.unique(np.asarray(im.convert("L")))) <= 2
+    except Exception:
+        return False
 
 
 def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION) -> Listing:

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from usjepa.ingest.progress import with_progress
 from usjepa.shards.format import (IMAGE_EXT, MASK_EXT, META_EXT, SampleMeta, ShardFormatError, iter_tar_samples,
                                   load_manifest, read_index, read_member)
 
@@ -95,7 +96,8 @@ def verify_shard(shard: dict, keys_seen: set) -> tuple[list[str], Counter]:
 
 
 def verify_corpus(root: str | Path, progress: bool = False) -> list[str]:
-    """All problems found in the corpus at ``root``; an empty list means it verified."""
+    """All problems found in the corpus at ``root``; an empty list means it verified. ``progress``: a bar
+    or periodic lines on stderr (``usjepa.ingest.progress``)."""
     try:
         manifest = load_manifest(root)
     except (FileNotFoundError, ShardFormatError) as e:
@@ -105,9 +107,7 @@ def verify_corpus(root: str | Path, progress: bool = False) -> list[str]:
     totals: Counter = Counter()
     shards = manifest["shards"]
     if progress:
-        from tqdm import tqdm
-
-        shards = tqdm(shards, desc="verify", unit=" shards")
+        shards = with_progress(shards, len(shards), "verify", "shards")
     for shard in shards:
         p, c = verify_shard(shard, keys_seen)
         problems += p

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -61,7 +62,10 @@ class DataConfig:
     mean: float = 0.449  # ImageNet channel means averaged for grayscale
     std: float = 0.226
     cap: int | None = 50_000  # N_t of Eq. 6 (training split; validation takes every sample)
-    num_workers: int = 2  # CPU workers (DALI py_num_workers / DataLoader num_workers); DALI threads too
+    # CPU worker processes (DALI py_num_workers / DataLoader num_workers) and DALI's own CPU threads; None:
+    # from this rank's share of the cores, less the trainer's (``worker_budget``)
+    num_workers: int | None = None
+    dali_threads: int | None = None
     prefetch: int = 2  # batches queued ahead per pipeline
     mask_cache: int = 4096  # decoded masks kept per worker
     # Where speckle noise is drawn: "worker" (OpenCV, in the CPU workers, before the pixels cross to the
@@ -107,11 +111,40 @@ class DataConfig:
     def without_photometric(self) -> "DataConfig":
         return dataclasses.replace(self, blur_p=0.0, speckle_p=0.0, contrast_p=0.0)
 
-    def for_device(self, device_type: str) -> "DataConfig":
-        """``speckle_on="auto"`` resolved for a loader on ``device_type`` ("cuda", "cpu", ...)."""
-        if self.speckle_on != "auto":
-            return self
-        return dataclasses.replace(self, speckle_on="device" if device_type == "cuda" else "worker")
+    def for_device(self, device_type: str, backend: str = "dali") -> "DataConfig":
+        """``speckle_on="auto"`` and the worker budget resolved for a ``backend`` loader on ``device_type``
+        ("cuda", "cpu", ...)."""
+        speckle = self.speckle_on
+        if speckle == "auto":
+            speckle = "device" if device_type == "cuda" else "worker"
+        workers, threads = worker_budget(device_type, backend)
+        return dataclasses.replace(self, speckle_on=speckle,
+                                   num_workers=workers if self.num_workers is None else self.num_workers,
+                                   dali_threads=threads if self.dali_threads is None else self.dali_threads)
+
+
+# Cores a rank keeps for the trainer itself: on a GPU its Python thread (which also feeds DALI) and the
+# CUDA/NCCL host threads; on a CPU its compute threads are the job, so the loader takes one core.
+TRAINER_CORES = {"cuda": 2}
+
+
+def worker_budget(device_type: str, backend: str = "dali", cores: int | None = None,
+                  local_ranks: int | None = None) -> tuple[int, int]:
+    """(worker processes, DALI threads) for one rank: its share of this process's cores (``LOCAL_WORLD_SIZE``
+    ranks per node) less the trainer's. On a GPU DALI's threads get a quarter of it (there they only feed the
+    decoder: the Huffman pass of the JPEGs nvJPEG's hardware engine does not take) and the torch backend, which
+    has none, all of it. On a CPU: one of each (CPU training is for tests and demos)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device_type != "cuda":
+        return 1, 1  # CPU training: the trainer's threads do the work; tests and demos
+    budget = max(2, cores // max(1, local_ranks) - TRAINER_CORES["cuda"])
+    if backend != "dali":
+        return budget, 0
+    threads = max(1, budget // 4)
+    return budget - threads, threads
 
 
 @dataclass

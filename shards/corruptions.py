@@ -65,11 +65,17 @@ def blur_params(eps: float) -> BlurParams:
     return BlurParams(sigma=eps, ksize=2 * int(math.floor(2 * eps)) + 1)
 
 
-def blur_kernel(eps: float) -> np.ndarray:
-    """The 2-D Gaussian of ``blur_params(eps)`` (float32 [k, k], sums to 1): what ``cv2.GaussianBlur`` applies."""
+def blur_taps(eps: float) -> np.ndarray:
+    """The 1-D Gaussian of ``blur_params(eps)`` (float32 [k], sums to 1): ``cv2.GaussianBlur`` applies it along
+    each axis."""
     p = blur_params(eps)
-    k = cv2.getGaussianKernel(p.ksize, p.sigma, cv2.CV_32F)
-    return k @ k.T
+    return cv2.getGaussianKernel(p.ksize, p.sigma, cv2.CV_32F).ravel()
+
+
+def blur_kernel(eps: float) -> np.ndarray:
+    """The 2-D Gaussian of ``blur_params(eps)`` (float32 [k, k], sums to 1): the outer product of its taps."""
+    k = blur_taps(eps)
+    return np.outer(k, k)
 
 
 def contrast_alpha(eps: float) -> float:

@@ -28,6 +28,24 @@ Manifest (``manifest.json``), written by ``usjepa-ingest``::
 
 Paths inside the manifest are relative to the manifest's folder and are resolved inside it
 (``resolve_in_root``); a path that escapes the root is refused.
+
+Corpus table (``table.npz``, written by ``usjepa-ingest`` / ``usjepa-ingest index``; derived, rebuildable from
+the manifest and the indexes): everything the loader needs per sample, as columns that every rank and loader
+worker memory-maps, so opening a corpus costs O(shards), not O(frames). A standard *uncompressed* ``.npz``
+(``np.load`` reads it; ``map_table`` maps each member in place). Rows are ordered by split, dataset, shard path,
+then tar order, so each split and each dataset is one contiguous row range. Members::
+
+    info           uint8 [*]   UTF-8 JSON: table_version, manifest_sha256 (identity of the manifest it was built
+                               from), shards [{path, index, dataset, split, tar_bytes, idx_bytes, end, rows}],
+                               splits {name: {rows, datasets [[name, first, end]], skipped {reason: n}}}
+    shard          int32 [N]   row in info.shards
+    jpg_offset, jpg_size, mask_offset, mask_size, meta_offset, meta_size    int64 [N]   (from the index)
+    key            S [N]       sample key (UTF-8)
+    group          int32 [N]   split group (SampleMeta.group) as an id; ids follow the sorted group names
+    median         float32 [N] SampleMeta.median (NaN: absent or metadata unreadable)
+    group_holdout  float64 [G] stable_unit_hash("holdout\0" + group) per group id (``shards.holdout``)
+
+A sample whose metadata member cannot be read counts as its own group, ``"sample:" + key``.
 """
 
 from __future__ import annotations
@@ -35,9 +53,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
+import secrets
+import struct
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -47,10 +69,13 @@ import numpy as np
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
+TABLE_NAME = "table.npz"
+TABLE_VERSION = 1
 IMAGE_EXT = "jpg"
 MASK_EXT = "mask.png"
 META_EXT = "json"
 SAMPLE_EXTS = (IMAGE_EXT, MASK_EXT, META_EXT)
+_EXT_SET = set(SAMPLE_EXTS)
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.05
 
@@ -100,7 +125,8 @@ def index_path_for(tar_path: str | os.PathLike) -> Path:
 
 def check_member_name(name: str) -> None:
     """Refuse tar member names that could escape a folder if extracted (absolute paths, '..')."""
-    if name.startswith("/") or name.startswith("\\") or ".." in Path(name).parts or "\\" in name:
+    # plain string tests, no Path: this runs for every member of every index when a table is built
+    if name.startswith("/") or "\\" in name or ".." in name.split("/"):
         raise ShardFormatError(f"unsafe tar member name {name!r}")
 
 
@@ -307,6 +333,15 @@ class ShardIndex:
 def _parse_index_line(line: str, tar_size: int | None) -> tuple[str, dict[str, tuple[int, int]]]:
     """One sample line -> (key, {ext: (data_offset, size)}); raises ShardFormatError (or ValueError)."""
     parts = line.split()
+    if len(parts) == 12 and tar_size is None:  # the usual line: checked here without a call per member
+        name = parts[3]
+        dot = name.find(".")
+        key = name[:dot]
+        if (dot > 0 and name[dot + 1 :] == parts[0] and parts[7] == f"{key}.{parts[4]}"
+                and parts[11] == f"{key}.{parts[8]}" and "/" not in key and "\\" not in key
+                and {parts[0], parts[4], parts[8]} == _EXT_SET):
+            return key, {parts[0]: (int(parts[1]), int(parts[2])), parts[4]: (int(parts[5]), int(parts[6])),
+                         parts[8]: (int(parts[9]), int(parts[10]))}
     if len(parts) % 4 or not parts:
         raise ShardFormatError("malformed line")
     key, members = None, {}
@@ -436,9 +471,10 @@ def load_manifest(root: str | os.PathLike) -> dict:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run usjepa-ingest first")
+    raw = path.read_bytes()
     try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        m = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardFormatError(f"{path}: not valid JSON ({e})") from e
     if m.get("format_version") != FORMAT_VERSION:
         raise ShardFormatError(
@@ -453,4 +489,69 @@ def load_manifest(root: str | os.PathLike) -> dict:
                 raise ShardFormatError(f"{path}: a shard entry lacks {field!r}: {s}")
         s["abs_path"] = str(resolve_in_root(root, s["path"]))
         s["abs_index"] = str(resolve_in_root(root, s["index"]))
+    m["sha256"] = hashlib.sha256(raw).hexdigest()  # the manifest's identity, recorded in the corpus table
     return m
+
+
+def manifest_sha256(root: str | os.PathLike) -> str:
+    path = Path(root) / MANIFEST_NAME
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {root}: run usjepa-ingest first") from None
+
+
+# ---------------------------------------------------------------------------------------- corpus table
+
+
+def write_table(path: str | os.PathLike, info: dict, columns: dict[str, np.ndarray]) -> None:
+    """Write a corpus table atomically (unique tmp name + rename): ranks that race to build the same table
+    each rename a complete file, and a reader never sees a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            raw = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+            np.savez(f, info=np.frombuffer(raw, np.uint8), **columns)  # savez stores, never compresses
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def map_table(path: str | os.PathLike) -> tuple[dict, str, dict[str, np.ndarray]]:
+    """(info, table id, columns) of a table written by ``write_table``. The columns are read-only views of one
+    shared memory map of the file: nothing but the headers is read here. The id is the sha256 of ``info``,
+    which names the table's content (identical builds get the same id)."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            columns = {}
+            for zi in members:
+                if zi.compress_type != zipfile.ZIP_STORED or not zi.filename.endswith(".npy"):
+                    raise ShardFormatError(f"{path}: member {zi.filename} is compressed or not .npy")
+                # data starts after the local header, whose name and extra field lengths are its own
+                name_len, extra_len = struct.unpack_from("<HH", mm, zi.header_offset + 26)
+                f.seek(zi.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                if fortran or dtype.hasobject or len(shape) != 1:
+                    raise ShardFormatError(f"{path}: member {zi.filename} is not a flat column")
+                columns[zi.filename[:-4]] = np.frombuffer(mm, dtype, shape[0], f.tell())
+    except (zipfile.BadZipFile, ValueError, struct.error, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ShardFormatError(f"{path}: not a corpus table ({e})") from e
+    raw = columns.pop("info", None)
+    try:
+        info = json.loads(bytes(raw))
+    except (TypeError, ValueError) as e:
+        raise ShardFormatError(f"{path}: the table's info member is missing or bad") from e
+    return info, hashlib.sha256(bytes(raw)).hexdigest(), columns

@@ -1,12 +1,12 @@
 """Validation from a deterministic slice of the training split, for corpora ingested without one.
 
 Ingest holds out groups (videos, volumes, patients) by ``sha1(group) < val_fraction``; on a small corpus this
-can leave nothing at all (the 12 shared POCUS videos at 5 %: 0 validation frames). ``split_off_validation``
-instead ranks the training split's groups by ``sha1("holdout", group)`` and takes the first
+can leave nothing at all (the 12 shared POCUS videos at 5 %: 0 validation frames). ``held_out_groups``
+instead ranks the training split's groups by ``sha1("holdout", group)`` (then by name) and takes the first
 ``ceil(fraction x groups)`` of them (at least one, never all): a group never straddles the two sides, the
-slice is the same on every rank, run and machine, and it is never empty. Groups come from each sample's
-metadata member (one small read per sample, once per loader); a sample whose metadata is unreadable is a
-group of its own.
+slice is the same on every rank, run and machine, and it is never empty. The groups and their ranking keys
+come from the corpus table (``group``, ``group_holdout``: computed once when the table is built), so holding
+out reads no sample member; ``open_sample_table(root, split, val_from_train=f)`` applies it.
 """
 
 from __future__ import annotations
@@ -15,54 +15,30 @@ import math
 
 import numpy as np
 
-from usjepa.shards.format import SampleMeta, ShardFormatError, stable_unit_hash
-from usjepa.shards.readers import SampleTable
+from usjepa.shards.format import stable_unit_hash
 
 
 class HoldoutError(ValueError):
     """The training split cannot give up a validation slice (fewer than two groups, or a bad fraction)."""
 
 
-def sample_groups(table: SampleTable) -> list[str]:
-    reader = table.reader_view()
-    groups = []
-    try:
-        for i in range(len(table)):
-            if i % 4096 == 0:  # issue 21.2: a remote corpus fetches these members in coalesced ranges
-                reader.prefetch(np.arange(i, min(i + 4096, len(table))))
-            try:
-                meta = reader._bytes(int(table.shard[i]), table.meta_offset[i], table.meta_size[i])
-                groups.append(SampleMeta.from_json(meta).group)
-            except (OSError, ShardFormatError, UnicodeDecodeError, ValueError, KeyError):
-                groups.append("sample:" + table.key(i))
-    finally:
-        reader.close()
-    return groups
+def holdout_key(group: str) -> float:
+    """The ranking key of a group (stored per group in the corpus table)."""
+    return stable_unit_hash("holdout\0" + group)
 
 
-def subset(table: SampleTable, keep: np.ndarray, split: str) -> SampleTable:
-    """The rows of ``table`` where ``keep`` is true, in the same order (datasets stay contiguous)."""
-    bounds = np.cumsum([0, *table.dataset_sizes])
-    sizes = [int(keep[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-    names = [n for n, k in zip(table.dataset_names, sizes) if k]
-    pick = lambda a: a[keep].copy()  # noqa: E731
-    return SampleTable(root=table.root, split=split, shard_paths=table.shard_paths, dataset_names=names,
-                       dataset_sizes=[k for k in sizes if k], shard=pick(table.shard),
-                       jpg_offset=pick(table.jpg_offset), jpg_size=pick(table.jpg_size),
-                       mask_offset=pick(table.mask_offset), mask_size=pick(table.mask_size),
-                       meta_offset=pick(table.meta_offset), meta_size=pick(table.meta_size), keys=pick(table.keys),
-                       skipped=table.skipped, remote=table.remote)
+def held_out_groups(keys: np.ndarray, present: np.ndarray, fraction: float, where: str = "") -> np.ndarray:
+    """bool [G]: the groups held out for validation, among the ``present`` ones.
 
-
-def split_off_validation(train: SampleTable, fraction: float) -> tuple[SampleTable, SampleTable]:
-    """(the training rows left to train on, the held-out validation rows)."""
+    ``keys`` float64 [G] are ``holdout_key`` per group id; group ids follow the sorted group names, so sorting
+    by (key, id) is sorting by (key, name)."""
     if not 0 < fraction < 1:
         raise HoldoutError(f"val_from_train must lie in (0, 1), got {fraction}")
-    groups = sample_groups(train)
-    ranked = sorted(set(groups), key=lambda g: (stable_unit_hash("holdout\0" + g), g))
-    if len(ranked) < 2:
-        raise HoldoutError(f"{train.root}: the training split has {len(ranked)} group(s); holding out validation "
-                         f"needs at least 2")
-    held = set(ranked[: min(len(ranked) - 1, max(1, math.ceil(fraction * len(ranked))))])
-    is_val = np.fromiter((g in held for g in groups), dtype=bool, count=len(groups))
-    return subset(train, ~is_val, "train"), subset(train, is_val, "val")
+    ids = np.flatnonzero(present)
+    if len(ids) < 2:
+        raise HoldoutError(f"{where}: the training split has {len(ids)} group(s); holding out validation needs at "
+                           f"least 2")
+    ranked = ids[np.lexsort((ids, keys[ids]))]
+    held = np.zeros(len(keys), bool)
+    held[ranked[: min(len(ids) - 1, max(1, math.ceil(fraction * len(ids))))]] = True
+    return held

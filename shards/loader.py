@@ -27,11 +27,30 @@ import torch
 
 from usjepa.shards.augment import DataConfig
 from usjepa.shards.device_speckle import apply_gain_u8, speckle_gain
-from usjepa.shards.readers import SampleTable, open_sample_table
+from usjepa.shards.readers import (
+    MAX_UNREADABLE_FRACTION,
+    MAX_UNREADABLE_IN_A_ROW,
+    UNREADABLE_ALLOWANCE,
+    ReadErrorBudget,
+    SampleTable,
+    open_sample_table,
+)
 from usjepa.shards.remote import DEFAULT_CACHE_LIMIT_GB
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
-from usjepa.shards.worker_guard import LoaderWorkerError, WorkerDied, dead_workers, make_plan_dir, run_watchdog
+from usjepa.shards.worker_guard import (
+    LoaderWorkerError,
+    WorkerDied,
+    children_die_with_me,
+    dataloader_workers,
+    dead_workers,
+    detach_from_sigchld,
+    exited,
+    make_plan_dir,
+    run_watchdog,
+    spawn_without_main,
+    stop_dataloader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +67,9 @@ class Batch:
     keys: list[str]
     sample_ids: torch.Tensor = field(default=None)  # int64 [B] rows of the sample table (-1: placeholder)
     replaced: torch.Tensor = field(default=None)  # bool [B] planned sample was unreadable and was replaced
+    # host (numpy) copies of ctx_len [B] and tgt_len [T, B], counted before the device copy: the packed step
+    # plans its layout from them without a device-to-host sync (usjepa.models.salt.plan_salt_packing)
+    lengths: tuple = field(default=None)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -64,50 +86,89 @@ class Batch:
 
 
 class _DaliBackend:
+    """Owns one DALI pipeline and its worker processes, started at construction: the trainer builds its loaders
+    before it initialises CUDA, so the workers are forked (milliseconds) instead of spawned (``dali_pipeline``).
+    The pipeline serves pass after pass; it is only rebuilt when a worker died or DALI failed, then by spawn
+    once CUDA is up."""
+
     def __init__(self, table: SampleTable, cfg: DataConfig, mask_cfg, seed: int, train: bool, batch_size: int,
-                 device: torch.device):
-        from usjepa.shards.dali_pipeline import DaliBatchSource
+                 device: torch.device, val_from_train: float = 0.0):
+        from usjepa.shards.dali_pipeline import DaliBatchSource, warm_kernels
 
         self.cfg, self.batch_size, self.device = cfg, batch_size, device
         self.plan_dir = make_plan_dir()
         # removed at close() or, for a loader never closed, when it is collected or the interpreter exits
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.plan_dir, True)
-        self.source = DaliBatchSource(table.reader_view(), self.plan_dir, cfg, mask_cfg, seed, train)
+        remote = {"cache_dir": table.cache_dir, "cache_limit_gb": table.cache_limit_gb} if table.remote else {}
+        self.source = DaliBatchSource(table.source, table.split, val_from_train, self.plan_dir, cfg, mask_cfg, seed,
+                                      train, reader=table.reader_view(), **remote)
         self.device_id = None
-        if device.type == "cuda":
-            self.device_id = device.index if device.index is not None else torch.cuda.current_device()
+        if device.type == "cuda":  # torch.cuda.current_device() would initialise CUDA before the workers fork
+            self.device_id = device.index if device.index is not None else (
+                torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+        warm_kernels(mask_cfg)
         self._pipe = None
-        self._k = 0
-        self._clean = False
+        self._pipe = self._new_pipeline()  # the workers start now, before the trainer initialises CUDA
 
     def _new_pipeline(self):
-        from usjepa.shards.dali_pipeline import build_pipeline
+        from usjepa.shards.dali_pipeline import build_pipeline, worker_start_method
 
         self.close_pipeline()
-        # fork is cheap but unsafe once CUDA is initialised in this process; spawn re-imports instead
-        method = "spawn" if self.device_id is not None else "fork"
+        method = worker_start_method()
+        if method == "spawn":
+            log.info("CUDA is initialised in this process: spawning %d DALI workers", self.cfg.num_workers)
         pipe = build_pipeline(self.source, self.batch_size, self.cfg, self.device_id, method)
+        with children_die_with_me(), spawn_without_main():
+            pipe.start_py_workers()
         self._k = 0
+        self._open = False  # pass self._k was started and not run to its end
         return pipe
+
+    def _run(self, watchdog):
+        with watchdog.guard(self._pipe):
+            if self.device_id is None:
+                return self._pipe.run()
+            # outputs ordered on the training stream: the host does not wait for the GPU's work
+            return self._pipe.run(torch.cuda.current_stream(self.device))
+
+    def _end_pass(self, watchdog, early: bool) -> None:
+        """Ends pass k so that the pipeline can start pass k + 1: the workers stop at the planned length, or
+        at the stop file for a pass left mid-way, whose batches already on their way are dropped (at most the
+        prefetched ones); DALI then needs a reset."""
+        from usjepa.shards.dali_pipeline import stop_path
+
+        if early:
+            stop_path(self.plan_dir, self._k).touch()
+        extra = 0
+        try:
+            while True:
+                with watchdog.guard(self._pipe):
+                    self._pipe.run()
+                extra += 1
+        except StopIteration:
+            pass
+        if extra and not early:
+            raise RuntimeError("DALI pipeline produced more batches than planned")
+        self._pipe.reset()
+        self._k += 1
+        self._open = False
 
     def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
         from usjepa.shards.dali_pipeline import write_pass
 
         t, restarts, watchdog = 0, 0, run_watchdog()
         while True:
-            fresh = self._pipe is None or not self._clean
-            if fresh:
+            if self._pipe is not None and self._open:  # the previous pass was left mid-way (a loop broke off)
+                self._end_pass_or_drop(watchdog, early=True)
+            if self._pipe is None:
                 self._pipe = self._new_pipeline()
             write_pass(self.plan_dir, self._k, ids[t:], epoch, positions[t:])
-            if fresh:
-                self._pipe.build()
-            self._clean = False
+            self._open = True
             # no local reference to the pipeline: a pass abandoned mid-way (max_steps) must not keep it alive
             # in this suspended generator after close(), to be torn down during interpreter shutdown
             try:
                 while t < len(ids):
-                    with watchdog.guard(self._pipe):
-                        outs = self._pipe.run()
+                    outs = self._run(watchdog)
                     t += 1
                     yield self._to_torch(outs)
             except RuntimeError as e:
@@ -135,15 +196,13 @@ class _DaliBackend:
                     return
                 continue
             break
-        try:  # the source stops at the planned length; DALI then needs a reset to start the next pass
-            with watchdog.guard(self._pipe):
-                self._pipe.run()
-            raise RuntimeError("DALI pipeline produced more batches than planned")
-        except StopIteration:
-            pass
-        self._pipe.reset()
-        self._k += 1
-        self._clean = True
+        self._end_pass_or_drop(watchdog, early=False)
+
+    def _end_pass_or_drop(self, watchdog, early: bool) -> None:
+        try:
+            self._end_pass(watchdog, early)
+        except WorkerDied:  # died while the pass was being ended: the next pass starts on a fresh pipeline
+            self.close_pipeline()
 
     def _render_with_opencv(self, ids: np.ndarray, epoch: int, position: int) -> dict:
         from usjepa.shards.augment import MaskDecoder, mask_seed, prepare_batch
@@ -159,28 +218,55 @@ class _DaliBackend:
     def _to_torch(self, outs) -> dict:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        from usjepa.shards.dali_pipeline import records_to_torch
-
         n, s = self.batch_size, self.cfg.image_size
+        cuda = self.device_id is not None
         # one copy out of DALI's buffers, which the next run() reuses
-        if self.device_id is not None:
-            images = torch.empty((n, s, s, 1), dtype=torch.uint8, device=self.device)
-            feed_ndarray(outs[0].as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device))
-        else:
-            images = torch.empty((n, s, s, 1), dtype=torch.uint8)
-            feed_ndarray(outs[0].as_tensor(), images)
+        images = torch.empty((n, s, s, 1), dtype=torch.uint8, device=self.device)
+        feed_ndarray(outs[0].as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device) if cuda else None)
+        records = outs[1].as_tensor()
+        # the records into one pinned buffer per batch (never reused while its copy may still be in flight),
+        # then to the device in one non_blocking copy; the fields are views of it on either side
+        host = torch.empty(records.shape(), dtype=torch.uint8, pin_memory=cuda)
+        feed_ndarray(records, host)
         return {"image": images.view(n, 1, s, s),  # HWC with one channel has CHW's memory layout
-                **records_to_torch(np.array(outs[1].as_tensor()), self.cfg.grid)}
+                **records_to_torch(host, self.device, self.cfg.grid)}
 
     def close_pipeline(self):
         if self._pipe is not None:
             pipe, self._pipe = self._pipe, None
             del pipe
-        self._clean = False
+        self._open = False
 
     def close(self):
         self.close_pipeline()
         self._cleanup()
+
+
+def records_to_torch(host: torch.Tensor, device: torch.device, grid: int) -> dict:
+    """uint8 [B, record size] (``dali_pipeline.record_dtype``, in pinned memory on CUDA) → the batch's non-pixel
+    tensors: what the step needs on ``device`` (one copy of the whole buffer), what the loader reads on the host."""
+    from usjepa.shards.dali_pipeline import batch_record_dtype
+
+    dt = batch_record_dtype(host.numpy(), grid)
+    rec = host.numpy().view(dt).reshape(-1)
+    dev = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    n = dev.shape[0]
+
+    def field(name: str, dtype: torch.dtype) -> torch.Tensor:  # [B, field bytes] viewed as its dtype, in place
+        sub, off = dt.fields[name][:2]
+        return dev[:, off:off + sub.itemsize].view(dtype)
+
+    return {
+        "valid": field("valid", torch.bool).reshape(n, grid, grid),
+        "ctx": field("ctx", torch.int64).contiguous(),
+        "tgt": field("tgt", torch.int64).reshape(n, *dt["tgt"].shape).permute(1, 0, 2).contiguous(),
+        "scale": field("scale", torch.float32).reshape(n),
+        "bias": field("bias", torch.float32).reshape(n),
+        "sid": torch.from_numpy(rec["sid"].copy()),
+        "replaced": torch.from_numpy(rec["replaced"].astype(bool)),
+        "speckle_eps": torch.from_numpy(rec["speckle_eps"].copy()),
+        "speckle_seed": torch.from_numpy(rec["speckle_seed"].copy()),
+    }
 
 
 class _TorchBackend:
@@ -188,35 +274,73 @@ class _TorchBackend:
                  device: torch.device):
         self.reader = table.reader_view()
         self.cfg, self.mask_cfg, self.seed, self.train, self.device = cfg, mask_cfg, seed, train, device
+        self._batches = None  # the live DataLoader iterator of the current pass
 
-    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+    def _start(self, ids: np.ndarray, epoch: int, positions: np.ndarray):
         from usjepa.shards.baseline import BatchDataset, make_dataloader
 
         ds = BatchDataset(self.reader, ids, positions, epoch, self.cfg, self.mask_cfg, self.seed, self.train)
-        for raw in make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"):
-            if "jpeg" in raw:  # decode_on="device"
-                from usjepa.shards.gpu_decode import render_on_device
+        self._batches = iter(make_dataloader(ds, self.cfg, pin_memory=self.device.type == "cuda"))
+        detach_from_sigchld(self._batches)
+        return self._batches
 
-                raw = render_on_device(raw, self.cfg, self.device)
-            yield raw
+    def iter_pass(self, ids: np.ndarray, epoch: int, positions: np.ndarray) -> Iterator[dict]:
+        t, restarts = 0, 0
+        while t < len(ids):
+            # Batch t is a pure function of (ids[t], epoch, positions[t]): workers started on the rest of the plan
+            # render the same batches, so a restart keeps the run, and an exact resume, unchanged.
+            batches = self._start(ids[t:], epoch, positions[t:])
+            workers = dataloader_workers(batches)
+            try:
+                while t < len(ids):
+                    dead = exited(workers)
+                    if dead:
+                        raise WorkerDied(dead)
+                    raw = next(batches)
+                    if "jpeg" in raw:  # decode_on="device"
+                        from usjepa.shards.gpu_decode import render_on_device
+
+                        raw = render_on_device(raw, self.cfg, self.device)
+                    t += 1
+                    yield raw
+            except (RuntimeError, OSError, EOFError) as e:
+                # WorkerDied; the DataLoader's "worker (pid(s) N) exited unexpectedly"; or a batch the worker had
+                # queued whose shared-memory handle died with it (ConnectionResetError / EOFError on unpickling)
+                dead = e.dead if isinstance(e, WorkerDied) else exited(workers, wait_s=2.0)
+                if not dead:
+                    raise
+                restarts += 1
+                if restarts > MAX_WORKER_RESTARTS:
+                    raise LoaderWorkerError(f"DataLoader {WorkerDied(dead)}; gave up after {MAX_WORKER_RESTARTS} "
+                                            f"restarts in this pass") from None
+                log.warning("DataLoader %s; restarting the workers at batch %d of the pass (restart %d of %d)",
+                            WorkerDied(dead), t, restarts, MAX_WORKER_RESTARTS)
+            finally:
+                stop_dataloader(batches)
+                self._batches = None
 
     def close(self):
-        pass
+        if self._batches is not None:
+            stop_dataloader(self._batches)
+            self._batches = None
 
 
 class ShardLoader:
     """Iterable of ``Batch`` over one split; see the module docstring."""
 
     def __init__(self, table: SampleTable, sampler: EpochSampler, backend: str, cfg: DataConfig, mask_cfg,
-                 device: torch.device, seed: int, train: bool):
+                 device: torch.device, seed: int, train: bool, val_from_train: float = 0.0):
         self.table, self.sampler, self.cfg, self.mask_cfg = table, sampler, cfg, mask_cfg
         self.device, self.seed, self.train = device, seed, train
         self.backend_name = backend
-        cls = _DaliBackend if backend == "dali" else _TorchBackend
-        self._backend = cls(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
+        if backend == "dali":
+            self._backend = _DaliBackend(table, cfg, mask_cfg, seed, train, sampler.batch_size, device, val_from_train)
+        else:
+            self._backend = _TorchBackend(table, cfg, mask_cfg, seed, train, sampler.batch_size, device)
         self.read_errors = 0  # samples replaced at read time on this rank (see ``skipped``)
+        self._read_budget = ReadErrorBudget()  # stops the run past too many unreadable samples
         self._speckle_gen: torch.Generator | None = None  # re-seeded per batch (device speckle)
-        self._warned = 0
+        self._warned = False
 
     # ------------------------------------------------------------------------------- contract
     def __len__(self) -> int:
@@ -260,11 +384,13 @@ class ShardLoader:
     def _to_batch(self, raw: dict) -> Batch:
         replaced = raw["replaced"]
         n_bad = int(replaced.sum())
-        if n_bad:
-            self.read_errors += n_bad
-            if self._warned < 10:
-                self._warned += 1
-                log.warning("%d unreadable sample(s) replaced in a batch (%d so far on this rank)", n_bad, self.read_errors)
+        self.read_errors += n_bad
+        if n_bad and not self._warned:  # the causes are warned where the reads failed, once per kind
+            self._warned = True
+            log.warning("unreadable samples are replaced by others of their batch (%d so far on this rank); the "
+                        "run stops if more than %d + %.0f %% of reads or %d in a row fail", self.read_errors,
+                        UNREADABLE_ALLOWANCE, 100 * MAX_UNREADABLE_FRACTION, MAX_UNREADABLE_IN_A_ROW)
+        self._read_budget.count(replaced.numpy())
         sid = raw["sid"]
         keys = [self.table.key(i) if i >= 0 else "" for i in sid.tolist()]
         dev = self.device
@@ -281,6 +407,7 @@ class ShardLoader:
             ctx_idx=to_device(raw["ctx"], dev),
             tgt_idx=to_device(raw["tgt"], dev),
             keys=keys,
+            lengths=((raw["ctx"] >= 0).sum(-1).numpy(), (raw["tgt"] >= 0).sum(-1).numpy()),
             sample_ids=sid,
             replaced=replaced,
         )
@@ -348,10 +475,10 @@ def build_loader(
     if mask_cfg.grid != cfg.grid:
         raise ValueError(f"mask grid {mask_cfg.grid} != image_size/patch_size = {cfg.grid}")
     device = torch.device(device)
-    cfg = cfg.for_device(device.type)
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the PyTorch DataLoader + OpenCV backend")
         backend = "torch"
+    cfg = cfg.for_device(device.type, backend)
     if backend == "torch" and cfg.decode_on == "device":
         from usjepa.shards.gpu_decode import available
 
@@ -360,15 +487,9 @@ def build_loader(
                           "in the CPU workers instead")
             cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
-    if val_from_train:
-        from usjepa.shards.holdout import split_off_validation
-
-        whole = open_sample_table(root, "train", cache_dir, cache_limit_gb)
-        table = split_off_validation(whole, val_from_train)[0 if train else 1]
-    else:
-        table = open_sample_table(root, split, cache_dir, cache_limit_gb)
+    table = open_sample_table(root, split, val_from_train, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,
     )
-    return ShardLoader(table, sampler, backend, cfg, mask_cfg, device, seed, train)
+    return ShardLoader(table, sampler, backend, cfg, mask_cfg, device, seed, train, val_from_train)

@@ -4,10 +4,10 @@ The sample table is built exactly as for a local corpus, from a local mirror of 
 (``manifest.json`` and the DALI ``.idx`` files, fetched concurrently into ``cache_dir``), so every rank agrees
 on the sample ids without touching a tar. The tars stay remote and are read in two ways:
 
-* **by byte range**: before a batch is rendered, the members it needs (image, mask, metadata) are grouped
+* **by byte range**: before a batch is rendered, the members it needs (image and mask) are grouped
   per shard and adjacent ranges are coalesced (gaps up to ``MAX_GAP`` bytes, which covers the tar headers
   between a sample's members), then fetched in one concurrent ``cat_ranges`` call: about one request per
-  (shard, run of samples) instead of three per sample;
+  (shard, run of samples) instead of two per sample (the metadata is in the corpus table);
 * **from the local shard cache**: a shard is downloaded whole, checked against the manifest's sha256 and kept
   under ``cache_dir/shards/<sha256>.tar`` once range reads of it have fetched as many bytes as the shard holds,
   counted by every process of the node together (ski rental: a shard read once costs at most twice its
@@ -95,6 +95,7 @@ class RemoteShards:
     cache_limit_bytes: int
     sizes: dict[str, int]  # shard URL -> bytes (manifest)
     sha256: dict[str, str]  # shard URL -> hex digest (manifest)
+    mirror: str = ""  # the local mirror folder (manifest + indexes) whose paths map to shard URLs
     retries: int = RETRIES
     backoff_s: float = BACKOFF_S
     requests: Counter = field(default_factory=Counter)  # kind -> requests made by this process
@@ -114,6 +115,24 @@ class RemoteShards:
             self._fs = fsspec.core.url_to_fs(self.url)[0]
             self._pid = os.getpid()
         return self._fs
+
+    def shard_url(self, path: str) -> str:
+        """The URL of a shard path inside the mirror (a table's ``shard_paths`` before they become URLs)."""
+        prefix = self.mirror.rstrip(os.sep) + os.sep
+        if path.startswith(prefix) and ".." not in Path(path[len(prefix):]).parts:  # textual: no resolve per shard
+            return f"{self.url}/{Path(path[len(prefix):]).as_posix()}"
+        return shard_url(self.url, Path(self.mirror), path)
+
+    def size(self, url: str) -> int | None:
+        """Bytes of shard ``url``: the manifest's, else asked of the store (None: no such object)."""
+        if url not in self.sizes:
+            try:
+                self.sizes[url] = int(self.retry(f"size of {url}", self.fs.size, url))
+            except RemoteError as e:
+                if isinstance(e.__cause__, FileNotFoundError):
+                    return None
+                raise
+        return self.sizes[url]
 
     # ------------------------------------------------------------------ requests, retried with backoff
     def retry(self, what: str, fn, *args, **kwargs):
@@ -250,8 +269,8 @@ def mirror_corpus(url: str, cache_dir: str | None = None,
     ``RemoteShards`` that maps each entry's local ``abs_path`` to its URL via ``shard_url``."""
     cache_dir = str(Path(cache_dir or default_cache_dir()).expanduser().resolve())
     url = url.rstrip("/")
-    store = RemoteShards(url, cache_dir, int(cache_limit_gb * 1e9), {}, {})
-    mirror = Path(cache_dir) / "corpora" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    mirror = mirror_dir(url, cache_dir)
+    store = RemoteShards(url, cache_dir, int(cache_limit_gb * 1e9), {}, {}, mirror=str(mirror.resolve()))
     mirror.mkdir(parents=True, exist_ok=True)
     raw = store.retry(f"reading {url}/{MANIFEST_NAME}", store.fs.cat_file, f"{url}/{MANIFEST_NAME}")
     digest = hashlib.sha256(raw).hexdigest()
@@ -286,6 +305,23 @@ def mirror_corpus(url: str, cache_dir: str | None = None,
         log.info("mirrored %d indexes of %s in %.1f s", len(todo), url, time.perf_counter() - t0)
     _write_atomic(stamp, json.dumps({"url": url, "manifest_sha256": digest}).encode())
     return mirror, manifest, store
+
+
+def mirror_dir(url: str, cache_dir: str) -> Path:
+    return Path(cache_dir) / "corpora" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def remote_store(url: str, cache_dir: str, cache_limit_bytes: int, mirror: str) -> RemoteShards:
+    """The store of a corpus already mirrored at ``mirror`` (sizes and sha256 from the mirrored manifest, no
+    request): how an unpickled table's recipe, in a loader worker, gets its store back."""
+    store = RemoteShards(url, cache_dir, int(cache_limit_bytes), {}, {}, mirror=str(mirror))
+    for s in load_manifest(mirror)["shards"]:
+        u = store.shard_url(s["abs_path"])
+        if "bytes" in s:
+            store.sizes[u] = int(s["bytes"])
+        if s.get("sha256"):
+            store.sha256[u] = s["sha256"]
+    return store
 
 
 def corpus_manifest(root, cache_dir: str | None = None) -> dict:
@@ -337,18 +373,17 @@ class RemoteReads:
         return url not in self._refused and (self.store.cached(url) is not None or self.store.ranges_paid_for(url))
 
     def prefetch(self, reader, ids) -> None:
-        """Fetch the members (image, mask, metadata) of samples ``ids`` whose shards are not read locally:
+        """Fetch the members (image, mask) of samples ``ids`` whose shards are not read locally:
         per shard the ranges sorted and coalesced, one concurrent call per shard."""
         self._batch = {}
         by_shard: dict[str, list[tuple[int, int]]] = {}
-        for i in np.asarray(ids, np.int64):
+        for i in np.asarray(ids, np.int64):  # the metadata is in the corpus table: image and mask only
             url = reader.shard_paths[int(reader.shard[i])]
             if url in self._refused or self._local(url):
                 continue
             by_shard.setdefault(url, []).extend(
                 (int(o), int(n)) for o, n in ((reader.jpg_offset[i], reader.jpg_size[i]),
-                                              (reader.mask_offset[i], reader.mask_size[i]),
-                                              (reader.meta_offset[i], reader.meta_size[i])))
+                                              (reader.mask_offset[i], reader.mask_size[i])))
         for url, members in by_shard.items():
             starts, ends = coalesce(members)
             try:

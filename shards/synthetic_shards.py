@@ -21,6 +21,7 @@ import numpy as np
 
 from usjepa.shards.corruptions import masked_median
 from usjepa.shards.format import FORMAT_VERSION, MANIFEST_NAME, SampleMeta, ShardWriter, sample_key, write_json_atomic
+from usjepa.shards.readers import build_corpus_table
 
 
 def sector_mask(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -133,4 +134,5 @@ def write_synthetic_corpus(
         "shards": shards,
         "skipped": [],
     })
+    build_corpus_table(root)  # as usjepa-ingest does
     return root

@@ -1,13 +1,19 @@
 """Loader worker processes that cannot outlive, hang or litter their trainer.
 
-Three faults, each seen in real runs (issue #13):
+The faults, each seen in real runs (issues #13, #20):
 
 * **A worker dies** (the OOM killer, a segfault in a decoder) while its DALI pipeline is idle. DALI's pool then
   deadlocks the next ``run()``: its task queue's ``multiprocessing.Condition.notify`` waits for the dead
   sleeper to acknowledge, forever. ``dead_workers`` reads the workers' exit codes without blocking, so the
   loader checks before every ``run()`` and restarts the pipeline; ``RunWatchdog`` covers a death *during* a
   ``run()`` by interrupting the blocked call.
-* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal).
+* **The trainer is SIGKILLed**: its workers must go too (``die_with_parent``: Linux's parent-death signal, set
+  in each forked worker at birth by ``children_die_with_me``, in a spawned one at its first task).
+* **A DataLoader worker dies** (``backend="torch"``). torch's SIGCHLD handler would raise "DataLoader worker
+  ... is killed" in the main thread wherever it happens to be, usually inside the training step, where nothing
+  can recover; ``detach_from_sigchld`` leaves the death to the loader instead, which reads the exit codes before
+  every batch (the DataLoader's own liveness check covers a death while it waits, within 5 s) and restarts the
+  workers at the same batch.
 * **Plan folders** (``/tmp/usjepa-dali-<pid>-*``) of a killed trainer stay behind: the next loader removes
   those whose owner process is gone (``remove_stale_plan_dirs``).
 """
@@ -21,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -65,15 +72,89 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+_FORKING_FOR: int | None = None  # pid of the process while it forks loader workers (``children_die_with_me``)
+_AT_FORK_REGISTERED = False
+
+
+def _arm_forked_child() -> None:
+    if _FORKING_FOR is not None:
+        die_with_parent(_FORKING_FOR)
+
+
+@contextlib.contextmanager
+def children_die_with_me():
+    """Processes forked inside this block are armed with ``die_with_parent`` at birth, before they run any task:
+    a loader's workers start when it is built, and validation's sit idle until the first validation, so arming
+    at the first task would let them outlive a SIGKILLed trainer."""
+    global _FORKING_FOR, _AT_FORK_REGISTERED
+    if not _AT_FORK_REGISTERED:
+        os.register_at_fork(after_in_child=_arm_forked_child)
+        _AT_FORK_REGISTERED = True
+    _FORKING_FOR = os.getpid()
+    try:
+        yield
+    finally:
+        _FORKING_FOR = None
+
+
+@contextlib.contextmanager
+def spawn_without_main():
+    """Children spawned inside this block do not re-import the parent's ``__main__``, as spawn otherwise does
+    (for a trainer: torch, CUDA libraries, the models; seconds per child and a torch import the DALI workers
+    never use; their callable is imported from usjepa by the unpickling)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 def pipeline_workers(pipe) -> list:
     """The ``multiprocessing.Process`` objects of a built DALI pipeline's Python workers ([] before build)."""
     pool = getattr(pipe, "_py_pool", None)  # DALI 1.x/2.x: Pipeline._py_pool.pool._processes
     return list(getattr(getattr(pool, "pool", None), "_processes", []) or [])
 
 
+def exited(processes, wait_s: float = 0.0) -> list[tuple[int, int]]:
+    """(pid, exit code) of every ``multiprocessing.Process`` in ``processes`` that has exited; with ``wait_s`` > 0,
+    waits up to that long for one to exit (a worker killed a moment ago may not be reapable yet)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = [(p.pid, p.exitcode) for p in processes if p.exitcode is not None]
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.02)
+
+
 def dead_workers(pipe) -> list[tuple[int, int]]:
     """(pid, exit code) of every worker of ``pipe`` that has exited; never blocks."""
-    return [(p.pid, p.exitcode) for p in pipeline_workers(pipe) if p.exitcode is not None]
+    return exited(pipeline_workers(pipe))
+
+
+def dataloader_workers(batches) -> list:
+    """The worker processes of a live ``DataLoader`` iterator ([] without workers or after its shutdown)."""
+    return list(getattr(batches, "_workers", None) or [])
+
+
+def detach_from_sigchld(batches) -> None:
+    """Unregister a ``DataLoader`` iterator's workers from torch's SIGCHLD handler (see the module docstring)."""
+    if getattr(batches, "_worker_pids_set", False):
+        from torch.utils.data import _utils
+
+        _utils.signal_handling._remove_worker_pids(id(batches))
+        batches._worker_pids_set = False  # its shutdown would unregister them again, and fail
+
+
+def stop_dataloader(batches) -> None:
+    """Stop a ``DataLoader`` iterator's workers now (the dead ones included) rather than at garbage collection."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 class RunWatchdog:

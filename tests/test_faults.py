@@ -16,6 +16,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,16 +111,14 @@ def test_corpus_without_validation_split_trains_and_keeps_the_last_as_best(no_va
 
 
 def test_val_from_train_holds_out_whole_groups_deterministically(no_val_shards, teacher, tmp_path):
-    from usjepa.shards.holdout import sample_groups, split_off_validation
     from usjepa.shards.readers import open_sample_table
 
-    table = open_sample_table(no_val_shards, "train")
-    rest, val = split_off_validation(table, 0.25)
+    rest, val = (open_sample_table(no_val_shards, split, val_from_train=0.25) for split in ("train", "val"))
     assert (len(rest), len(val)) == (18, 6)  # 24 one-frame groups: ceil(0.25 x 24) held out
-    assert set(sample_groups(rest)).isdisjoint(sample_groups(val))
-    again = split_off_validation(open_sample_table(no_val_shards, "train"), 0.25)[1]
-    assert list(again.keys) == list(val.keys)
-    assert len(split_off_validation(table, 0.001)[1]) == 1  # never empty
+    assert set(np.asarray(rest.group)).isdisjoint(np.asarray(val.group))
+    again = open_sample_table(no_val_shards, "val", val_from_train=0.25)
+    assert list(np.asarray(again.keys)) == list(np.asarray(val.keys))
+    assert len(open_sample_table(no_val_shards, "val", val_from_train=0.001)) == 1  # never empty
 
     out = tmp_path / "run"
     assert train(args(no_val_shards, out, teacher, "optim.epochs=2", "data.val_from_train=0.25")) == 0
@@ -172,6 +171,55 @@ def test_loader_worker_that_keeps_dying_stops_with_a_clear_error(shards):
         print("ERROR", e)
     """)
     assert "ERROR DALI worker pid" in proc.stdout and "killed by SIGKILL" in proc.stdout, proc.stdout
+
+
+TORCH_LOADER_SETUP = """
+    import logging, os, signal, sys, time
+    import torch
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    from usjepa.shards import loader as L
+    ld = L.build_loader({root!r}, "train", 4, {{"num_workers": 2}}, None, 0, 1, "cpu", 0, "torch")
+    def one_pass():
+        ld.set_epoch(0)
+        return [(b.keys, b.images) for b in ld]
+    def kill_a_worker():
+        pid = L.dataloader_workers(ld._backend._batches)[-1].pid
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)  # the trainer's step: torch's SIGCHLD handler raised in here, outside the loader
+        return pid
+    ref = one_pass()
+"""
+
+
+def test_torch_loader_worker_killed_mid_pass_is_replaced_with_the_same_batches(shards):
+    proc = run_script(TORCH_LOADER_SETUP.format(root=str(shards)) + """
+    ld.set_epoch(0)
+    it = iter(ld)
+    got = [next(it) for _ in range(3)]
+    kill_a_worker()
+    state = ld.state_dict()
+    got += list(it)
+    assert [b.keys for b in got] == [k for k, _ in ref]
+    assert all(torch.equal(b.images, im) for b, (_, im) in zip(got, ref))
+    assert state["consumed"] == 3 * 4 and ld.state_dict()["epoch"] == 1  # the pass ran to its end
+    ld.close()
+    """)
+    assert proc.stdout.count("was killed by SIGKILL; restarting the workers at batch 3 of the pass") == 1, proc.stdout
+
+
+def test_torch_loader_worker_that_keeps_dying_stops_with_a_clear_error(shards):
+    proc = run_script(TORCH_LOADER_SETUP.format(root=str(shards)) + """
+    L.MAX_WORKER_RESTARTS = 0
+    ld.set_epoch(0)
+    it = iter(ld)
+    next(it)
+    kill_a_worker()
+    try:
+        list(it)
+    except L.LoaderWorkerError as e:
+        print("ERROR", e)
+    """)
+    assert "ERROR DataLoader worker pid" in proc.stdout and "gave up after 0 restarts" in proc.stdout, proc.stdout
 
 
 def test_watchdog_interrupts_a_call_blocked_on_a_dead_worker():
@@ -310,7 +358,7 @@ def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards
         wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
         ranks = children(proc.pid)
         everyone = ranks + [w for r in ranks for w in children(r)]
-        assert len(everyone) == 4, everyone  # 2 ranks x 1 train worker (val pipelines start at validation)
+        assert len(everyone) == 6, everyone  # 2 ranks x (1 train + 1 val worker, both started with their loader)
         killed = max(ranks)
         os.kill(killed, signal.SIGKILL)
         proc.communicate(timeout=60)  # the other rank is stopped too, not left waiting in a collective

@@ -93,6 +93,13 @@ def test_dry_run_with_what_the_device_call_has(tmp_path):
         co, lp = r["salt"][tag]["compute_only"], r["salt"][tag]["loop"]
         assert co["images_per_s"] > 0 and lp["images_per_s"] > 0 and 0 <= lp["data_wait_frac"] < 1
         assert lp["intervals"] >= 1 and lp["mfu"] > 0
+        # MFU counts real tokens only; the padded count beside it is larger; warm-up steps are not measured
+        assert 0 < co["mfu"] < co["mfu_padded"] and 0 < lp["mfu"] < lp["mfu_padded"] and co["packed"]
+        assert lp["steady_steps"] == r["sizes"]["loop_steps"] - r["sizes"]["warmup_steps"]
+    pr = r["profile"]  # the compiled packed step's time split by what the kernels compute
+    assert pr["compiled"] and abs(sum(pr["share"].values()) - 1) < 1e-6
+    assert pr["share"]["matmul"] > 0 and pr["share"]["attention"] > 0 and pr["share"]["norm+elementwise"] > 0
+    assert "| profile |" in (tmp_path / "gpu_suite.md").read_text()
     assert r["salt"]["loader_backend"] == "torch"
     for key in ("compute_only_eager", "compute_only_compile", "loop_eager"):
         assert r["stage1"][key]["images_per_s"] > 0
@@ -132,3 +139,40 @@ def test_without_webdataset_it_says_so_in_one_line(tmp_path):
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1 and "webdataset" in done.stderr and ".gpu-wheels" in done.stderr
     assert not (tmp_path / "gpu_suite.json").exists()
+
+
+def test_parts_stashed_one_transfer_at_a_time_are_joined_and_unpacked(tmp_path):
+    """tools/gpu-call.sh on a machine where each transfer replaces what the previous one carried: every part
+    is moved out (--stash) as it arrives, and the last call joins them all, its own included."""
+    import io
+    import lzma
+    import tarfile
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tf:
+        data = bytes(range(256)) * 400  # 100 KiB, so that it spans three parts
+        info = tarfile.TarInfo("gpu-site/probe.bin")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    blob = lzma.compress(payload.getvalue(), preset=0)
+    size = -(-len(blob) // 3)
+    parts = [blob[i : i + size] for i in range(0, len(blob), size)]
+    assert len(parts) == 3
+    env = {**__import__("os").environ, "GPU_CARRIED": str(tmp_path / "carried"), "GPU_PARTS": str(tmp_path / "stash"),
+           "GPU_SITE": str(tmp_path / "site")}
+    script = str(REPO / "tools" / "gpu-call.sh")
+    for i, part in enumerate(parts):
+        carried = tmp_path / "carried"
+        if carried.exists():  # the next transfer replaces the checkout's carried paths
+            import shutil
+
+            shutil.rmtree(carried)
+        (carried / f"{i:02d}").mkdir(parents=True)
+        (carried / f"{i:02d}" / f"part.{i:02d}").write_bytes(part)
+        args = ["--stash"] if i < len(parts) - 1 else ["--unpack-only"]
+        done = subprocess.run(["bash", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "gpu-site" / "probe.bin").read_bytes() == data
+    assert not (tmp_path / "stash").exists()  # joined and removed
+    assert "unpacking the parts failed" not in done.stdout

@@ -211,7 +211,7 @@ def test_contact_sheet(ingested, tmp_path):
 def test_every_option_is_explained(capsys):
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "command")
-    assert set(sub.choices) == {"run", "merge", "verify", "contact-sheet"}
+    assert set(sub.choices) == {"run", "merge", "index", "verify", "contact-sheet"}
     for name, p in sub.choices.items():
         for action in p._actions:
             if action.dest != "help":

@@ -121,7 +121,7 @@ def test_every_mask_variant_is_excluded_and_listed(tmp_path):
     out = tmp_path / "out"
     assert main(["run", str(tmp_path / "busi"), "--out", str(out), "--workers", "1", "--quiet"]) == EXIT_OK
     m = load_manifest(out)
-    assert m["exclude"] == ["*_mask.*", "*_mask_[0-9]*.*"] and m["datasets"]["busi"]["excluded_files"] == 3
+    assert m["exclude"] == ["*_mask.*", "*_mask_[0-9]*.*", "mask/", "masks/"] and m["datasets"]["busi"]["excluded_files"] == 3
 
 
 def _write_list(tmp_path: Path, entry: dict) -> Path:

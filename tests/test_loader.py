@@ -110,7 +110,7 @@ def test_resume_with_another_world_size_continues_the_key_sequence(corpus):
     seen = [k for b in collect(loader, 3) for k in b.keys]  # stop mid-epoch, as a checkpoint would
     state = loader.state_dict()
     assert state == {"seed": 7, "epoch": 0, "consumed": 12}
-    # the same loader object continues where it stopped (the DALI pipeline is rebuilt underneath)
+    # the same loader object continues where it stopped (the pass left mid-way is ended, the workers kept)
     nxt = [k for b in collect(loader, 1) for k in b.keys]
     assert nxt == expected[12:16]
     loader.close()
@@ -291,23 +291,29 @@ def test_jpeg_corrupt_inside_its_markers_is_replaced_without_losing_the_batch(tm
 
 
 def test_worker_output_packing_round_trips(corpus):
-    """What a DALI worker sends (``batch_to_dali``) and what the loader unpacks (``records_to_torch``) carry the
-    prepared batch unchanged; the pixel parameters match the sample parameters."""
+    """What a DALI worker sends (``batch_to_dali``: JPEGs and gains as lists, the rest batch-shaped) and what the
+    loader unpacks (``records_to_torch``, fields viewed in place) carry the prepared batch unchanged; the pixel
+    parameters and blur taps match the sample parameters."""
     from usjepa.kernels.block_masks import MaskConfig
     from usjepa.shards.augment import MaskDecoder, prepare_batch
-    from usjepa.shards.dali_pipeline import PARAMS, batch_to_dali, records_to_torch
+    from usjepa.shards.corruptions import blur_kernel
+    from usjepa.shards.dali_pipeline import PARAMS, batch_to_dali
+    from usjepa.shards.loader import records_to_torch
 
-    cfg = DataConfig(num_workers=1, blur_p=0.5, speckle_p=0.5, contrast_p=0.5)
+    cfg = DataConfig(num_workers=1, blur_p=0.5, speckle_p=0.5, contrast_p=0.5, speckle_on="worker")
     reader = open_sample_table(corpus, "train").reader_view()
     pb = prepare_batch(np.arange(8), reader, MaskDecoder(), cfg, MaskConfig(), 0, 1, 123, True)
-    jpg, gain, kernel, params, records = batch_to_dali(pb)
-    assert len(jpg) == len(gain) == len(kernel) == len(params) == len(records) == 8
-    got = records_to_torch(np.stack(records), cfg.grid)
+    jpg, params, taps, records, gain = batch_to_dali(pb, with_gains=True)
+    assert len(jpg) == len(gain) == 8 and params.shape == (8, len(PARAMS)) and records.shape[0] == 8
+    assert taps.shape[0] == 8 and taps.dtype == np.float32 and records.shape[1] % 8 == 0
+    assert len(batch_to_dali(pb, with_gains=False)) == 4
+    got = records_to_torch(torch.from_numpy(records.copy()), torch.device("cpu"), cfg.grid)
     assert torch.equal(got["valid"], torch.from_numpy(pb.valid))
     assert torch.equal(got["ctx"], torch.from_numpy(pb.ctx_idx)) and torch.equal(got["tgt"], torch.from_numpy(pb.tgt_idx))
     assert torch.equal(got["sid"], torch.from_numpy(pb.ids)) and torch.equal(got["replaced"], torch.from_numpy(pb.replaced))
     assert torch.equal(got["scale"], torch.from_numpy(pb.scale)) and torch.equal(got["bias"], torch.from_numpy(pb.bias))
     at = {n: i for i, n in enumerate(PARAMS)}
+    assert any(p.blur_eps > 0.5 for p in pb.params) and any(p.blur_eps == 0 for p in pb.params)
     for k, p in enumerate(pb.params):
         start, end = p.roi()
         np.testing.assert_array_equal(params[k][[at["roi_y0"], at["roi_x0"]]], start)
@@ -315,7 +321,12 @@ def test_worker_output_packing_round_trips(corpus):
         assert bool(params[k][at["do_speckle"]]) == (p.speckle_field is not None)
         if p.speckle_field is not None:
             np.testing.assert_array_equal(gain[k][:, :, 0], 1.0 + p.speckle_field)
-        assert bool(params[k][at["do_blur"]]) == (kernel[k].shape[0] > 1)
+        assert bool(params[k][at["do_blur"]]) == (p.blur_eps > 0 and blur_kernel(p.blur_eps).shape[0] > 1)
+        if params[k][at["do_blur"]]:  # the separable taps, centred and zero-padded, are the 2-D kernel's factors
+            k2 = blur_kernel(p.blur_eps)
+            pad = (taps.shape[1] - k2.shape[0]) // 2
+            np.testing.assert_array_equal(taps[k, :pad], 0) if pad else None
+            np.testing.assert_allclose(np.outer(taps[k], taps[k])[pad:pad + len(k2), pad:pad + len(k2)], k2, rtol=1e-6)
 
 
 def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
@@ -323,8 +334,6 @@ def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
     from usjepa.shards import format as F
     from usjepa.shards.augment import MaskDecoder, contrast_centre, median_in_mask
     from usjepa.shards.corruptions import masked_median
-    from usjepa.shards.readers import SampleReader
-
     reader = open_sample_table(corpus, "train").reader_view()
     jpg, png = reader.read(3)
     mask = MaskDecoder()(png)
@@ -332,20 +341,30 @@ def test_contrast_centre_is_the_stored_median_else_measured(tmp_path, corpus):
     assert stored is not None and contrast_centre(reader, 3, jpg, mask) == stored
     decoded = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert abs(stored - masked_median(decoded, mask)) <= 2.0  # JPEG moves the median by a gray level or two
-    with F.ShardWriter(tmp_path, "old", "train", 0) as w:  # a shard written before the median existed
-        w.write("old_k0", jpg, png, F.SampleMeta("old", "a", "s", 0, "g", mask.shape, "train"))
-    tar = tmp_path / F.shard_name("old", "train", 0)
-    ix = F.read_index(F.index_path_for(tar))
-    cols = [ix.offsets[F.IMAGE_EXT], ix.sizes[F.IMAGE_EXT], ix.offsets[F.MASK_EXT], ix.sizes[F.MASK_EXT],
-            ix.offsets[F.META_EXT], ix.sizes[F.META_EXT]]
-    old = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
-    assert old.median(0) is None
-    assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
-    old.close()
-    with open(tar, "r+b") as f:  # metadata damaged in place: still a fallback, never an exception
-        f.seek(int(ix.offsets[F.META_EXT][0]))
-        f.write(b"\xff{" * (int(ix.sizes[F.META_EXT][0]) // 2))
-    damaged = SampleReader([str(tar)], np.zeros(1, np.int32), *cols)
-    assert damaged.median(0) is None
-    assert contrast_centre(damaged, 0, jpg, mask) == median_in_mask(jpg, mask)
-    damaged.close()
+    # a corpus written before the median existed, and one whose metadata member is damaged
+    old_meta = F.SampleMeta("old", "a", "s", 0, "g", mask.shape, "train")
+    for name, meta in (("old", old_meta.to_json()), ("damaged", b"\xff{" * (len(old_meta.to_json()) // 2))):
+        root = tmp_path / name
+        root.mkdir()
+        with F.ShardWriter(root, "old", "train", 0) as w:
+            w.write("old_k0", jpg, png, old_meta)
+        tar = root / F.shard_name("old", "train", 0)
+        ix = F.read_index(F.index_path_for(tar))
+        with open(tar, "r+b") as f:
+            f.seek(int(ix.offsets[F.META_EXT][0]))
+            f.write(meta)
+        _write_manifest(root, [tar])
+        old = open_sample_table(root, "train").reader_view()
+        assert old.median(0) is None
+        assert contrast_centre(old, 0, jpg, mask) == median_in_mask(jpg, mask)
+        old.close()
+
+
+def _write_manifest(root: Path, tars: list[Path]) -> None:
+    """A manifest over ``tars`` (one dataset, train split) as usjepa-ingest writes it."""
+    from usjepa.shards import format as F
+
+    shards = [{"path": t.name, "index": F.index_path_for(t).name, "dataset": "old", "split": "train",
+               "samples": int(open(F.index_path_for(t)).readline().split()[1]), "bytes": t.stat().st_size,
+               "sha256": ""} for t in tars]
+    F.write_json_atomic(root / F.MANIFEST_NAME, {"format_version": F.FORMAT_VERSION, "datasets": {}, "shards": shards})

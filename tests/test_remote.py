@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -120,6 +121,34 @@ def test_s3_corpus_reads_byte_identical_and_batches_equal_local(s3, corpus, tmp_
             assert torch.equal(a.tgt_idx, b.tgt_idx) and not b.replaced.any()
 
 
+def test_spawned_workers_get_the_store_from_the_recipe_or_payload(s3, corpus, tmp_path):
+    """What a spawned worker receives is a pickle: the table's recipe (torch backend) or DALI's payload (URL,
+    cache_dir, cache_limit_gb). Either one reads the remote shards without a pickled store or open file."""
+    from usjepa.shards.augment import DataConfig
+    from usjepa.shards.dali_pipeline import DaliBatchSource
+
+    url = _url(s3, corpus)
+    table = open_sample_table(url, "train", cache_dir=str(tmp_path), cache_limit_gb=0.5)
+    local = open_sample_table(corpus, "train").reader_view()
+    ids = np.arange(0, len(table), 5)
+    want = [local.read(int(i)) for i in ids]
+    blob = pickle.dumps(table.reader_view())
+    assert len(blob) < 2000  # the recipe, not the columns or the store's state
+    reader = pickle.loads(blob)
+    assert reader.remote is not None and reader.remote.store.cache_limit_bytes == 500_000_000
+    reader.prefetch(ids)
+    assert [reader.read(int(i)) for i in ids] == want
+    src = DaliBatchSource(table.source, "train", 0.0, str(tmp_path), DataConfig(), None, 0, True,
+                          reader=table.reader_view(), cache_dir=table.cache_dir, cache_limit_gb=table.cache_limit_gb)
+    worker = pickle.loads(pickle.dumps(src))
+    assert worker._reader is None and worker.root == url
+    got = worker.reader
+    assert got.remote is not None and got.remote.store.cache_dir == table.cache_dir
+    assert got.remote.store.cache_limit_bytes == 500_000_000
+    got.prefetch(ids)
+    assert [got.read(int(i)) for i in ids] == want
+
+
 def test_shards_are_cached_after_their_bytes_were_read_by_range(s3, corpus, tmp_path):
     url = _url(s3, corpus)
     table = open_sample_table(url, "train", cache_dir=str(tmp_path), cache_limit_gb=1)
@@ -215,12 +244,12 @@ def test_coalesce_merges_close_ranges_only():
 
 
 def test_validation_slice_of_an_s3_corpus_is_the_local_one(s3, corpus, tmp_path):
-    from usjepa.shards.holdout import split_off_validation
-
     url = _url(s3, corpus)
-    want = split_off_validation(open_sample_table(corpus, "train"), 0.25)
-    got = split_off_validation(open_sample_table(url, "train", cache_dir=str(tmp_path), cache_limit_gb=0), 0.25)
-    for a, b in zip(want, got):  # the groups come from each sample's metadata, read by range here
+    want = [open_sample_table(corpus, split, 0.25) for split in ("train", "val")]
+    got = [open_sample_table(url, split, 0.25, cache_dir=str(tmp_path), cache_limit_gb=0) for split in ("train", "val")]
+    # the groups come from each sample's metadata, read by range into the mirror's corpus table
+    assert list(got[0].group) == list(want[0].group) and pickle.loads(pickle.dumps(got[1])).remote is not None
+    for a, b in zip(want, got):
         assert list(a.keys) == list(b.keys) and len(b) > 0
         ra, rb = a.reader_view(), b.reader_view()  # and each slice still reads from the store
         rb.prefetch(np.arange(len(b)))

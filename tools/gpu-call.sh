@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# The last device call (see tools/stage-gpu-wheels.sh and docs/benchmarks.md "GPU suite"): join the parts
-# that earlier calls left in .gpu-parts/, unpack them (DALI's --target install -> .gpu-site/gpu-site/, the real
-# corpus -> .gpu-site/gpu-real/), install the wheels this call carries in .gpu-wheels/ (webdataset for the
-# shard writer, tools/gpu-call-wheels.txt -> .gpu-site/wheels/), install the project without the network, run
-# the GPU-only tests, then the suite. Everything it measures lands in $OUT (gpu_suite.json/.md, gpu_tests.log).
-# On any CUDA box without parts it runs the same tests and suite with what is installed (DALI measured only if
-# importable).
-#   bash tools/gpu-call.sh                  # on the device
+# Install the project's measurement environment onto a CUDA machine without network access (an air-gapped
+# hospital or cluster node) from wheel parts carried in by hand, then run the GPU-only tests and the GPU suite.
+# tools/stage-gpu-wheels.sh (on a machine with network) packs DALI's --target install and an ingested real
+# corpus into parts of <= 58 MiB under .gpu-parts/NN/, and the pure-Python wheels into .gpu-wheels/.
+# Each transfer may bring only some parts, and a later transfer may replace the checkout's untracked files
+# (what one transfer brought under .gpu-parts/ can be gone after the next), so every part is moved out of the
+# checkout as soon as it arrives:
+#   bash tools/gpu-call.sh --stash          # after each part's transfer: .gpu-parts/*/part.* -> $GPU_PARTS
+#   bash tools/gpu-call.sh                  # after the last one: join the stashed parts and any still under
+#                                           # .gpu-parts/, unpack (DALI -> .gpu-site/gpu-site/, the real
+#                                           # corpus -> .gpu-site/gpu-real/), install .gpu-wheels/ (webdataset
+#                                           # for the shard writer) and the project without the network, run the
+#                                           # GPU-only tests, then the suite; results in $OUT
 #   GPU_SITE=DIR bash tools/gpu-call.sh --unpack-only   # join + unpack + install the wheels into DIR only
-#                                                       # (the rehearsal; GPU_PARTS=DIR2 reads parts from DIR2)
+# GPU_PARTS (default /tmp/usjepa-gpu-parts) is outside the checkout; GPU_CARRIED (default .gpu-parts) is
+# where the transfers put them. On any CUDA box without parts it runs the
+# same tests and suite with what is installed (DALI measured only if importable).
 set -uo pipefail
 SITE=${GPU_SITE:-.gpu-site}
-PARTS=${GPU_PARTS:-.gpu-parts}
+PARTS=${GPU_PARTS:-/tmp/usjepa-gpu-parts}
+CARRIED=${GPU_CARRIED:-.gpu-parts}  # where a transfer puts the parts (inside the checkout)
 OUT=${OUT:-gpu_out}
+stash() {  # parts carried into the checkout -> $PARTS, which the next transfer cannot replace
+  mkdir -p "$PARTS"
+  if compgen -G "$CARRIED/*/part.*" > /dev/null; then mv "$CARRIED"/*/part.* "$PARTS"/; fi
+}
+if [[ "${1:-}" == "--stash" ]]; then
+  stash
+  echo "stashed in $PARTS: $(ls "$PARTS" | tr '\n' ' ')($(du -sh "$PARTS" | cut -f1))"
+  exit 0
+fi
+stash
 mkdir -p "$OUT" "$SITE"
-if compgen -G "$PARTS/*/part.*" > /dev/null; then
-  echo "joining $(ls "$PARTS" | wc -l) part(s): $(du -shc "$PARTS"/*/part.* | tail -1 | cut -f1)"
-  cat "$PARTS"/*/part.* | python3 -c "
+if compgen -G "$PARTS/part.*" > /dev/null; then
+  echo "joining $(ls "$PARTS"/part.* | wc -l) part(s): $(du -shc "$PARTS"/part.* | tail -1 | cut -f1)"
+  # part.00, part.01, ...: the glob sorts them; a missing one makes the xz stream fail below
+  cat "$PARTS"/part.* | python3 -c "
 import sys, tarfile
 with tarfile.open(fileobj=sys.stdin.buffer, mode='r|xz') as tf:
     tf.extractall('$SITE', filter='data')  # refuses absolute paths and '..' members
-" || { echo "unpacking the parts failed (a part missing or truncated? the machine may have gone back between"
-         echo "calls): ls $PARTS = $(ls "$PARTS"). Measuring without DALI."; rm -rf "$SITE/gpu-site"; }
+" || { echo "unpacking the parts failed (a part missing or truncated? the machine may have been restarted"
+         echo "between transfers): ls $PARTS = $(ls "$PARTS"). Measuring without DALI."; rm -rf "$SITE/gpu-site"; }
   rm -rf "$PARTS"
 fi
 # Carried by this call itself, not by a part: a part lost between calls costs DALI, never the shard writer.

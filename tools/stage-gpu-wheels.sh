@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage what the lent GPU machine lacks, as few <= 64 MiB device calls as possible: the small pure-Python
+# Stage what an air-gapped CUDA machine lacks, in as few <= 64 MiB transfers as possible: the small pure-Python
 # wheels every call that runs the project carries (webdataset for the shard writer: tools/gpu-call-wheels.txt,
 # 88 KiB -> .gpu-wheels/), then DALI (the smallest set that imports and runs our pipeline) and an ingested
 # real corpus in parts. Run from the project root, after `make install`:
@@ -63,8 +63,8 @@ print('rehearsal: gpu_suite --dry-run wrote', r['data']['synthetic']['frames'], 
 
 if (( WHEELS_ONLY )); then
   if (( REHEARSE )); then
-    # GPU_PARTS: none here, so that staged DALI parts are neither joined nor removed
-    tmp=$(mktemp -d); GPU_PARTS="$tmp/none" GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
+    # no parts here, so that staged DALI parts are neither joined nor removed
+    tmp=$(mktemp -d); GPU_CARRIED="$tmp/none" GPU_PARTS="$tmp/none" GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
     rehearse_wheels "$tmp"; rm -rf "$tmp"
   else
     echo "  run carry=[\".gpu-wheels\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'  (no DALI)"
@@ -101,7 +101,7 @@ rm -rf "$stage"
 if (( REHEARSE )); then
   # the device's side, here: join + unpack (tools/gpu-call.sh) into a temporary folder, then import + run
   tmp=$(mktemp -d)
-  GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
+  GPU_PARTS="$tmp/parts" GPU_SITE="$tmp" bash tools/gpu-call.sh --unpack-only
   rehearse_wheels "$tmp"
   # CHECK_PY: an interpreter without DALI of its own (else the import could find that one)
   PYTHONPATH="$tmp/gpu-site:$tmp/wheels" "${CHECK_PY:-$VENV_PY}" -c "
@@ -118,15 +118,14 @@ loader.close()"
   rm -rf "$tmp"
   exit 0
 fi
-echo "Make these device calls back to back (the machine goes back after ~30 s idle); the last one carries"
-echo ".gpu-wheels too and runs tools/gpu-call.sh: join, unpack, install the wheels and the project, GPU tests,"
-echo "then benchmarks.gpu_suite into \$OUT."
+echo "Carry them to the CUDA machine one transfer at a time (e.g. a tool that copies the checkout's ignored"
+echo "paths you name, or a USB stick): after each part's transfer move it out of the checkout, since the next"
+echo "transfer may replace it; the last transfer brings .gpu-wheels too and runs the measurements:"
 for ((i=0;i<n;i++)); do
   d=$(printf %02d $i)
   if (( i < n-1 )); then
-    echo "  run carry=[\".gpu-parts/$d\"] timeout_s=60 command='ls .gpu-parts'"
+    echo "  carry .gpu-parts/$d, then run: bash tools/gpu-call.sh --stash     (-> /tmp/usjepa-gpu-parts)"
   else
-    echo "  run carry=[\".gpu-parts/$d\", \".gpu-wheels\"] timeout_s=600 command='SUITE_BUDGET_S=360 bash tools/gpu-call.sh'"
-    echo "  (before it, status's budget_left_s: keep SUITE_BUDGET_S about 150 s under what is left, 120 s at least)"
+    echo "  carry .gpu-parts/$d and .gpu-wheels, then run: SUITE_BUDGET_S=360 bash tools/gpu-call.sh"
   fi
 done

@@ -66,7 +66,7 @@ class OptimSection:
 @dataclass
 class TrainSection:
     bf16: bool = True  # autocast to bfloat16 on GPU (ignored on CPU, where float32 is exact and reproducible)
-    compile: bool = False  # torch.compile the student + predictor (and the teacher)
+    compile: bool | None = None  # torch.compile student + predictor (and teacher); null = on CUDA, off on CPU
     log_every: int = 20  # steps per metrics line
     ckpt_every_steps: int = 1000  # 0 = only at epoch ends
     keep_last: int = 3  # step/epoch checkpoints kept (best.pt is kept apart)
@@ -77,6 +77,9 @@ class TrainSection:
     peak_flops: float | None = None  # per device, for MFU; null = known GPU table or measured CPU matmul rate
     threads: int | None = None  # torch CPU threads per process (null = torch's default)
     collective_timeout_s: float = 300.0  # torchrun: a rank waiting this long on the others stops (not NCCL's 10 min)
+    # stage 2 on CUDA: data.batch_size = the largest multiple of 8 whose step fits this fraction of the GPU's
+    # memory, measured at start (usjepa.step.batch_size_from_memory); a resumed run keeps its batch
+    batch_from_memory: float | None = None
 
 
 @dataclass
@@ -264,7 +267,7 @@ RANGES = {
     **{f"train.{k}": r for k, r in {
         "log_every": _AT_LEAST_1, "ckpt_every_steps": _NON_NEGATIVE, "keep_last": _AT_LEAST_1,
         "max_steps": _NON_NEGATIVE, "val_every_epochs": _AT_LEAST_1, "peak_flops": _POSITIVE, "threads": _AT_LEAST_1,
-        "collective_timeout_s": _POSITIVE}.items()},
+        "collective_timeout_s": _POSITIVE, "batch_from_memory": _FRACTION}.items()},
     **{f"model.{arch}.{k}": r for arch in ("arch", "teacher_arch") for k, r in {
         **_MODEL_SIZES, "img_size": _AT_LEAST_1, "patch_size": _AT_LEAST_1, "in_chans": _AT_LEAST_1,
         "num_classes": _NON_NEGATIVE}.items()},
@@ -275,7 +278,7 @@ RANGES = {
         "hflip_p": _PROBABILITY, "vflip_p": _PROBABILITY, "blur_p": _PROBABILITY, "speckle_p": _PROBABILITY,
         "contrast_p": _PROBABILITY, "blur_eps": _NON_NEGATIVE, "speckle_eps": _NON_NEGATIVE,
         "contrast_eps": _NON_NEGATIVE, "std": _POSITIVE, "cap": _AT_LEAST_1, "num_workers": _NON_NEGATIVE,
-        "prefetch": _AT_LEAST_1, "mask_cache": _AT_LEAST_1}.items()},
+        "dali_threads": _AT_LEAST_1, "prefetch": _AT_LEAST_1, "mask_cache": _AT_LEAST_1}.items()},
 }
 
 

@@ -47,3 +47,16 @@ class CollapseMonitor:
                         "%.4g, targets %.4g)", step, out["std_student"], self.threshold, out["std_pred"],
                         out["std_target"])
         return out
+
+
+def salt_flops(student_cfg, teacher_cfg, predictor, batch) -> tuple[float, float]:
+    """Model FLOPs of one SALT step on ``batch``: (over each image's real tokens — what MFU counts —, and as
+    if every mask were padded to the batch's widths Kc, Kt — what the padded step ran and reported before
+    packing, which counted 18-30 % padding as useful work)."""
+    from usjepa.models.salt import salt_step_flops, salt_step_flops_real
+
+    T, B, Kt = batch.tgt_idx.shape
+    padded = salt_step_flops(student_cfg, teacher_cfg, predictor, B, batch.ctx_idx.shape[1], T, Kt)
+    if batch.lengths is None:
+        return padded, padded
+    return salt_step_flops_real(student_cfg, teacher_cfg, predictor, *batch.lengths), padded

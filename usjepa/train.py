@@ -66,13 +66,13 @@ from usjepa.models import (
     mae_step_flops,
     random_keep_indices,
     salt_forward,
-    salt_step_flops,
 )
-from usjepa.monitor import CollapseMonitor
+from usjepa.monitor import CollapseMonitor, salt_flops
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import LoaderWorkerError
+from usjepa.step import batch_size_from_memory, compile_models, salt_packing
 
 log = logging.getLogger("usjepa.train")
 
@@ -128,16 +128,10 @@ def train(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    # device_count() asks NVML and leaves CUDA uninitialised (is_available() would not), so that the loaders
+    # below can fork their workers; CUDA starts after them.
+    cuda = torch.cuda.device_count() > 0
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     master = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -157,12 +151,22 @@ def train(argv=None) -> int:
         raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
                               f"or choose another --out")
     ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    if cfg.train.batch_from_memory and cfg.stage == 2:  # measured on this GPU, or the resumed run's own
+        cfg.data.batch_size = ckpt["config"]["data"]["batch_size"] if ckpt else batch_size_from_memory(cfg, device)
     if ckpt is not None:
         check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data (workers start here), then CUDA
     train_loader = make_loader(cfg, "train", rank, world, device)
     val_loader = make_val_loader(cfg, rank, world, device)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     steps_per_epoch = train_loader.batches_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per rank x {world} ranks is more than the "
@@ -213,28 +217,26 @@ def train(argv=None) -> int:
 
     # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
-    step_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
-    eval_model = torch.compile(model) if cfg.train.compile else model
-    if teacher is not None and cfg.train.compile:
-        teacher = torch.compile(teacher)
+    step_model, eval_model, teacher = compile_models(ddp_model, model, teacher, cfg.train.compile, cuda)
 
     def compute_loss(net, batch, mask_seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(loss, collapse statistics or None): stage 2 also returns the feature stds (usjepa.monitor)."""
         with autocast:
             if cfg.stage == 2:
-                return salt_forward(net, teacher, batch.images, batch.ctx_idx, batch.tgt_idx, cfg.model.target_norm)
+                return salt_forward(net, teacher, batch.images, batch.ctx_idx, batch.tgt_idx, cfg.model.target_norm,
+                                    packing=salt_packing(batch, encoder.cfg.num_patches))
             g = torch.Generator().manual_seed(mask_seed)
             keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
                                        head.cfg.mask_ratio, g)
             keep = to_device(keep, device)  # pinned + non_blocking: the step never waits on the host
             return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size), None
 
-    def step_flops(batch) -> float:
-        """Model FLOPs of this rank's step at this batch's padded context and target widths (what runs)."""
+    def step_flops(batch) -> tuple[float, float]:
+        """Model FLOPs of this rank's step (real tokens only, and as if padded to the batch's widths)."""
         if cfg.stage == 2:
-            T, B, Kt = batch.tgt_idx.shape
-            return salt_step_flops(encoder.cfg, teacher_cfg(teacher), head, B, batch.ctx_idx.shape[1], T, Kt)
-        return mae_step_flops(encoder.cfg, head, batch.images.shape[0])
+            return salt_flops(encoder.cfg, teacher_cfg(teacher), head, batch)
+        flops = mae_step_flops(encoder.cfg, head, batch.images.shape[0])
+        return flops, flops
 
     @torch.no_grad()
     def validate() -> float:
@@ -288,7 +290,7 @@ def train(argv=None) -> int:
     peak_flops, peak_source = peak_flops_per_device(cfg, device)
     progress = make_progress(master and cfg.train.progress, total=min(total_steps, cfg.train.max_steps or total_steps),
                              initial=step)
-    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0,
+    window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0, "flops_padded": 0.0,
               "t0": time.perf_counter(), "gnorm": torch.zeros((), device=device)}
     data_wait = DataWaitTimer(device)  # CUDA events, read at log time: no per-step device synchronisation
     collapse = CollapseMonitor(device)
@@ -328,7 +330,9 @@ def train(argv=None) -> int:
             window["gnorm"] += gnorm.detach()
             window["n"] += 1
             window["imgs"] += batch.images.shape[0]
-            window["flops"] += step_flops(batch)
+            real_flops, padded_flops = step_flops(batch)
+            window["flops"] += real_flops
+            window["flops_padded"] += padded_flops
             progress.update(1)
             if step % cfg.train.log_every == 0:
                 check_finite()
@@ -347,7 +351,8 @@ def train(argv=None) -> int:
                     "images_per_s_per_device": window["imgs"] / elapsed,
                     "data_wait_frac": data_wait.take() / elapsed,
                     "tflops_per_device": window["flops"] / elapsed / 1e12,
-                    "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,
+                    "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,  # real tokens only
+                    "mfu_padded": (window["flops_padded"] / elapsed / peak_flops) if peak_flops else None,
                     "mfu_peak_source": peak_source,
                     "peak_mem_gb": peak_memory_gb(device),
                     **collapse.record(step),  # this rank's feature stds (stage 2)
@@ -355,7 +360,7 @@ def train(argv=None) -> int:
                 metrics.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}")
                 window.update(loss=torch.zeros((), device=device), gnorm=torch.zeros((), device=device), n=0,
-                              imgs=0, flops=0.0, t0=time.perf_counter())
+                              imgs=0, flops=0.0, flops_padded=0.0, t0=time.perf_counter())
             if cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0:
                 t_pause = time.perf_counter()
                 checkpoint(epoch_complete=False)

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usjepa.models.packing import (
+    PACK_MULTIPLE,
+    PackedAttention,
+    _to_device,
+    attention_layout,
+    mark_packed_dynamic,
+    round_up,
+)
 from usjepa.models.vit import (
     Block,
     ViTConfig,
@@ -81,6 +90,15 @@ class Predictor(nn.Module):
         x = self.predictor_proj(self.norm(x[:, -Kt:]))
         return x.reshape(T, B, Kt, -1)
 
+    def forward_packed(self, ctx: torch.Tensor, p: SaltPacking) -> torch.Tensor:
+        """The same on packed rows: ``ctx [Ls, De]`` (the student's row) -> predictions ``[Lt, Dt]`` at
+        ``p.tgt_slot``. Each (target block, image) is one sequence, its context then its mask tokens."""
+        z = torch.cat([self.predictor_embed(ctx), self.mask_token[0]])  # row Ls: the mask token
+        x = z[p.pred_src] + self.pos_embed[0][p.pred_pos]  # [Lp, Dp]
+        for blk in self.blocks:
+            x = blk(x, p.pred_attn)
+        return self.predictor_proj(self.norm(x[p.tgt_slot]))
+
     def forward_flops(self, n_ctx: int, n_tgt: int, n_blocks: int, encoder_dim: int, target_dim: int) -> float:
         """Forward FLOPs for one image: T sequences of Kc + Kt tokens, plus the in/out projections."""
         d = self.cfg.embed_dim
@@ -140,9 +158,25 @@ def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
 
 
 def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,
-                 tgt_idx: torch.Tensor, target_norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                 tgt_idx: torch.Tensor, target_norm: str = "none", packing: SaltPacking | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
-    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``)."""
+    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``).
+    With ``packing`` (``plan_salt_packing``) the packed step, which gives the same loss and gradients."""
+    if target_norm not in TARGET_NORMS:
+        raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {target_norm!r}")
+    if packing is not None:
+        ctx, pred = net(images, packing=packing)
+        with torch.inference_mode():  # the frozen teacher: no autograd bookkeeping at all
+            tokens = teacher.patch_tokens(images)
+            if target_norm == "layernorm":
+                tokens = F.layer_norm(tokens, tokens.shape[-1:])
+            targets = tokens.reshape(-1, tokens.shape[-1])[packing.tgt_src]  # [Lt, Dt]
+        targets = targets.clone()  # an ordinary tensor again, which the loss's backward may save
+        err = F.smooth_l1_loss(pred.float(), targets.float(), reduction="none").mean(dim=-1)
+        real = packing.tgt_weight > 0
+        stds = torch.stack([token_std(ctx, packing.student_patch), token_std(pred, real), token_std(targets, real)])
+        return (err * packing.tgt_weight).sum(), stds  # Eq. 5: the weights are 1 / (T x block's real tokens)
     ctx, pred = net(images, ctx_idx, tgt_idx)
     targets = teacher_targets(teacher, images, tgt_idx, target_norm)
     real = tgt_idx >= 0
@@ -158,9 +192,18 @@ class SALTModel(nn.Module):
         self.student = student
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (student context tokens ``[B, Kc, De]``, predictions ``[T, B, Kt, Dt]``)."""
+    def forward(self, images: torch.Tensor, ctx_idx: torch.Tensor | None = None, tgt_idx: torch.Tensor | None = None,
+                packing: SaltPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (student context tokens ``[B, Kc, De]``, predictions ``[T, B, Kt, Dt]``); packed: (the student's
+        row ``[Ls, De]``, CLS and tail included, predictions ``[Lt, Dt]``). The packed step takes no
+        per-batch shape but the packed lengths (``packing``), so torch.compile traces it once."""
+        if packing is not None:
+            x = self.student._embed(images)
+            x = x.reshape(-1, x.shape[-1])[packing.student_src]
+            for blk in self.student.blocks:
+                x = blk(x, packing.student_attn)
+            ctx = self.student.norm(x)
+            return ctx, self.predictor.forward_packed(ctx, packing)
         ctx = self.student.patch_tokens(images, ctx_idx)
         return ctx, self.predictor(ctx, ctx_idx, tgt_idx)
 
@@ -172,6 +215,97 @@ def salt_step_flops(student: ViTConfig, teacher: ViTConfig, predictor: Predictor
     student_f = vit_forward_flops(student, n_ctx)
     pred_f = predictor.forward_flops(n_ctx, n_tgt, n_blocks, student.embed_dim, predictor.predictor_proj.out_features)
     return batch * (3 * (student_f + pred_f) + vit_forward_flops(teacher))
+
+
+def salt_step_flops_real(student: ViTConfig, teacher: ViTConfig, predictor: Predictor, ctx_len: np.ndarray,
+                         tgt_len: np.ndarray) -> float:
+    """``salt_step_flops`` over each image's real tokens only (``ctx_len [B]``, ``tgt_len [T, B]``): the
+    FLOPs that count for MFU, whatever padding or packing tail the step also computes."""
+    ctx_len, tgt_len = np.asarray(ctx_len, np.int64), np.asarray(tgt_len, np.int64)
+    d, de = predictor.cfg.embed_dim, student.embed_dim
+    dt, cfg = predictor.predictor_proj.out_features, predictor.cfg
+    student_f = sum(vit_forward_flops(student, int(k)) for k in ctx_len)
+    pred_f = 2 * int(ctx_len.sum()) * de * d + 2 * int(tgt_len.sum()) * d * dt + sum(
+        transformer_flops(int(c + t), d, cfg.depth, cfg.mlp_ratio) for row in tgt_len for c, t in zip(ctx_len, row))
+    return 3 * (student_f + pred_f) + len(ctx_len) * vit_forward_flops(teacher)
+
+
+@dataclass
+class SaltPacking:
+    """Where each packed slot of the student's and the predictor's rows reads from (``plan_salt_packing``).
+    Student row: per image its CLS, then its context tokens. Predictor row: per (target block, image) that
+    image's context, then the block's mask tokens. Each row ends with a tail up to a multiple of
+    PACK_MULTIPLE that no real token attends to and no loss term reads."""
+
+    student_src: torch.Tensor  # [Ls] rows of the student's embedded tokens [B * (1 + N), D]
+    student_patch: torch.Tensor  # bool [Ls]: a real context token (not CLS, not tail)
+    student_attn: PackedAttention
+    pred_src: torch.Tensor  # [Lp] student slot read by each predictor slot; Ls = the mask token
+    pred_pos: torch.Tensor  # [Lp] patch position of each predictor slot (its position embedding)
+    pred_attn: PackedAttention
+    tgt_slot: torch.Tensor  # [Lt] predictor slot of each target token
+    tgt_src: torch.Tensor  # [Lt] rows of the teacher's patch tokens [B * N, D]
+    tgt_weight: torch.Tensor  # float [Lt]: 1 / (T x real tokens of its block); 0 on the tail
+    tokens: dict  # host counts: real and packed (computed) tokens of each row, for the metrics
+
+
+def plan_salt_packing(ctx_idx: torch.Tensor, tgt_idx: torch.Tensor, ctx_len: np.ndarray, tgt_len: np.ndarray,
+                      num_patches: int, flex: bool | None = None) -> SaltPacking:
+    """The packed layout of one batch: ``ctx_idx [B, Kc]``, ``tgt_idx [T, B, Kt]`` (device, PAD = -1, each
+    row's real indices first) and their real lengths counted on the host (``ctx_len [B]``, ``tgt_len
+    [T, B]``, ``Batch.lengths``). Offsets come from the host lengths, indices from device gathers: no
+    device-to-host sync. ``flex``: FlexAttention's block mask (default on CUDA) or the CPU path."""
+    device = ctx_idx.device
+    flex = device.type == "cuda" if flex is None else flex
+    ctx_len, tgt_len = np.asarray(ctx_len, np.int64), np.asarray(tgt_len, np.int64)
+    (B, Kc), (T, _, Kt) = ctx_idx.shape, tgt_idx.shape
+    # student row: image i holds slots s_off[i] (CLS) .. s_off[i] + ctx_len[i]
+    s_len = 1 + ctx_len
+    s_off = np.concatenate([[0], np.cumsum(s_len)])[:-1]
+    S = int(s_len.sum())
+    Ls = round_up(S, PACK_MULTIPLE)
+    s_img = np.repeat(np.arange(B), s_len)
+    s_col = np.arange(S) - s_off[s_img]  # 0 = CLS, j + 1 = context index j
+    s_src = np.zeros(Ls, np.int64)
+    s_src[:S] = s_img * (1 + Kc) + s_col  # into [B, 1 + Kc]: CLS, then the padded context row
+    s_patch = np.zeros(Ls, bool)
+    s_patch[:S] = s_col > 0
+    # predictor row: sequence q = t * B + i holds image i's context, then block t's targets of image i
+    q_len = (ctx_len[None, :] + tgt_len).reshape(-1)
+    q_off = np.concatenate([[0], np.cumsum(q_len)])[:-1]
+    P = int(q_len.sum())
+    Lp = round_up(P, PACK_MULTIPLE)
+    q_seq = np.repeat(np.arange(T * B), q_len)
+    q_img, q_col = q_seq % B, np.arange(P) - q_off[q_seq]
+    is_ctx = q_col < ctx_len[q_img]
+    p_src = np.full(Lp, Ls, np.int64)  # the tail reads the mask token
+    p_src[:P] = np.where(is_ctx, s_off[q_img] + 1 + q_col, Ls)
+    p_pos = np.zeros(Lp, np.int64)  # into cat(ctx_idx.flat, tgt_idx.flat); index 0 for the tail
+    p_pos[:P] = np.where(is_ctx, q_img * Kc + q_col, B * Kc + q_seq * Kt + (q_col - ctx_len[q_img]))
+    tgt_slots = np.flatnonzero(~is_ctx)
+    Q = len(tgt_slots)
+    Lt = round_up(Q, PACK_MULTIPLE)
+    t_slot, t_pos, t_img = (np.zeros(Lt, np.int64) for _ in range(3))
+    t_slot[:Q], t_pos[:Q], t_img[:Q] = tgt_slots, p_pos[tgt_slots], q_img[tgt_slots]
+    per_block = tgt_len.sum(1)  # real target tokens of each block (all images)
+    weight = np.zeros(Lt, np.float32)
+    weight[:Q] = 1.0 / (T * per_block[q_seq[tgt_slots] // B])
+    s_src, s_patch, p_src, p_pos, t_slot, t_pos, t_img, weight = _to_device(
+        [s_src, s_patch, p_src, p_pos, t_slot, t_pos, t_img, weight], device)
+    # the only gathers that need the masks' values, on the device
+    cls_and_ctx = torch.arange(B, device=device)[:, None] * (1 + num_patches) + F.pad(ctx_idx + 1, (1, 0))
+    positions = torch.cat([ctx_idx.reshape(-1), tgt_idx.reshape(-1)]).clamp_min(0)
+    pred_pos = positions[p_pos]
+    tgt_src = t_img * num_patches + positions[t_pos]
+    packing = SaltPacking(
+        student_src=cls_and_ctx.reshape(-1)[s_src], student_patch=s_patch,
+        student_attn=attention_layout(s_len, Ls, device, flex),
+        pred_src=p_src, pred_pos=pred_pos, pred_attn=attention_layout(q_len[q_len > 0], Lp, device, flex),
+        tgt_slot=t_slot, tgt_src=tgt_src, tgt_weight=weight,
+        tokens={"student": (S, Ls), "predictor": (P, Lp), "targets": (Q, Lt)})
+    mark_packed_dynamic(*((t, 0) for t in (packing.student_src, packing.student_patch, packing.pred_src,
+                                            packing.pred_pos, packing.tgt_slot, packing.tgt_src, packing.tgt_weight)))
+    return packing
 
 
 def freeze(model: nn.Module) -> nn.Module:

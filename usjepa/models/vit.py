@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from usjepa.models.packing import PackedAttention, packed_attention
+
 
 @dataclass(frozen=True)
 class ViTConfig:
@@ -98,8 +100,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``attn_mask``: bool ``[B, 1, 1, N]``, True = a real token (see ``key_padding_mask``)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | PackedAttention | None = None) -> torch.Tensor:
+        """``x [B, N, C]`` with ``attn_mask`` bool ``[B, 1, 1, N]``, True = a real token (``key_padding_mask``),
+        or one packed row ``x [L, C]`` with its ``PackedAttention`` (usjepa.models.packing)."""
+        if isinstance(attn_mask, PackedAttention):
+            L, C = x.shape
+            q, k, v = self.qkv(x).reshape(L, 3, self.num_heads, C // self.num_heads).unbind(1)
+            return self.proj(packed_attention(q, k, v, attn_mask).reshape(L, C))
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
@@ -127,7 +134,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | PackedAttention | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
 
