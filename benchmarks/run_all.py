@@ -27,6 +27,7 @@ QUICK = {
     "bench_loader": ["--frames", "256", "--side", "224", "--rounds", "1", "--min-images", "0"],
     "bench_masks": ["--rounds", "4", "--calls", "10"],
     "bench_probe": ["--n", "288", "--seeds", "3"],
+    "bench_remote": ["--frames", "128", "--rounds", "1"],
     "bench_scale": ["--sizes", "50000"],
     "bench_train": ["--cpu-steps", "16", "--gpu-steps", "10"],
     "bench_usrc": ["--ddti-limit", "60", "--rounds", "1"],

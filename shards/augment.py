@@ -361,6 +361,7 @@ def prepare_batch(
     n = len(ids)
     raw: list[tuple[bytes, np.ndarray] | None] = []
     errors: list[str] = []
+    reader.prefetch(ids)  # issue 21.2: a remote corpus fetches the batch's members in coalesced ranges
     for i in ids:
         try:
             jpg, png = reader.read(int(i))

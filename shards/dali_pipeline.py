@@ -60,11 +60,15 @@ class DaliBatchSource:
     """Batch-mode callable for the parallel ``external_source`` (stateless per call).
 
     It finds its samples from ``root``, ``split`` and ``val_from_train`` alone: a forked worker inherits the
-    parent's open ``reader``; a spawned one receives only those (``__getstate__``) and opens the table itself."""
+    parent's open ``reader``; a spawned one receives only those (``__getstate__``) and opens the table itself.
+    For a corpus in object storage ``root`` is its URL and ``cache_dir`` / ``cache_limit_gb`` come along, so
+    the worker opens the same mirror and table and reads through the same bounded shard cache (issue 21.2)."""
 
     def __init__(self, root, split: str, val_from_train: float, plan_dir: str, cfg: DataConfig, mask_cfg,
-                 seed: int, train: bool, reader=None):
+                 seed: int, train: bool, reader=None, cache_dir: str | None = None,
+                 cache_limit_gb: float | None = None):
         self.root, self.split, self.val_from_train = str(root), split, float(val_from_train)
+        self.cache_dir, self.cache_limit_gb = cache_dir, cache_limit_gb
         self.plan_dir = str(plan_dir)
         self.cfg = cfg
         self.mask_cfg = mask_cfg
@@ -86,7 +90,9 @@ class DaliBatchSource:
         if self._reader is None:
             from usjepa.shards.readers import open_sample_table
 
-            self._reader = open_sample_table(self.root, self.split, self.val_from_train).reader_view()
+            remote = {} if self.cache_limit_gb is None else {"cache_dir": self.cache_dir,
+                                                             "cache_limit_gb": self.cache_limit_gb}
+            self._reader = open_sample_table(self.root, self.split, self.val_from_train, **remote).reader_view()
         return self._reader
 
     def _plan(self, k: int):

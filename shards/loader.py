@@ -35,6 +35,7 @@ from usjepa.shards.readers import (
     SampleTable,
     open_sample_table,
 )
+from usjepa.shards.remote import DEFAULT_CACHE_LIMIT_GB
 from usjepa.shards.sampler import EpochSampler
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import (
@@ -98,8 +99,9 @@ class _DaliBackend:
         self.plan_dir = make_plan_dir()
         # removed at close() or, for a loader never closed, when it is collected or the interpreter exits
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.plan_dir, True)
-        self.source = DaliBatchSource(table.root, table.split, val_from_train, self.plan_dir, cfg, mask_cfg, seed,
-                                      train, reader=table.reader_view())
+        remote = {"cache_dir": table.cache_dir, "cache_limit_gb": table.cache_limit_gb} if table.remote else {}
+        self.source = DaliBatchSource(table.source, table.split, val_from_train, self.plan_dir, cfg, mask_cfg, seed,
+                                      train, reader=table.reader_view(), **remote)
         self.device_id = None
         if device.type == "cuda":  # torch.cuda.current_device() would initialise CUDA before the workers fork
             self.device_id = device.index if device.index is not None else (
@@ -451,6 +453,8 @@ def build_loader(
     seed: int = 0,
     backend: str = "dali",
     val_from_train: float = 0.0,
+    cache_dir: str | None = None,
+    cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB,
 ) -> ShardLoader:
     """Loader over ``split`` of the corpus at ``root`` (contract in docs/architecture.md).
 
@@ -458,6 +462,8 @@ def build_loader(
     tail dropped. Any other split: every sample in id order, padded to whole global batches, full-frame
     resize without random augmentation, block masks from a fixed seed. ``val_from_train`` > 0: the "val" split
     is that slice of the training split's groups instead, and "train" is the rest (``shards.holdout``).
+    ``root`` may be an fsspec URL (``s3://``, ``gs://``, ``https://``): ``cache_dir`` holds its mirrored indexes
+    and up to ``cache_limit_gb`` of whole shards (``shards.remote``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -481,7 +487,7 @@ def build_loader(
                           "in the CPU workers instead")
             cfg = dataclasses.replace(cfg, decode_on="worker")
     train = split == "train"
-    table = open_sample_table(root, split, val_from_train)
+    table = open_sample_table(root, split, val_from_train, cache_dir=cache_dir, cache_limit_gb=cache_limit_gb)
     sampler = EpochSampler(
         table.dataset_sizes, batch_size, rank, world_size, seed,
         cap=cfg.cap if train else None, shuffle=train, drop_last=train,

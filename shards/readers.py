@@ -19,6 +19,13 @@ it, so the batch keeps its size and every rank its batch count. Never silently: 
 kind of error, and ``ReadErrorBudget`` stops the run when more than 10 + 1 % of a rank's reads fail or 32 in
 a row do — a dead mount or a corpus rewritten underneath is not trained through.
 
+Object storage (issue 21.2): ``root`` may be an fsspec URL. Its manifest and indexes are mirrored into
+``cache_dir`` (``shards.remote``) and the corpus table is built there from them exactly as for a local corpus
+(tar sizes from the manifest, each shard's metadata members fetched in coalesced ranges), so it is the same
+``table.npz``. Such a table's recipe also carries the URL, ``cache_dir`` and the cache limit: a worker that
+unpickles it rebuilds the (stateless) store from the mirrored manifest, without a request, and its reader
+fetches a batch's members by coalesced byte ranges or from the bounded, sha256-checked local shard cache.
+
 Open files are bounded: a reader keeps an LRU of shard descriptors sized from the process's open-file limit,
 which it first raises toward the hard limit (when every touched shard stayed open, 3 526 of 5 000 random reads
 of a 10 000-shard corpus under the common limit of 1 024 failed with EMFILE).
@@ -57,6 +64,16 @@ from usjepa.shards.format import (
     write_table,
 )
 from usjepa.shards.holdout import held_out_groups, holdout_key
+from usjepa.shards.remote import (  # issue 21.2
+    DEFAULT_CACHE_LIMIT_GB,
+    RemoteReads,
+    RemoteShards,
+    coalesce,
+    is_url,
+    local_path,
+    mirror_corpus,
+    remote_store,
+)
 from usjepa.shards.worker_guard import LoaderWorkerError
 
 log = logging.getLogger(__name__)
@@ -147,9 +164,10 @@ def error_kind(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------ building
 
 
-def _shard_rows(tar: Path, idx: Path, skipped: Counter) -> tuple[list[str], np.ndarray] | None:
+def _shard_rows(tar: Path, idx: Path, skipped: Counter, tar_size: int | None = None
+                ) -> tuple[list[str], np.ndarray] | None:
     try:
-        tar_size = tar.stat().st_size
+        tar_size = tar.stat().st_size if tar_size is None else tar_size  # issue 21.2: a URL's from the manifest
     except OSError as e:
         log.warning("skipping shard %s: %s", tar, e)
         skipped["missing_shard"] += 1
@@ -210,14 +228,52 @@ def _groups_and_medians(tar: str, keys: list[str], rows: np.ndarray) -> tuple[li
     return groups, medians
 
 
-def _scan_shard(tar: str, idx: str) -> tuple:
+def _remote_groups_and_medians(store: RemoteShards, url: str, keys: list[str], rows: np.ndarray
+                               ) -> tuple[list[str], np.ndarray]:
+    """``_groups_and_medians`` of a remote shard: its metadata members fetched in coalesced ranges (issue 21.2)."""
+    members = [(int(o), int(n)) for o, n in zip(rows[:, 4].tolist(), rows[:, 5].tolist())]
+    starts, ends = coalesce(members)
+    try:
+        blobs = store.fetch_ranges(url, starts, ends)
+    except OSError as e:
+        log.warning("%s: metadata unreadable (%s): its samples are their own groups", url, e)
+        blobs = None
+    groups, medians = [], np.full(len(keys), np.nan, np.float32)
+    for j, (key, (o, n)) in enumerate(zip(keys, members)):
+        try:
+            if blobs is None:
+                raise ValueError("unread")
+            k = int(np.searchsorted(starts, o, side="right")) - 1
+            meta = SampleMeta.from_json(blobs[k][o - starts[k]:o - starts[k] + n])
+        except (ShardFormatError, UnicodeDecodeError, ValueError, KeyError):
+            groups.append("sample:" + key)
+            continue
+        groups.append(meta.group)
+        if meta.median is not None:
+            medians[j] = meta.median
+    return groups, medians
+
+
+def _scan_shard(tar: str, idx: str, store: RemoteShards | None = None) -> tuple:
     """Everything the table keeps of one shard: (keys, byte ranges [n, 6], groups, medians, skipped, tar and
-    index sizes as found)."""
-    sizes = _stat_size(tar), _stat_size(idx)
+    index sizes as found). With ``store`` (issue 21.2), ``tar`` is a path in the mirror whose shard is remote:
+    its size comes from the manifest and its metadata members by range."""
+    url = store.shard_url(tar) if store is not None else None
+    sizes = (store.size(url) if store is not None else _stat_size(tar)), _stat_size(idx)
     skipped: Counter = Counter()
-    got = _shard_rows(Path(tar), Path(idx), skipped)
+    if store is not None and sizes[0] is None:
+        log.warning("skipping shard %s: no such object", url)
+        skipped["missing_shard"] += 1
+        got = None
+    else:
+        got = _shard_rows(Path(tar), Path(idx), skipped, sizes[0] if store is not None else None)
     keys, rows = got if got is not None else ([], np.zeros((0, 6), np.int64))
-    groups, medians = _groups_and_medians(tar, keys, rows) if keys else ([], np.zeros(0, np.float32))
+    if not keys:
+        groups, medians = [], np.zeros(0, np.float32)
+    elif store is not None:
+        groups, medians = _remote_groups_and_medians(store, url, keys, rows)
+    else:
+        groups, medians = _groups_and_medians(tar, keys, rows)
     return keys, rows, groups, medians, skipped, *sizes
 
 
@@ -226,15 +282,16 @@ def _default_workers() -> int:
 
 
 def build_corpus_table(root: str | os.PathLike, out: str | os.PathLike | None = None,
-                       workers: int | None = None) -> Path:
+                       workers: int | None = None, store: RemoteShards | None = None) -> Path:
     """Parse the manifest, every index and every metadata member once into the corpus table; write it to
     ``out`` (default ``root/table.npz``) atomically and return its path. Unusable shards and samples are left
     out and counted (module docstring), with the same warnings as at load time before tables existed.
-    ``workers`` (default: the CPUs available) processes scan the shards of a large corpus in parallel."""
+    ``workers`` (default: the CPUs available) processes scan the shards of a large corpus in parallel.
+    ``store`` (issue 21.2): ``root`` is the local mirror of a remote corpus whose tars ``store`` reads."""
     root = Path(root)
     manifest = load_manifest(root)
     shards = sorted(manifest["shards"], key=lambda s: (s["split"], s["dataset"], s["path"]))
-    jobs = [(s["abs_path"], s["abs_index"]) for s in shards]
+    jobs = [(s["abs_path"], s["abs_index"], store) for s in shards]
     workers = min(workers or _default_workers(), len(jobs) // 32)
     if workers > 1:  # spawned, not forked: the caller may be a training rank with CUDA and threads running
         with mp.get_context("spawn").Pool(workers) as pool:
@@ -301,7 +358,8 @@ def _shard_file(root: str, rel: str) -> str:
     return os.path.join(root, norm)
 
 
-def _check_table(path: Path, root: Path, manifest_sha: str) -> tuple[dict, list[int | None]] | None:
+def _check_table(path: Path, root: Path, manifest_sha: str, store: RemoteShards | None = None
+                 ) -> tuple[dict, list[int | None]] | None:
     """(info, current tar sizes) when the table at ``path`` describes the corpus as it is; None when it is
     missing or stale (another manifest, an index rewritten, a shard that grew or came back)."""
     try:
@@ -316,7 +374,9 @@ def _check_table(path: Path, root: Path, manifest_sha: str) -> tuple[dict, list[
         return None
     sizes, root_r = [], str(root.resolve())
     for s in info["shards"]:
-        size = _stat_size(_shard_file(root_r, s["path"]))
+        tar = _shard_file(root_r, s["path"])
+        # issue 21.2: a remote corpus's tar sizes are the manifest's (its sha256 is the table's identity)
+        size = store.size(store.shard_url(tar)) if store is not None else _stat_size(tar)
         grown = size is not None and (s["tar_bytes"] is None or size > s["tar_bytes"])
         if grown or _stat_size(_shard_file(root_r, s["index"])) != s["idx_bytes"]:
             log.info("%s: %s or its index changed since the table was built: rebuilding it", path, s["path"])
@@ -337,32 +397,34 @@ def _build_lock(root: Path):
         yield
 
 
-def corpus_table_path(root: str | os.PathLike) -> tuple[Path, dict, list[int | None]]:
-    """(path, info, tar sizes) of an up-to-date table of the corpus at ``root``, building it first if needed."""
+def corpus_table_path(root: str | os.PathLike, store: RemoteShards | None = None
+                      ) -> tuple[Path, dict, list[int | None]]:
+    """(path, info, tar sizes) of an up-to-date table of the corpus at ``root``, building it first if needed.
+    ``store`` (issue 21.2): ``root`` is the local mirror of the remote corpus ``store`` reads."""
     root = Path(root)
     sha = manifest_sha256(root)
     candidates = (root / TABLE_NAME, _fallback_table_path(root))
     for path in candidates:
-        got = _check_table(path, root, sha)
+        got = _check_table(path, root, sha, store)
         if got is not None:
             return (path, *got)
     with _build_lock(root):
         for path in candidates:  # built by another process while this one waited
-            got = _check_table(path, root, sha)
+            got = _check_table(path, root, sha, store)
             if got is not None:
                 return (path, *got)
         log.warning("%s has no up-to-date corpus table: building %s once (usjepa-ingest index does it ahead)",
                     root, TABLE_NAME)
         try:
-            path = build_corpus_table(root)
+            path = build_corpus_table(root, store=store)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             path = _fallback_table_path(root)
             path.parent.mkdir(parents=True, exist_ok=True)
             log.warning("%s is read-only: the corpus table goes to %s", root, path)
-            build_corpus_table(root, path)
-        got = _check_table(path, root, sha)
+            build_corpus_table(root, path, store=store)
+        got = _check_table(path, root, sha, store)
     if got is None:
         raise ShardFormatError(f"{root} changed while its corpus table was being built; open it again")
     return (path, *got)
@@ -394,12 +456,17 @@ class SampleTable:
     which is the layout ``sampler.epoch_order`` expects. Columns (``shard``, ``jpg_offset`` … ``meta_size``,
     ``keys``, ``group``, ``median``) are views of the memory-mapped corpus table. Pickles as its recipe (table
     path and id, split, shards cut at open, ``val_from_train``): the receiving process maps the same file and
-    gets the same rows without checking the shards again."""
+    gets the same rows without checking the shards again.
+
+    ``remote`` (issue 21.2): (corpus URL, cache_dir, cache limit in bytes) when ``root`` is the local mirror of
+    a corpus in object storage. It is part of the recipe; ``remote_store`` makes the store again from the
+    mirrored manifest (no request), ``shard_paths`` are then URLs and ``source`` is the URL."""
 
     def __init__(self, path, root, split: str, val_from_train: float = 0.0, limits: dict[int, int] | None = None,
-                 table_id: str | None = None):
+                 table_id: str | None = None, remote: tuple[str, str, int] | None = None):
         # absolute paths: a worker may start in another folder
-        self._recipe = (os.path.abspath(path), os.path.abspath(root), split, float(val_from_train), dict(limits or {}))
+        self._recipe = (os.path.abspath(path), os.path.abspath(root), split, float(val_from_train), dict(limits or {}),
+                        tuple(remote) if remote else None)
         info, tid, cols = map_table(path)
         if table_id is not None and tid != table_id:
             raise ShardFormatError(f"{path} was rebuilt after this loader opened it (another manifest or shards): "
@@ -438,6 +505,13 @@ class SampleTable:
             raise FileNotFoundError(f"no usable {split!r} samples under {root} (skipped: {dict(self.skipped)})")
         root_r = str(Path(root).resolve())
         self.shard_paths = [_shard_file(root_r, s["path"]) for s in info["shards"]]
+        self.remote: RemoteShards | None = None
+        self.source = self.root  # what open_sample_table was given: the root, or the corpus URL
+        self.cache_dir, self.cache_limit_gb = None, DEFAULT_CACHE_LIMIT_GB
+        if remote:  # issue 21.2
+            self.remote = remote_store(*remote, mirror=root_r)
+            self.shard_paths = [self.remote.shard_url(p) for p in self.shard_paths]
+            self.source, self.cache_dir, self.cache_limit_gb = remote[0], remote[1], remote[2] / 1e9
 
         def column(name):
             c = cols[name][a:b]
@@ -454,8 +528,8 @@ class SampleTable:
         return {"recipe": self._recipe, "table_id": self.table_id}
 
     def __setstate__(self, d):
-        path, root, split, val_from_train, limits = d["recipe"]
-        self.__init__(path, root, split, val_from_train, limits, d["table_id"])
+        path, root, split, val_from_train, limits, remote = d["recipe"]
+        self.__init__(path, root, split, val_from_train, limits, d["table_id"], remote)
 
     def __len__(self) -> int:
         return self._len
@@ -467,12 +541,23 @@ class SampleTable:
         return SampleReader(self)
 
 
-def open_sample_table(root: str | os.PathLike, split: str, val_from_train: float = 0.0) -> SampleTable:
+def open_sample_table(root: str | os.PathLike, split: str, val_from_train: float = 0.0, *,
+                      cache_dir: str | None = None,
+                      cache_limit_gb: float = DEFAULT_CACHE_LIMIT_GB) -> SampleTable:
     """The usable samples of ``split`` (module docstring), from the corpus table (built first if needed).
 
     ``val_from_train`` > 0: ``"train"`` is the training split minus a deterministic slice of its groups, any
-    other split is that slice (``shards.holdout``)."""
-    path, info, sizes = corpus_table_path(root)
+    other split is that slice (``shards.holdout``). ``root`` may be an fsspec URL: its manifest and indexes
+    are mirrored into ``cache_dir``, the table is built there, and the shards are read remotely
+    (``shards/remote.py``; ``cache_limit_gb`` bounds the local shard cache)."""
+    remote = store = None
+    if is_url(root):  # issue 21.2
+        url = str(root)
+        root, _, store = mirror_corpus(url, cache_dir, cache_limit_gb)
+        remote = (store.url, store.cache_dir, store.cache_limit_bytes)
+    else:
+        root = local_path(root)
+    path, info, sizes = corpus_table_path(root, store)
     base = "train" if val_from_train else split
     limits = {}
     for k, (s, size) in enumerate(zip(info["shards"], sizes)):
@@ -484,7 +569,7 @@ def open_sample_table(root: str | os.PathLike, split: str, val_from_train: float
         elif size < s["end"]:
             log.warning("%s is truncated (%d bytes): skipping its samples past that", s["path"], size)
             limits[k] = size
-    table = SampleTable(path, root, split, val_from_train, limits)
+    table = SampleTable(path, root, split, val_from_train, limits, remote=remote)
     if table.skipped:
         log.warning("%s/%s: skipped at load time: %s", root, split, dict(table.skipped))
     return table
@@ -504,6 +589,7 @@ class SampleReader:
         self.shard = table.shard
         self.jpg_offset, self.jpg_size = table.jpg_offset, table.jpg_size
         self.mask_offset, self.mask_size = table.mask_offset, table.mask_size
+        self.remote = RemoteReads(table.remote) if table.remote is not None else None  # issue 21.2
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard -> descriptor, least recently used first
         self._capacity: int | None = None  # decided in the process that reads (its own limit)
         self.errors: Counter = Counter()
@@ -526,13 +612,16 @@ class SampleReader:
             self._capacity = open_file_budget()
         while len(self._fds) >= self._capacity:
             os.close(self._fds.popitem(last=False)[1])
+        path = self.shard_paths[shard]
+        if self.remote is not None:  # issue 21.2: the shard's verified copy in the local cache (downloaded now)
+            path = self.remote.local_path(path)
         try:
-            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._fds:
                 raise
             self.close()  # the process ran out of descriptors elsewhere: give ours back and try once more
-            fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         self._fds[shard] = fd
         return fd
 
@@ -547,9 +636,8 @@ class SampleReader:
         """(jpeg bytes, mask png bytes) of sample ``i``; ``BadSample`` when they cannot be used."""
         s = int(self.shard[i])
         try:
-            fd = self._fd(s)
-            jpg = read_member(fd, self.jpg_offset[i], self.jpg_size[i])
-            mask = read_member(fd, self.mask_offset[i], self.mask_size[i])
+            jpg = self._bytes(s, self.jpg_offset[i], self.jpg_size[i])
+            mask = self._bytes(s, self.mask_offset[i], self.mask_size[i])
         except (OSError, ShardFormatError) as e:
             raise self._bad(s, i, error_kind(e), str(e)) from e
         # A JPEG cut short loses its end-of-image marker; checking both markers keeps a decoder error (which
@@ -565,6 +653,19 @@ class SampleReader:
         predates it or the metadata member was unreadable (the caller then computes it from the pixels)."""
         m = float(self.table.median[i])
         return None if m != m else m
+
+    def _bytes(self, shard: int, offset, size) -> bytes:
+        if self.remote is not None:  # issue 21.2: from the batch's ranges unless the shard is cached locally
+            got = self.remote.member(self.shard_paths[shard], offset, size)
+            if got is not None:
+                return got
+        return read_member(self._fd(shard), offset, size)
+
+    def prefetch(self, ids) -> None:
+        """Called with a batch's sample ids before they are read: a remote corpus fetches their members in
+        coalesced ranges (issue 21.2); local shards need nothing (``pread`` is as cheap as a lookup)."""
+        if self.remote is not None:
+            self.remote.prefetch(self, ids)
 
     def open_files(self) -> int:
         return len(self._fds)

@@ -106,6 +106,12 @@ def test_config_files_load_and_typos_are_named(tmp_path):
         load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", "optim.epochs=two"])
     with pytest.raises(ConfigError, match="needs model.teacher"):
         load_config(REPO / "configs" / "tiny_cpu.yaml")
+    remote = load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", "data.root=s3://b/c", "data.cache_limit_gb=0.5"])
+    assert (remote.data.root, remote.data.cache_limit_gb, remote.data.cache_dir) == ("s3://b/c", 0.5, None)
+    with pytest.raises(ConfigError, match=r"data\.cache_limit_gb must be >= 0"):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", "data.cache_limit_gb=-1"])
+    with pytest.raises(ConfigError, match="cache_limt_gb"):
+        load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", "data.cache_limt_gb=1"])
     for key in ("model.target_norm=batch", "optim.lr_scale=sqrt"):
         with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
             load_config(REPO / "configs" / "tiny_cpu.yaml", ["stage=1", key])

@@ -77,6 +77,7 @@ READ_FAULTS = """
     ld = build_loader(root, "val", 8, {{"num_workers": 1}}, None, 0, 1, "cpu", 0, "torch")
     t = ld.table
     def cut(shard, first_lost):  # truncate a shard after the table was built: samples from first_lost on are lost
+        shard = sorted({{int(t.shard[i]) for i in range(len(t))}})[shard]  # the split's; table ids are corpus-wide
         rows = [i for i in range(len(t)) if t.shard[i] == shard]
         os.truncate(t.shard_paths[shard], int(t.jpg_offset[rows[first_lost]]) + 10)
     import os

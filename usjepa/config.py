@@ -39,11 +39,13 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    root: str | None = None  # shard folder (manifest.json)
+    root: str | None = None  # shard folder (manifest.json), or its fsspec URL (s3://, gs://, https://)
     batch_size: int = 128  # per device
     backend: str = "dali"  # "dali" or "torch" (the DataLoader + OpenCV baseline)
     loader: dict = field(default_factory=dict)  # the data layer's own config (augmentations, workers, ...)
     val_from_train: float = 0.0  # > 0: validate on this deterministic slice of the train split's groups instead
+    cache_dir: str | None = None  # URL root: mirrored indexes + cached shards (None: ~/.cache/usjepa)
+    cache_limit_gb: float = 50.0  # URL root: at most this many GB of whole shards in cache_dir (LRU)
 
 
 @dataclass
@@ -257,6 +259,7 @@ RANGES = {
     "seed": _NON_NEGATIVE,
     "data.batch_size": _AT_LEAST_1,
     "data.val_from_train": _range(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.cache_limit_gb": _NON_NEGATIVE,
     **{f"optim.{k}": r for k, r in {
         "epochs": _AT_LEAST_1, "warmup_epochs": _NON_NEGATIVE, "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
         "lr_final": _NON_NEGATIVE, "wd_start": _NON_NEGATIVE, "wd_final": _NON_NEGATIVE, "eps": _POSITIVE,

@@ -429,19 +429,20 @@ def make_loader(cfg: Config, split: str, rank: int, world: int, device: torch.de
     try:
         return build_loader(cfg.data.root, split, cfg.data.batch_size, data_config(cfg.data.loader),
                             mask_cfg, rank=rank, world_size=world, device=device,
-                            seed=cfg.seed, backend=cfg.data.backend, val_from_train=cfg.data.val_from_train)
+                            seed=cfg.seed, backend=cfg.data.backend, val_from_train=cfg.data.val_from_train,
+                            cache_dir=cfg.data.cache_dir, cache_limit_gb=cfg.data.cache_limit_gb)
     except HoldoutError as e:
         raise ConfigError(f"data.val_from_train: {e}") from None
 
 
 def make_val_loader(cfg: Config, rank: int, world: int, device: torch.device):
     """The validation loader, or None (with one warning) for a corpus ingested without a validation split."""
-    from usjepa.shards.format import load_manifest
+    from usjepa.shards.remote import corpus_manifest
 
     if cfg.data.val_from_train:
         log.info("validating on %.1f%% of the training split's groups (data.val_from_train), not trained on",
                  100 * cfg.data.val_from_train)
-    elif not any(s["split"] == "val" for s in load_manifest(cfg.data.root)["shards"]):
+    elif not any(s["split"] == "val" for s in corpus_manifest(cfg.data.root, cfg.data.cache_dir)["shards"]):
         log.warning("%s has no validation split: training without validation; best.pt is the latest epoch "
                     "checkpoint (or set data.val_from_train: 0.05 to hold out a slice of train)", cfg.data.root)
         return None
