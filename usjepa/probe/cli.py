@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-epochs", type=int, default=d.min_epochs,
                    help="no probe epoch before this one is kept (a tiny val set cannot stop the probe at once)")
     p.add_argument("--probe-lr", type=_floats, default=list(d.lr_grid), metavar="LR,LR,...",
-                   help="linear probe AdamW lr grid; each seed keeps the lr × wd best on validation macro F1")
+                   help="linear probe Adam lr grid; each seed keeps the lr × wd best on validation macro F1")
     p.add_argument("--probe-wd", type=_floats, default=list(d.wd_grid), metavar="WD,WD,...",
-                   help="linear probe AdamW weight-decay grid")
+                   help="linear probe L2 penalty grid (λ on the mean loss; logreg's C = 1 / (λ N))")
     p.add_argument("--cache-dir", default=None, help="feature cache; None means OUT/feature_cache")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
     p.add_argument("--workers", type=int, default=None,

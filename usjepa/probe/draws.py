@@ -15,19 +15,21 @@ import numpy as np
 from usjepa.probe.metrics import mean_std
 
 
-def summarise_draws(per_draw: list[dict], classes: list[str]) -> dict:
+def summarise_draws(per_draw: list[dict], classes: list[str], draw_ids: list[int] | None = None) -> dict:
     """Per-draw classifier summaries (``run._summarise``: mean over seeds) -> mean ± std over draws.
 
-    ``per_draw`` / ``per_draw_accuracy`` keep each draw's seed mean (the paired comparisons read them);
+    ``per_draw`` / ``per_draw_accuracy`` keep each draw's seed mean and ``draw_ids`` which draw it was (the
+    paired comparisons match draws by id);
     ``probe_seed_std`` is the mean within-draw spread over seeds, for contrast."""
     f1 = [d["macro_f1"]["mean"] for d in per_draw]
     acc = [d["accuracy"]["mean"] for d in per_draw]
-    seeds = [{**s, "split_draw": k} for k, d in enumerate(per_draw) for s in d["seeds"]]
+    draw_ids = list(range(len(per_draw))) if draw_ids is None else list(draw_ids)
+    seeds = [{**s, "split_draw": k} for k, d in zip(draw_ids, per_draw) for s in d["seeds"]]
     return {
         "macro_f1": mean_std(f1), "accuracy": mean_std(acc),
         "per_class_f1": {c: mean_std([d["per_class_f1"][c]["mean"] for d in per_draw]) for c in classes},
         "degenerate_seeds": sum(d["degenerate_seeds"] for d in per_draw),
-        "draws": len(per_draw), "per_draw": f1, "per_draw_accuracy": acc,
+        "draws": len(per_draw), "draw_ids": draw_ids, "per_draw": f1, "per_draw_accuracy": acc,
         "probe_seed_std": float(np.mean([d["macro_f1"]["std"] for d in per_draw])),
         "seeds": seeds,
     }
@@ -60,6 +62,11 @@ def pairwise(results: dict, encoders: list[str], classifier: str) -> list[dict]:
     out = []
     for i, a in enumerate(have):
         for b in have[i + 1:]:
-            p = paired_difference(results[a][classifier]["per_draw"], results[b][classifier]["per_draw"])
+            ra, rb = results[a][classifier], results[b][classifier]
+            fa, fb = dict(zip(ra["draw_ids"], ra["per_draw"])), dict(zip(rb["draw_ids"], rb["per_draw"]))
+            common = [k for k in ra["draw_ids"] if k in fb]
+            if not common:
+                continue
+            p = paired_difference([fa[k] for k in common], [fb[k] for k in common])
             out.append({"a": a, "b": b, **p, "verdict": verdict(a, b, p)})
     return out

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from usjepa.probe.data import (DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, DEFAULT_FRAMES_PER_VIDEO, SPLITS, LabelledSet,
-                               check_class_counts, load_labelled)
+                               TooFewSamplesError, check_class_counts, load_labelled)
 from usjepa.probe.draws import pairwise, summarise_draws
 from usjepa.probe.encoders import load_probe_encoder
 from usjepa.probe.features import extract_features, preprocess_dict
@@ -157,8 +157,16 @@ def probe_dataset(encoder, draws: list[LabelledSet], seeds: list[int], *, prepro
     table = extract_features(encoder, data, np.arange(len(data.items)), preprocess_cfg, **extract)
     t_feat = time.perf_counter() - t0
     counts = _frame_counts(data, table)
-    for d in draws:
-        check_class_counts(d.classes, _frame_counts(d, table), "usable frame")
+    draw_ids = []
+    for k, d in enumerate(draws):  # a skipped frame can leave a class without a val/test frame in some draws
+        try:
+            check_class_counts(d.classes, _frame_counts(d, table), "usable frame")
+            draw_ids.append(k)
+        except TooFewSamplesError as e:
+            if k == len(draws) - 1 and not draw_ids:
+                raise
+            log.warning("%s, split draw %d left out: %s", data.name, k, e)
+    draws = [draws[k] for k in draw_ids]
     labels = item_labels[table.item]
     feats = torch.from_numpy(table.features)
 
@@ -174,7 +182,7 @@ def probe_dataset(encoder, draws: list[LabelledSet], seeds: list[int], *, prepro
     t_corrupt = time.perf_counter() - t0
 
     out = {"feature_dim": int(feats.shape[1]), "features_from_cache": table.from_cache,
-           "frames": counts, "frames_per_draw": [_frame_counts(d, table) for d in draws], "skipped": table.skipped,
+           "frames": counts, "frames_per_draw": [_frame_counts(d, table) for d in draws], "draw_ids": draw_ids, "skipped": table.skipped,
            "extraction_frames_per_s": table.frames_per_s}
     timing = {"features_s": round(t_feat, 3), "corrupted_features_s": round(t_corrupt, 3)}
     for clf in classifiers:
@@ -198,7 +206,7 @@ def probe_dataset(encoder, draws: list[LabelledSet], seeds: list[int], *, prepro
                         rob.setdefault(kind, {})[f"{eps:g}"] = _summarise(
                             score_seeds(fitted, xc, yc, n_classes, False), data.classes)
                     first["robustness"] = rob
-        res = summarise_draws(per_draw, data.classes)
+        res = summarise_draws(per_draw, data.classes, draw_ids)
         res.update({k: per_draw[0][k] for k in ("fewshot", "robustness") if k in per_draw[0]})
         out[clf] = res
         timing[f"{clf}_s"] = round(time.perf_counter() - t0, 3)
