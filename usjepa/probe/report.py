@@ -159,7 +159,9 @@ def markdown_report(res: dict) -> str:
                   f"Split: {info['split_source']}; grouping: {info['grouping']}.", "",
                   f"Leakage check: {leak['sources']} sources, {leak['groups']} groups; sources found in two "
                   f"splits: {leak['sources_in_two_splits']}, groups found in two splits: "
-                  f"{leak['groups_in_two_splits']}.", "",
+                  f"{leak['groups_in_two_splits']}, duplicate-image groups found in two splits: "
+                  f"{leak.get('duplicates_in_two_splits', 0)}.", "",
+                  _duplicates_line(info.get("duplicates") or {}), "",
                   f"Skipped: {len(skipped)} frame(s)/file(s)" + (":" if skipped else ".")]
         for s in skipped[:10]:
             where = s["path"] + (f" frame {s['frame']}" if s.get("frame") is not None else "")
@@ -189,6 +191,15 @@ def markdown_report(res: dict) -> str:
     lines += ["", "Encoders:", ""]
     lines += [f"- **{e}**: `{info['spec']}` — {info['description']}" for e, info in res["encoders"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _duplicates_line(dup: dict) -> str:
+    if not dup:
+        return "Duplicate images: not checked."
+    text = (f"Duplicate images (dHash, ≤ {dup['near_bits']} of 64 bits apart): {dup['clusters']} group(s) among "
+            f"{dup['stills_hashed']} stills, {dup['files_in_clusters']} files, {dup['exact_clusters']} identical, "
+            f"{dup['clusters_with_two_labels']} carrying two labels; each group is kept in one split.")
+    return text + "".join(f" E.g. {' = '.join(e)}." for e in dup["examples"][:2])
 
 
 def _class_cell(summary: dict | None, cls: str) -> dict | None:

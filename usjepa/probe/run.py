@@ -294,7 +294,9 @@ def probe_encoders(encoders: dict[str, str], data_root, out_dir, seeds=5, fewsho
             "sources": data.leakage["sources"], "groups": data.leakage["groups"],
             "split_source": data.split_source, "grouping": data.grouping, "leakage": data.leakage,
             "leakage_any_draw": {k: max(d.leakage[k] for d in draws[name])
-                                 for k in ("sources_in_two_splits", "groups_in_two_splits")},
+                                 for k in ("sources_in_two_splits", "groups_in_two_splits",
+                                           "duplicates_in_two_splits")},
+            "duplicates": data.duplicates,
         }
         log.info("%s: %d labelled files, %d classes, counts %s; leakage check: %d source(s) and %d group(s) in "
                  "two splits", name, len(data.items), len(data.classes), data.counts(),
