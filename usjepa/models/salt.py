@@ -22,6 +22,7 @@ from usjepa.models.vit import (
     ViTConfig,
     VisionTransformer,
     gather_tokens,
+    init_pos_embed,
     init_transformer_weights,
     key_padding_mask,
     transformer_flops,
@@ -29,6 +30,7 @@ from usjepa.models.vit import (
 )
 
 TARGET_NORMS = ("none", "layernorm")
+LOSSES = ("smooth_l1", "l1")  # Eq. 5's Smooth L1; L1 as I-JEPA / V-JEPA
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class PredictorConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    pos_embed: str = "learned"  # or "sincos" (I-JEPA's predictor: fixed 2-D sin-cos)
 
 
 class Predictor(nn.Module):
@@ -57,7 +60,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(cfg.embed_dim, target_dim)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_pos_embed(self.pos_embed, cfg.pos_embed, int(round(num_patches ** 0.5)), cls_token=False)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(init_transformer_weights)
 
@@ -92,17 +95,21 @@ class Predictor(nn.Module):
         )
 
 
-def salt_loss(pred: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+def salt_loss(pred: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None = None,
+              kind: str = "smooth_l1") -> torch.Tensor:
     """Eq. 5: (1/T) Σ_i SmoothL1(pred_i, y_i); term i is the mean over block i's *real* tokens (all images
     of the batch) and channels.
 
     ``pred`` and ``target`` are ``[T, B, Kt, D]``; ``real`` bool ``[T, B, Kt]`` (``tgt_idx >= 0``) marks
     the real target tokens, None = all real. Padding contributes nothing, whatever its values.
-    Computed in float32 whatever the autocast dtype of the predictions.
+    Computed in float32 whatever the autocast dtype of the predictions. ``kind="l1"``: L1 instead.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    err = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=-1)  # [T, B, Kt]
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    loss_fn = F.smooth_l1_loss if kind == "smooth_l1" else F.l1_loss
+    err = loss_fn(pred.float(), target.float(), reduction="none").mean(dim=-1)  # [T, B, Kt]
     if real is None:
         return err.mean()
     w = real.to(err.dtype)
@@ -139,15 +146,57 @@ def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return (((x - mean) ** 2 * w).sum(0) / n).sqrt().mean()
 
 
+@torch.no_grad()
+def oracle_diagnostics(pred: torch.Tensor, targets: torch.Tensor, tgt_idx: torch.Tensor, num_patches: int,
+                       kind: str = "smooth_l1") -> torch.Tensor:
+    """What the student's loss means, from the batch's own targets (``[T, B, Kt, D]``, padding < 0):
+
+    * the loss of an oracle predicting every target as its image's mean target token (``image mean``);
+    * of one predicting the batch's mean target at that position (``position mean``);
+    * of one predicting position mean + (image mean - batch mean): what a student that learned only the
+      image's average and the position gets;
+    * the spread of the predictions across one image's targets (per-channel std over its target tokens,
+      mean over channels and images), and the same spread of the targets.
+
+    A student whose loss sits at the third oracle with a prediction spread far under the targets' has
+    learned the image mean, not the content of the masked blocks (issue 22: 0.322 vs 0.321, spread 0.20 vs
+    0.85). Returns ``[5]`` in that order."""
+    t = targets.float()
+    real = (tgt_idx >= 0).to(t.dtype).unsqueeze(-1)  # [T, B, Kt, 1]
+    per_image = real.sum(dim=(0, 2)).clamp_min(1.0)  # [B, 1]
+    image_mean = (t * real).sum(dim=(0, 2)) / per_image  # [B, D]
+    batch_mean = (t * real).sum(dim=(0, 1, 2)) / real.sum().clamp_min(1.0)  # [D]
+    pos = tgt_idx.clamp_min(0).reshape(-1)
+    w = real.reshape(-1, 1)
+    pos_sum = torch.zeros(num_patches, t.shape[-1], device=t.device).index_add_(0, pos, t.reshape(-1, t.shape[-1]) * w)
+    pos_n = torch.zeros(num_patches, 1, device=t.device).index_add_(0, pos, w)
+    pos_mean = (pos_sum / pos_n.clamp_min(1.0))[tgt_idx.clamp_min(0)]  # [T, B, Kt, D]
+    img = image_mean[None, :, None, :].expand_as(t)
+    mask = tgt_idx >= 0
+    losses = [salt_loss(o, t, mask, kind) for o in (img, pos_mean, pos_mean + img - batch_mean)]
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        mean = (x * real).sum(dim=(0, 2), keepdim=True) / per_image[None, :, None, :]
+        var = ((x - mean) ** 2 * real).sum(dim=(0, 2)) / per_image  # [B, D]
+        return var.sqrt().mean()
+
+    return torch.stack(losses + [spread(pred.detach()), spread(t)])
+
+
 def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,
-                 tgt_idx: torch.Tensor, target_norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                 tgt_idx: torch.Tensor, target_norm: str = "none", loss: str = "smooth_l1"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
-    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``)."""
+    the statistics ``usjepa.monitor`` logs: the collapse stds ``[student tokens, predictions, targets]``
+    (``token_std``), then ``oracle_diagnostics``."""
     ctx, pred = net(images, ctx_idx, tgt_idx)
     targets = teacher_targets(teacher, images, tgt_idx, target_norm)
     real = tgt_idx >= 0
     stds = torch.stack([token_std(ctx, ctx_idx >= 0), token_std(pred, real), token_std(targets, real)])
-    return salt_loss(pred, targets, real), stds
+    num_patches = getattr(teacher, "_orig_mod", teacher).cfg.num_patches  # torch.compile wraps the teacher
+    diag = oracle_diagnostics(pred, targets, tgt_idx, num_patches, loss)
+    return salt_loss(pred, targets, real, loss), torch.cat([stds, diag])
 
 
 class SALTModel(nn.Module):
