@@ -4,6 +4,7 @@ schedules, and the oracle diagnostics that say whether a student learned more th
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -101,3 +102,30 @@ def test_schedule_epochs_end_the_cosine_at_the_steps_run(tmp_path):
     with pytest.raises(ConfigError, match="predictor.pos_embed"):
         load_config(None, ["model.teacher=x", "model.predictor.pos_embed=rope"])
     assert math.isfinite(cfg.optim.lr_peak)
+
+
+def test_multiblock_sincos_l1_runs_train_and_log_the_oracles(tmp_path):
+    """The options end to end through ``usjepa.train``: a stage-1 multi-block teacher with sin-cos position
+    embeddings, then an L1 student whose metrics carry the oracle losses and spreads."""
+    import json
+
+    from usjepa.shards.synthetic_shards import write_synthetic_corpus
+    from usjepa.train import train
+
+    shards = write_synthetic_corpus(tmp_path / "shards", {"toy": 16}, size=(240, 300), per_shard=16, val={"toy": 8})
+    base = [str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"), "--set", f"data.root={shards}", "--set", "data.loader={num_workers: 0}",
+            "--set", "train.log_every=1", "--set", "train.max_steps=2", "--set", "optim.epochs=1",
+            "--set", "optim.warmup_epochs=0"]
+    s1 = tmp_path / "s1"
+    assert train(base + ["--out", str(s1), "--set", "stage=1", "--set", "model.decoder.masking=multiblock",
+                         "--set", "model.arch={name: vit_test_tiny, pos_embed: sincos}"]) == 0
+    rec = [json.loads(x) for x in (s1 / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert rec and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rec)
+    s2 = tmp_path / "s2"
+    teacher = s1 / "export" / "encoder_last.safetensors"
+    assert train(base + ["--out", str(s2), "--set", f"model.teacher={teacher}", "--set", "model.loss=l1"]) == 0
+    rec = [json.loads(x) for x in (s2 / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    for key in ("loss_oracle_image_mean", "loss_oracle_position_mean", "loss_oracle_position_plus_image_mean",
+                "spread_pred_in_image", "spread_target_in_image"):
+        assert all(math.isfinite(r[key]) and r[key] >= 0 for r in rec), key
+    assert all(r["spread_target_in_image"] > 0 for r in rec)
