@@ -33,7 +33,9 @@ def dhash(gray: np.ndarray) -> int:
 @functools.lru_cache(maxsize=65536)
 def _file_hash(path: str, size: int, mtime_ns: int) -> int | None:
     img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    return None if img is None else dhash(img)
+    if img is None or float(img.std()) < 1.0:  # unreadable, or flat: no content to compare (all bits 0)
+        return None
+    return dhash(img)
 
 
 def file_dhash(path: str | os.PathLike) -> int | None:
