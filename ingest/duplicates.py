@@ -47,8 +47,9 @@ def file_dhash(path: str | os.PathLike) -> int | None:
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Bit differences between uint64 hashes, broadcasting."""
-    x = np.bitwise_xor(a, b)
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
+    x = np.bitwise_xor(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
+    flat = np.ascontiguousarray(x).reshape(-1).view(np.uint8).reshape(-1, 8)
+    return np.unpackbits(flat, axis=1).sum(1).reshape(x.shape)
 
 
 def duplicate_clusters(hashes: list[int | None], max_bits: int = NEAR_BITS) -> list[int]:
