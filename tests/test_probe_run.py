@@ -255,3 +255,24 @@ def test_our_probe_and_sklearn_agree_on_synthetic_stills_for_64d_and_768d_encode
         assert abs(lin - ref) <= 0.03, (enc, lin, ref)
         assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"] == 0
         assert all(s["best_epoch"] >= 30 for s in r["linear"]["seeds"])  # min_epochs: never epoch 1-2
+
+
+def test_our_probe_and_sklearn_agree_on_real_ddti_and_pocus(realdata, tmp_path):
+    """The shared real sets, 64-d random-init features: on DDTI (457 thyroid crops by patient) linear and
+    logreg land within 3 macro-F1 points on the mean over split draws; the POCUS clips named ``…pat1…``
+    are grouped by patient without any option. (On POCUS, 2-3 test clips per draw, the two still differ by
+    ~17 points on the mean of 4 draws: not asserted, see docs/probe.md.)"""
+    from benchmarks.probe_realdata import ddti_labels_csv
+
+    ddti = ddti_labels_csv(realdata / "ddti", tmp_path / "ddti")
+    res = probe_encoders({"64-d": f"random:{ARCH}"}, {"ddti": ddti, "pocus": realdata / "pocus"}, tmp_path / "out",
+                         seeds=2, split_draws=4, device="cpu", plots=False, frames_per_video=4,
+                         label_pattern={"pocus": r"^(Cov|Pneu|Reg)"})
+    assert "patient ids in file names" in res["datasets"]["pocus"]["grouping"]
+    assert res["datasets"]["pocus"]["leakage_any_draw"]["groups_in_two_splits"] == 0
+    gaps = {}
+    for d in ("ddti", "pocus"):
+        r = res["results"][d]["64-d"]
+        gaps[d] = r["linear"]["macro_f1"]["mean"] - r["logreg"]["macro_f1"]["mean"]
+        print(d, r["linear"]["per_draw"], r["logreg"]["per_draw"], f"gap {gaps[d]:+.3f}")
+    assert abs(gaps["ddti"]) <= 0.03, gaps
