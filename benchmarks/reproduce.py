@@ -17,7 +17,8 @@
 4. The probe (``usjepa.probe.run.probe_encoders``: linear and logreg on standardised features, ``--seeds``
    probe seeds) of a random init, the teacher and every student on DDTI (TI-RADS category, split grouped
    by patient) and on POCUS frames (lung finding, split grouped by video; the class with a single video is
-   left out), over ``--splits`` grouped split draws (default 10, features reused). What a test set of ~90 DDTI images or 3
+   left out), over ``--splits`` grouped split draws (default 10, features reused). What a test set of
+   ~90 DDTI images or 3
    POCUS videos scores depends on which patients or videos it holds (the same features: 0.126 on draw 0,
    0.170 ± 0.038 over 5 draws), and logreg has no seed spread at all, so the table gives the mean ± std
    over draws, and each comparison (teacher - random, student - teacher) is paired on the same draws.
@@ -156,7 +157,8 @@ def ddti_labelled(src: Path, out: Path) -> Path:
 
 def pocus_labelled(src: Path, out: Path, frames_per_video: int) -> Path:
     """POCUS: evenly spaced frames of each video, label = the manifest's class, group = the patient where the
-    file name names one (``pat<n>``) and the video otherwise, so that no video or patient straddles splits. Stills are left out (one frame would be a whole split's share of its class:
+    file name names one (``pat<n>``) and the video otherwise, so that no video or patient straddles splits.
+    Stills are left out (one frame would be a whole split's share of its class:
     a first run scored covid on a single test frame), then classes with fewer than 3 videos (train, val and
     test each need one)."""
     manifest = [r for r in csv.DictReader(open(src / "MANIFEST.csv", newline=""))

@@ -113,7 +113,8 @@ def test_multiblock_sincos_l1_runs_train_and_log_the_oracles(tmp_path):
     from usjepa.train import train
 
     shards = write_synthetic_corpus(tmp_path / "shards", {"toy": 16}, size=(240, 300), per_shard=16, val={"toy": 8})
-    base = [str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"), "--set", f"data.root={shards}", "--set", "data.loader={num_workers: 0}",
+    base = [str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"), "--set", f"data.root={shards}",
+            "--set", "data.loader={num_workers: 0}",
             "--set", "train.log_every=1", "--set", "train.max_steps=2", "--set", "optim.epochs=1",
             "--set", "optim.warmup_epochs=0"]
     s1 = tmp_path / "s1"

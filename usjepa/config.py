@@ -50,7 +50,7 @@ class DataSection:
 @dataclass
 class OptimSection:
     epochs: int = 100
-    schedule_epochs: float | None = None  # where the lr / wd cosines end (null: epochs); a run of N steps sets N / steps per epoch
+    schedule_epochs: float | None = None  # where the lr / wd cosines end (null: epochs); N steps: N / steps per epoch
     warmup_epochs: float = 10
     lr_start: float = 5.0e-6
     lr_peak: float = 5.0e-5
@@ -264,7 +264,8 @@ RANGES = {
     "data.batch_size": _AT_LEAST_1,
     "data.val_from_train": _range(lambda v: 0 <= v < 1, "in [0, 1)"),
     **{f"optim.{k}": r for k, r in {
-        "epochs": _AT_LEAST_1, "schedule_epochs": _POSITIVE, "warmup_epochs": _NON_NEGATIVE, "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
+        "epochs": _AT_LEAST_1, "schedule_epochs": _POSITIVE, "warmup_epochs": _NON_NEGATIVE,
+        "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
         "lr_final": _NON_NEGATIVE, "wd_start": _NON_NEGATIVE, "wd_final": _NON_NEGATIVE, "eps": _POSITIVE,
         "clip_grad": _POSITIVE, "betas": _range(lambda v: 0 <= v < 1, "in [0, 1)")}.items()},
     **{f"train.{k}": r for k, r in {

@@ -4,7 +4,8 @@ The encoder (the future teacher, same ViT as any other) sees a random 25 % of th
 (``masking: random``, MAE) or the context of the loader's I-JEPA multi-block masks (``masking: multiblock``,
 SALT's stage 1, V-JEPA-style pixel reconstruction: the same masks stage 2 predicts under); a small decoder
 puts mask tokens at the other positions and regresses their pixels (per-patch normalised, as MAE's
-``norm_pix_loss``) — every hidden patch for ``random``, the target blocks for ``multiblock``. Only masked patches inside the ultrasound region count: background is constant and
+``norm_pix_loss``) — every hidden patch for ``random``, the target blocks for ``multiblock``. Only masked
+patches inside the ultrasound region count: background is constant and
 would teach nothing. The decoder's parameters are named ``decoder*`` so that loading the encoder drops
 them, exactly as for URFM's released file.
 """

@@ -42,7 +42,8 @@ class ProbeSettingsError(ValueError):
 @dataclass(frozen=True)
 class ProbeConfig:
     """``lr_grid`` x ``wd_grid``: the Adam settings tried (``wd``: λ of the L2 penalty ``λ/2 |W|²`` added to the
-    mean cross-entropy, the weights only; λ = 1 / (C N) is logistic regression's C on N training rows), each seed keeping the one with the best validation
+    mean cross-entropy, the weights only; λ = 1 / (C N) is logistic regression's C on N training rows),
+    each seed keeping the one with the best validation
     macro F1 (ties: lower validation loss, then the earlier grid entry). ``min_epochs``: no epoch before it
     can be kept or start the patience count, so a tiny, noisy validation set cannot stop a probe at its
     first epochs (near the ~0 init, which predicts the majority class)."""

@@ -108,7 +108,8 @@ def _protocol_text(proto: dict) -> str:
     parts = []
     if "linear" in proto["classifiers"]:
         grid = " × ".join("{" + ", ".join(f"{v:g}" for v in p[k]) + "}" for k in ("lr_grid", "wd_grid"))
-        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (Adam + L2 on the weights, lr × λ from {grid} chosen per "
+        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (Adam + L2 on the weights, lr × λ from "
+                     f"{grid} chosen per "
                      f"seed by validation macro F1, batch {p['batch_size']}, cosine, ≤ {p['max_epochs']} epochs, "
                      f"early stopping on validation loss with patience {p['patience']}, no epoch before "
                      f"{p['min_epochs']} kept)")

@@ -182,7 +182,8 @@ def probe_dataset(encoder, draws: list[LabelledSet], seeds: list[int], *, prepro
     t_corrupt = time.perf_counter() - t0
 
     out = {"feature_dim": int(feats.shape[1]), "features_from_cache": table.from_cache,
-           "frames": counts, "frames_per_draw": [_frame_counts(d, table) for d in draws], "draw_ids": draw_ids, "skipped": table.skipped,
+           "frames": counts, "frames_per_draw": [_frame_counts(d, table) for d in draws], "draw_ids": draw_ids,
+           "skipped": table.skipped,
            "extraction_frames_per_s": table.frames_per_s}
     timing = {"features_s": round(t_feat, 3), "corrupted_features_s": round(t_corrupt, 3)}
     for clf in classifiers:
