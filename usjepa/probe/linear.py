@@ -49,7 +49,7 @@ class ProbeConfig:
     first epochs (near the ~0 init, which predicts the majority class)."""
 
     lr_grid: tuple[float, ...] = (1e-3, 1e-2)
-    wd_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0)  # λ of the L2 penalty
+    wd_grid: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0)  # λ of the L2 penalty
     batch_size: int = 32
     max_epochs: int = 150
     min_epochs: int = 30
