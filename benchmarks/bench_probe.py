@@ -125,7 +125,8 @@ def plain_probe(x, y, xv, yv, n_classes: int, seed: int, cfg: ProbeConfig) -> to
     gen = torch.Generator().manual_seed(seed)
     w0, b0 = _init_linear(gen, x.shape[1], n_classes)
     w, b = torch.nn.Parameter(w0), torch.nn.Parameter(b0)
-    opt = torch.optim.AdamW([w, b], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    (lr, l2), = cfg.settings()
+    opt = torch.optim.Adam([{"params": [w], "weight_decay": l2}, {"params": [b], "weight_decay": 0.0}], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.max_epochs)
     best, best_w = float("inf"), w.detach().clone()
     for _ in range(cfg.max_epochs):
@@ -164,7 +165,8 @@ def main(argv=None) -> dict:
     y = torch.randint(0, args.classes, (args.n,), generator=g)
     x = centres[y] + 2.0 * torch.randn(args.n, args.dim, generator=g)
     xv, yv = x[:64], y[:64]
-    cfg = ProbeConfig(patience=10**9)  # no early stopping: equal work on both sides
+    # one setting, no early stopping: equal work on both sides
+    cfg = ProbeConfig(lr_grid=(1e-3,), wd_grid=(1e-3,), patience=10**9, min_epochs=0)
     seeds = list(range(args.seeds))
 
     threads = torch.get_num_threads()

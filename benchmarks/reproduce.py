@@ -1,4 +1,4 @@
-"""One-command small reproduction on real ultrasound: ingest → stage-1 MAE teacher → SALT students → probe.
+"""One-command small reproduction on real ultrasound: ingest → stage-1 teacher → SALT students → probe.
 
     python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~45 min)
     python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
@@ -6,14 +6,19 @@
     make reproduce                                                   # = the first line, into repro_out/
 
 1. ``usjepa-ingest`` of ``../shared/realdata`` (POCUS videos and stills, BUSI, DDTI) into shards.
-2. Stage 1: a teacher by masked pixel reconstruction (``usjepa.train``, stage 1).
-3. Stage 2: SALT students against that frozen teacher, one per row of the ablation table: USrc off, USrc
-   on (the default: per-image mask lengths, targets sized against the grid, raw teacher targets), and
-   the ablations of one switch each: batch-minimum lengths, layer-normed targets, targets x |valid|.
+2. Stage 1: a teacher by pixel reconstruction under the multi-block masks (``usjepa.train``, stage 1,
+   ``model.decoder.masking: multiblock``: SALT's stage 1; the preset's ``stage1_masking: random`` is MAE's).
+3. Stage 2: SALT students against that frozen teacher, each with at least the teacher's budget (SALT gives
+   most compute to stage 2): by default the USrc-on student; ``--students`` adds rows of the ablation
+   table: USrc off, and one switch each: batch-minimum lengths, layer-normed targets, targets x |valid|.
+   Every run's lr and wd schedules end exactly at its last step (``optim.schedule_epochs``), and the
+   table gives the student's last loss beside the image-mean and position + image-mean oracles and the
+   prediction spread within an image against the targets' (``usjepa.models.salt.oracle_diagnostics``).
 4. The probe (``usjepa.probe.run.probe_encoders``: linear and logreg on standardised features, ``--seeds``
    probe seeds) of a random init, the teacher and every student on DDTI (TI-RADS category, split grouped
    by patient) and on POCUS frames (lung finding, split grouped by video; the class with a single video is
-   left out), repeated over ``--splits`` grouped split draws. What a test set of ~90 DDTI images or 3
+   left out), over ``--splits`` grouped split draws (default 10, features reused). What a test set of
+   ~90 DDTI images or 3
    POCUS videos scores depends on which patients or videos it holds (the same features: 0.126 on draw 0,
    0.170 ± 0.038 over 5 draws), and logreg has no seed spread at all, so the table gives the mean ± std
    over draws, and each comparison (teacher - random, student - teacher) is paired on the same draws.
@@ -49,7 +54,7 @@ import yaml
 
 from benchmarks.common import hardware, hardware_line, utc_now
 from benchmarks.probe_realdata import ddti_nodules
-from usjepa.probe.metrics import mean_std
+from usjepa.probe.data import DEFAULT_PATIENT_PATTERN
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(os.environ.get("USJEPA_REALDATA", REPO.parent / "shared" / "realdata"))
@@ -75,8 +80,9 @@ class Preset:
     students: tuple[str, ...]
     frames_per_video: int = 24
     probe_seeds: int = 5
-    split_draws: int = 5  # grouped train/val/test draws the probe is repeated over (split_seed 0..n-1)
+    split_draws: int = 10  # grouped train/val/test draws the probe is repeated over (split_seed 0..n-1)
     warmup_frac: float = 0.1
+    stage1_masking: str = "multiblock"  # SALT's stage 1: pixels under the multi-block masks; "random": MAE
 
 
 # Student variants: the switches each one sets on top of the stage-2 config (rows of the table).
@@ -89,28 +95,39 @@ VARIANTS = {
 }
 
 # "cpu": a 6 x 192 ViT (patch 16, 224 px), sized to the 60-minute budget on this 2-core machine when idle:
-# stage 1 runs 75-80 img/s (0.43 s a step), stage 2 ~24 img/s (1.33 s). The 4 x 96 ViT an earlier session
-# chose from rates measured under load (32 and 5.8 img/s) took 8 min idle, and its teacher did not separate
-# from random init even at 4000 steps (benchmarks/results/reproduce/README.md).
+# stage 1 runs 75-80 img/s (0.43 s a step), stage 2 ~24 img/s (1.33 s). SALT gives most of the compute to
+# stage 2, so each student trains at least as many steps (images) as the teacher: 800 teacher steps (~6 min)
+# and 1200 student steps (~27 min) for the default student; the ablation students (--students) cost 27 min
+# each. The earlier allocation (2500 teacher steps, 200 per student: the student saw 8 % of the teacher's
+# images, a summed lr of 0.062 vs 1.29) could not test SALT's claim. The 4 x 96 ViT an earlier session chose
+# from rates measured under load took 8 min idle, and its teacher did not separate from random init even at
+# 4000 steps (benchmarks/results/reproduce/README.md).
 PRESETS = {
     "cpu": Preset(arch="vit_tiny6_patch16_224", predictor={"embed_dim": 96, "depth": 3, "num_heads": 3},
                   decoder={"embed_dim": 128, "depth": 2, "num_heads": 4, "mask_ratio": 0.75}, batch_size=32,
-                  stage1_steps=2500, stage2_steps=200, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
-                  threads=2, bf16=False, compile=False, students=tuple(VARIANTS)),
+                  stage1_steps=800, stage2_steps=1200, stage1_lr=1.0e-3, stage2_lr=5.0e-4, backend="torch",
+                  threads=2, bf16=False, compile=False, students=("usrc on",)),
     # One GPU, batch 128: MAE's base lr 1.5e-4 and Table 5's 5e-5 as written; ~2700 frames make 5000
     # steps ~240 epochs. Not run yet (no GPU in the session that wrote it).
     "vitb16": Preset(arch="vit_base_patch16_224", predictor={"embed_dim": 384, "depth": 12, "num_heads": 12},
                      decoder={"embed_dim": 512, "depth": 8, "num_heads": 16, "mask_ratio": 0.75}, batch_size=128,
-                     stage1_steps=5000, stage2_steps=2000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
+                     stage1_steps=2000, stage2_steps=5000, stage1_lr=1.5e-4, stage2_lr=5.0e-5,
                      backend="dali", threads=None, bf16=True, compile=True, students=tuple(VARIANTS)),
 }
 # The CPU preset before it was resized (kept: the first runs and the teacher-steps check used it).
-PRESETS["cpu_4x96"] = replace(PRESETS["cpu"], arch="vit_test_small", stage1_steps=1000, stage2_steps=150,
+PRESETS["cpu_4x96"] = replace(PRESETS["cpu"], arch="vit_test_small", stage1_steps=1000, stage2_steps=1000,
                               predictor={"embed_dim": 48, "depth": 2, "num_heads": 2},
                               decoder={"embed_dim": 64, "depth": 1, "num_heads": 2, "mask_ratio": 0.75})
-# --quick: the cpu preset with fewer steps and the three students of the per-image-lengths ablation.
-QUICK = {"stage1_steps": 400, "stage2_steps": 60, "frames_per_video": 12,
-         "students": ("usrc off", "usrc on", "usrc on + batch-min lengths")}
+# --quick: the cpu preset with few steps (the student still gets the teacher's budget) and two students.
+QUICK = {"stage1_steps": 120, "stage2_steps": 120, "frames_per_video": 12, "split_draws": 4,
+         "students": ("usrc off", "usrc on")}
+
+
+def student_budget(preset: Preset) -> dict:
+    """Images each run sees, and the student's share of the teacher's (SALT: ≥ 1, most compute to stage 2)."""
+    return {"teacher_images": preset.stage1_steps * preset.batch_size,
+            "student_images": preset.stage2_steps * preset.batch_size,
+            "student_to_teacher": preset.stage2_steps / preset.stage1_steps}
 
 
 # ------------------------------------------------------------------------------------------ labelled sets
@@ -139,8 +156,9 @@ def ddti_labelled(src: Path, out: Path) -> Path:
 
 
 def pocus_labelled(src: Path, out: Path, frames_per_video: int) -> Path:
-    """POCUS: evenly spaced frames of each video, label = the manifest's class, group = the video, so that
-    no video straddles splits. Stills are left out (one frame would be a whole split's share of its class:
+    """POCUS: evenly spaced frames of each video, label = the manifest's class, group = the patient where the
+    file name names one (``pat<n>``) and the video otherwise, so that no video or patient straddles splits.
+    Stills are left out (one frame would be a whole split's share of its class:
     a first run scored covid on a single test frame), then classes with fewer than 3 videos (train, val and
     test each need one)."""
     manifest = [r for r in csv.DictReader(open(src / "MANIFEST.csv", newline=""))
@@ -153,13 +171,15 @@ def pocus_labelled(src: Path, out: Path, frames_per_video: int) -> Path:
         if sources_per_class[r["class"]] < 3:
             continue
         path = src / r["path"]
+        patient = re.search(DEFAULT_PATIENT_PATTERN, Path(r["path"]).name)  # Reg_pat1Image_…: clips of patient 1
+        group = f"patient {int(patient.group(1))}" if patient else f"source{k:02d}"
         frames = read_frames(path, frames_per_video)
         for j, frame in enumerate(frames):
             name = f"frames/{k:02d}_{j:03d}.png"
             if not (out / name).is_file():
                 (out / "frames").mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(out / name), frame)
-            rows.append((name, r["class"], f"source{k:02d}"))
+            rows.append((name, r["class"], group))
     return write_labels(out, rows)
 
 
@@ -185,15 +205,19 @@ def read_frames(path: Path, n: int) -> list[np.ndarray]:
 
 
 def train_config(preset: Preset, stage: int, shards: Path, steps: int, steps_per_epoch: int) -> dict:
-    """The trainer's YAML for one run: ``steps`` optimiser steps, the schedules spanning exactly them."""
+    """The trainer's YAML for one run: ``steps`` optimiser steps, the schedules spanning exactly them
+    (``optim.schedule_epochs`` = steps / steps per epoch: rounding the epochs up would cut the cosine at
+    200 of 249 scheduled steps)."""
     epochs = max(1, -(-steps // steps_per_epoch))
+    horizon = steps / steps_per_epoch
     return {
         "stage": stage, "seed": 0,
-        "model": {"arch": preset.arch, "teacher_arch": None, "predictor": preset.predictor, "decoder": preset.decoder},
+        "model": {"arch": preset.arch, "teacher_arch": None, "predictor": preset.predictor,
+                  "decoder": {**preset.decoder, "masking": preset.stage1_masking}},
         "data": {"root": str(shards), "batch_size": preset.batch_size, "backend": preset.backend,
                  "loader": {"num_workers": 1}},
         "masks": {},
-        "optim": {"epochs": epochs, "warmup_epochs": min(epochs, max(preset.warmup_frac * steps / steps_per_epoch, 0)),
+        "optim": {"epochs": epochs, "schedule_epochs": horizon, "warmup_epochs": preset.warmup_frac * horizon,
                   "lr_start": 0.0, "lr_peak": preset.stage1_lr if stage == 1 else preset.stage2_lr,
                   "lr_final": 0.0 if stage == 1 else (preset.stage2_lr / 100), "lr_scale": "none",
                   **({"wd_start": 0.05, "wd_final": 0.05} if stage == 1 else {"wd_start": 0.04, "wd_final": 0.4})},
@@ -240,44 +264,52 @@ def last_train_record(run: Path) -> dict:
 # ----------------------------------------------------------------------------------------------- reporting
 
 
-def split_summary(per_split: list[dict], datasets: list[str]) -> dict:
-    """Per dataset, encoder and classifier: the macro-F1 of each split draw (mean over probe seeds), their
-    mean ± std over draws, and the degenerate seeds. The draws' spread is the honest error bar of a small
-    test set: probe seeds share one split, so their spread misses which patients happened to be held out."""
+def split_summary(probe: dict, datasets: list[str]) -> dict:
+    """Per dataset, encoder and classifier of one ``probe_encoders`` result over several split draws: the
+    macro-F1 of each draw (mean over probe seeds), their mean ± std over draws, and the degenerate seeds.
+    The draws' spread is the honest error bar of a small test set: probe seeds share one split, so their
+    spread misses which patients happened to be held out."""
     out: dict = {}
     for d in datasets:
-        for enc in per_split[0]["results"][d]:
-            for clf, r0 in per_split[0]["results"][d][enc].items():
-                if not isinstance(r0, dict) or "macro_f1" not in r0:
+        for enc, r in probe["results"][d].items():
+            for clf, rc in r.items():
+                if not isinstance(rc, dict) or "per_draw" not in rc:
                     continue
-                draws = [p["results"][d][enc][clf] for p in per_split]
-                f1 = [r["macro_f1"]["mean"] for r in draws]
                 out.setdefault(d, {}).setdefault(enc, {})[clf] = {
-                    "per_split": f1, **mean_std(f1),
-                    "probe_seed_std": float(np.mean([r["macro_f1"]["std"] for r in draws])),
-                    "degenerate_seeds": sum(r["degenerate_seeds"] for r in draws),
-                    "seeds": sum(len(r["seeds"]) for r in draws)}
+                    "per_split": rc["per_draw"], "draw_ids": rc["draw_ids"], **rc["macro_f1"],
+                    "probe_seed_std": rc["probe_seed_std"], "degenerate_seeds": rc["degenerate_seeds"],
+                    "seeds": len(rc["seeds"])}
     return out
 
 
 def paired(summary: dict, a: str, b: str) -> dict:
-    """a - b on the same split draws, per dataset and classifier: mean ± std of the differences and how many
-    draws a won (pairing removes the between-split variance both share)."""
+    """a - b on the same split draws, per dataset and classifier (``usjepa.probe.draws.paired_difference``:
+    mean ± std of the differences, draws a won, and whether the difference exceeds its spread)."""
+    from usjepa.probe.draws import paired_difference
+
     out: dict = {}
     for d, encs in summary.items():
         if a not in encs or b not in encs:
             continue
         for clf in encs[a]:
-            diff = np.subtract(encs[a][clf]["per_split"], encs[b][clf]["per_split"])
-            out.setdefault(d, {})[clf] = {**mean_std(diff), "wins": int((diff > 0).sum()), "draws": len(diff)}
+            fa = dict(zip(encs[a][clf]["draw_ids"], encs[a][clf]["per_split"]))
+            fb = dict(zip(encs[b][clf]["draw_ids"], encs[b][clf]["per_split"]))
+            common = [k for k in fa if k in fb]
+            out.setdefault(d, {})[clf] = paired_difference([fa[k] for k in common], [fb[k] for k in common])
     return out
+
+
+DIAGNOSTICS = (("loss", "last train loss"), ("loss_oracle_image_mean", "oracle: image mean"),
+               ("loss_oracle_position_plus_image_mean", "oracle: position + image mean"),
+               ("spread_pred_in_image", "spread pred"), ("spread_target_in_image", "spread target"))
 
 
 def table(summary: dict, training: dict) -> str:
     datasets = list(summary)
     cols = [(d, c) for d in datasets for c in next(iter(summary[d].values()))]
-    head = "| encoder | " + " | ".join(f"{d} macro-F1 ({c})" for d, c in cols) + " | last train loss | std student |"
-    lines = [head, "|" + "---|" * (len(cols) + 3)]
+    head = ("| encoder | " + " | ".join(f"{d} macro-F1 ({c})" for d, c in cols) + " | "
+            + " | ".join(t for _, t in DIAGNOSTICS) + " |")
+    lines = [head, "|" + "---|" * (len(cols) + 1 + len(DIAGNOSTICS))]
     for enc in summary[datasets[0]]:
         cells = []
         for d, c in cols:
@@ -285,9 +317,8 @@ def table(summary: dict, training: dict) -> str:
             flag = f" ⚠{r['degenerate_seeds']}/{r['seeds']}" if r["degenerate_seeds"] else ""
             cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}{flag}")
         tr = training.get(enc, {})
-        loss = f"{tr['loss']:.4f}" if "loss" in tr else "–"
-        std = f"{tr['std_student']:.3f}" if "std_student" in tr else "–"
-        lines.append(f"| {enc} | " + " | ".join(cells) + f" | {loss} | {std} |")
+        cells += [f"{tr[k]:.4f}" if k in tr else "–" for k, _ in DIAGNOSTICS]
+        lines.append(f"| {enc} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -297,7 +328,7 @@ def paired_table(comparisons: dict) -> str:
     lines = ["| difference | " + " | ".join(f"{d} ({c})" for d, c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, comp in comparisons.items():
         cells = [f"{comp[d][c]['mean']:+.3f} ± {comp[d][c]['std']:.3f} ({comp[d][c]['wins']}/{comp[d][c]['draws']})"
-                 for d, c in cols]
+                 + (" ✔" if comp[d][c].get("decided") else "") for d, c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -312,9 +343,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stage2-steps", type=int)
     ap.add_argument("--stage2-lr", type=float, help="the students' peak lr (default: the preset's)")
     ap.add_argument("--seeds", type=int, help="probe seeds per split draw (default 5)")
-    ap.add_argument("--splits", type=int, help="grouped split draws to probe over (default 5)")
+    ap.add_argument("--splits", type=int, help="grouped split draws to probe over (default 10)")
     ap.add_argument("--students", help="comma-separated subset of: " + ", ".join(VARIANTS))
-    ap.add_argument("--probe-lr", type=float, help="the linear probe's lr (default: the probe's own)")
+    ap.add_argument("--probe-lr", type=float, help="one linear-probe lr instead of the probe's grid")
     ap.add_argument("--probe-patience", type=int, help="the probe's early-stopping patience (default: its own)")
     ap.add_argument("--reuse-shards", action="store_true",
                     help="use OUT/shards as they are (e.g. to re-probe after the ingest code changed, which makes "
@@ -338,6 +369,9 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown students {unknown}; known: {list(VARIANTS)}")
         preset = replace(preset, students=names)
+    if preset.stage2_steps < preset.stage1_steps:
+        log.warning("each student trains %d steps, the teacher %d: SALT gives stage 2 at least stage 1's budget, "
+                    "so this run does not test its claim", preset.stage2_steps, preset.stage1_steps)
     for sub in ("pocus", "busi", "ddti"):
         if not (args.realdata / sub).is_dir():
             ap.error(f"{args.realdata / sub} not found (set --realdata or USJEPA_REALDATA)")
@@ -387,17 +421,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     from usjepa.probe.run import probe_encoders
 
-    probe_cfg = {k: v for k, v in (("lr", args.probe_lr), ("patience", args.probe_patience)) if v is not None}
-    suffix = tag2 + "".join(f"_probe_{k}{v:g}" for k, v in probe_cfg.items())  # another probe: other files
-    per_split = []
-    for k in range(preset.split_draws):  # the features are extracted once: later draws read the cache
-        probe = probe_encoders(encoders, {d: str(v) for d, v in labelled.items()}, out / f"probe{suffix}" / f"split{k}",
-                               seeds=preset.probe_seeds, split_seed=k, batch_size=32, workers=1, plots=False,
-                               probe=probe_cfg or None, cache_dir=out / "feature_cache")
-        per_split.append(probe)
-    summary = split_summary(per_split, list(labelled))
+    chosen = {k: v for k, v in (("lr", args.probe_lr), ("patience", args.probe_patience)) if v is not None}
+    suffix = tag2 + "".join(f"_probe_{k}{v:g}" for k, v in chosen.items())  # another probe: other files
+    probe_cfg = {"lr_grid": (chosen["lr"],)} if "lr" in chosen else {}
+    probe_cfg.update({"patience": chosen["patience"]} if "patience" in chosen else {})
+    # the features are extracted once: the split draws reuse them
+    probe = probe_encoders(encoders, {d: str(v) for d, v in labelled.items()}, out / f"probe{suffix}",
+                           seeds=preset.probe_seeds, split_draws=preset.split_draws, batch_size=32, workers=1,
+                           plots=False, probe=probe_cfg or None, cache_dir=out / "feature_cache")
+    summary = split_summary(probe, list(labelled))
     # a guess drawn with the test set's class frequencies q_c has expected precision = recall = q_c per class
-    chance = {d: 1 / len(per_split[0]["datasets"][d]["classes"]) for d in labelled}
+    chance = {d: 1 / len(probe["datasets"][d]["classes"]) for d in labelled}
     pairs = [("stage-1 teacher", "random init")] + [(e, "stage-1 teacher") for e in encoders if e.startswith("student")]
     comparisons = {f"{a} − {b}": paired(summary, a, b) for a, b in pairs}
     times["probe"] = time.perf_counter() - t0
@@ -410,14 +444,15 @@ def main(argv=None) -> int:
         "command": "python -m benchmarks.reproduce " + " ".join(argv_used),
         "reduced": bool(args.quick or args.stage1_steps or args.stage2_steps or args.stage2_lr or args.students
                         or args.seeds or args.splits),
-        "probe_overrides": probe_cfg, "reused_shards": bool(args.reuse_shards),
+        "probe_overrides": chosen, "reused_shards": bool(args.reuse_shards),
         "preset": args.preset, "config": asdict(preset), "variants": {k: VARIANTS[k] for k in preset.students},
         "steps_per_epoch": spe, "encoders": encoders, "training": training,
         "summary": summary, "paired": comparisons, "chance_macro_f1": chance,
-        "probe": {"protocol": probe["protocol"],  # each draw's whole results: OUT/probe*/split<k>/
-                  "splits": [{"split_seed": k, "counts": {d: p["datasets"][d]["counts"] for d in p["datasets"]},
-                              "leakage": {d: p["datasets"][d]["leakage"] for d in p["datasets"]}}
-                             for k, p in enumerate(per_split)]},
+        "budget": student_budget(preset),
+        "probe": {"protocol": probe["protocol"],  # the whole results: OUT/probe*/probe_results.json
+                  "datasets": {d: {k: probe["datasets"][d][k] for k in ("counts", "grouping", "leakage",
+                                                                         "leakage_any_draw", "duplicates")}
+                               for d in probe["datasets"]}},
         "seconds": times, "hardware": hardware(), "date_utc": utc_now(),
     }
     md = (f"# Reproduction ({'reduced' if res['reduced'] else 'full'} `{args.preset}` preset)\n\n"
@@ -426,7 +461,8 @@ def main(argv=None) -> int:
           f"Macro-F1 on the test split: mean ± std over {preset.split_draws} grouped split draws (each the mean of "
           f"{preset.probe_seeds} probe seeds); ⚠k/n: probe seeds that predicted one class. Chance (guessing "
           f"with the test set's class frequencies): " + ", ".join(f"{d} {v:.3f}" for d, v in chance.items()) + ".\n\n"
-          + table(summary, training) + "\n\nPaired differences on the same split draws (mean ± std; draws won):"
+          + table(summary, training) + "\n\nPaired differences on the same split draws (mean ± std; draws won; "
+          "✔: the difference exceeds its spread):"
           "\n\n" + paired_table(comparisons) + "\n")
     names = (f"reproduce{suffix}.json", f"reproduce{suffix}.md")
     (out / names[0]).write_text(json.dumps(res, indent=2, default=str) + "\n")

@@ -32,6 +32,8 @@ Labels (``labels``):
 Splits (``assign_splits``): a group is in validation when ``split_of_group`` says so (sha1 of the group),
 and a dataset with at least ``MIN_GROUPS_FOR_VAL`` groups of which the hash put none in validation gets its
 group with the smallest split hash moved there, so a large enough dataset is never validated on nothing.
+Groups holding copies of one still (equal or near-equal perceptual hash, ``usjepa.ingest.duplicates``) then
+share the split of the first of them by name (``duplicates_share_a_split``, logged).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -51,6 +54,8 @@ import yaml
 from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows
 from usjepa.ingest.readers import kind_of
 from usjepa.shards.format import DEFAULT_VAL_FRACTION, dataset_slug, split_of_group, stable_unit_hash
+
+log = logging.getLogger(__name__)
 
 # Label masks that datasets ship beside their images are annotations, not ultrasound frames: BUSI's
 # "benign (1)_mask.png" and, for images with several lesions, "benign (4)_mask_1.png", "_mask_2", ...
@@ -352,8 +357,45 @@ def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION) 
         if len(groups) >= MIN_GROUPS_FOR_VAL and val_fraction > 0 and "val" not in mine.values():
             mine[min(groups, key=lambda g: stable_unit_hash("split\0" + g))] = "val"
         split.update(mine)
+    split.update(duplicates_share_a_split(listing.sources, split))
     sources = [dataclasses.replace(s, split=split[s.group]) for s in listing.sources]
     return dataclasses.replace(listing, sources=sources)
+
+
+def duplicates_share_a_split(sources: list[Source], split: dict[str, str]) -> dict[str, str]:
+    """Groups holding copies of one still (``usjepa.ingest.duplicates``: equal or near-equal dHash) -> the
+    split of the first of them by name, so a validation image is never a copy of a training one."""
+    from usjepa.ingest.duplicates import duplicate_clusters, file_dhash
+
+    stills = [s for s in sources if s.kind == "still"]
+    hashes = []
+    for s in stills:
+        try:
+            hashes.append(file_dhash(s.path))
+        except OSError:  # unreadable: ingest skips it later, with its reason
+            hashes.append(None)
+    joined: dict[int, set[str]] = {}
+    for s, c in zip(stills, duplicate_clusters(hashes)):
+        joined.setdefault(c, set()).add(s.group)
+    moved: dict[str, str] = {}
+    parent: dict[str, str] = {}  # groups joined through shared copies, transitively
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    for groups in joined.values():
+        first = min(find(g) for g in groups)
+        for g in groups:
+            parent[find(g)] = first
+    for g in parent:
+        if split[g] != split[find(g)]:
+            moved[g] = split[find(g)]
+    if moved:
+        log.warning("%d group(s) hold copies of images in another group (perceptual hash): moved to their "
+                    "copies' split so that no validation image is a copy of a training one", len(moved))
+    return moved
 
 
 def group_counts(sources: list[Source]) -> dict[str, dict[str, int]]:

@@ -182,9 +182,8 @@ def test_a_dataset_with_20_groups_validates_on_at_least_one(tmp_path):
     names = [f"p{i}" for i in range(400) if split_of_group(f"ds:p{i}") == "train"][:MIN_GROUPS_FOR_VAL]
     root = tmp_path / "ds"
     root.mkdir()
-    img = _scan_frames(1, 8, 8)[0]
-    for name in names:
-        cv2.imwrite(str(root / f"{name}.png"), img)
+    for k, name in enumerate(names):  # distinct images: copies of one image would share one split
+        cv2.imwrite(str(root / f"{name}.png"), _scan_frames(1, 32, 32, seed=k)[0])
     listing = assign_splits(list_sources([DatasetSpec("ds", root, group_pattern=r"^(p\d+)")]))
     assert sum(s.split == "val" for s in listing.sources) == 1
     fewer = assign_splits(list_sources([DatasetSpec("ds", root, group_pattern=r"^(p\d+)", exclude=("p1*",))]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -347,6 +348,7 @@ def test_sources_and_groups_unite_into_split_units(tmp_path):
     ds = load_labelled(_write_csv(tmp_path, rows))
     assert len(ds.items) == 24  # the two frame rows of each file are one item
     assert ds.leakage == {"sources": 24, "groups": 12, "sources_in_two_splits": 0, "groups_in_two_splits": 0,
+                          "duplicates_in_two_splits": 0,
                           "examples": []}
     # without a group column the files are still their own units; with a pattern, patients are
     rows_no_group = [{k: v for k, v in r.items() if k != "group"} for r in rows]
@@ -365,3 +367,82 @@ def test_a_file_in_two_groups_joins_them():
 
     units = split_units([item("x.png", "g1"), item("x.png", "g2"), item("y.png", "g2"), item("z.png", "g3")])
     assert units[0] == units[1] == units[2] != units[3]
+
+
+def test_batched_probe_matches_torch_adam_with_l2_per_setting():
+    """Each (lr, λ) probe of the batched grid moves exactly as a plain autograd run with torch's Adam
+    (``weight_decay`` = coupled L2 on the weights, none on the bias) would alone, and each seed keeps the
+    setting with the best validation macro F1."""
+    from benchmarks.bench_probe import plain_probe
+
+    x, y = _blobs(30, 3, 12, sep=1.0, seed=5)
+    xv, yv = _blobs(10, 3, 12, sep=1.0, seed=6)
+    grid = ProbeConfig(lr_grid=(1e-3, 1e-2), wd_grid=(1e-3, 0.3), max_epochs=12, patience=10**9, min_epochs=0)
+    chosen = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 4], cfg=grid, normalise=False)
+    for i, seed in enumerate([0, 4]):
+        scores = {}
+        for lr, l2 in grid.settings():
+            one = ProbeConfig(lr_grid=(lr,), wd_grid=(l2,), max_epochs=12, patience=10**9, min_epochs=0)
+            w = plain_probe(x, y, xv, yv, 3, seed, one)
+            alone = train_linear_probes(x, y, xv, yv, 3, seeds=[seed], cfg=one, normalise=False)
+            assert torch.allclose(alone.weight[0], w, atol=1e-5)
+            scores[(lr, l2)] = (-alone.val_macro_f1[0], alone.best_val_loss[0])
+        best = min(grid.settings(), key=lambda s: (*scores[s], grid.settings().index(s)))
+        assert (chosen.lr[i], chosen.weight_decay[i]) == best
+
+
+def test_early_stopping_keeps_no_epoch_before_min_epochs():
+    x, y = _blobs(20, 3, 64, sep=0.3, seed=7)  # barely separable: validation loss is lowest at once
+    xv, yv = _blobs(4, 3, 64, sep=0.3, seed=8)
+    probes = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2], cfg=ProbeConfig(max_epochs=80, patience=5))
+    assert all(30 <= b <= r for b, r in zip(probes.best_epoch, probes.epochs_run))
+    early = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2],
+                                cfg=ProbeConfig(max_epochs=80, patience=5, min_epochs=1))
+    assert min(early.best_epoch) < 30  # without the floor this set stops early: the floor is what holds it
+
+
+def test_patient_ids_in_file_names_group_files_by_default(tmp_path):
+    """Clips named ``…pat1…`` of one patient land in one split without any option, and the split summary
+    says so; another patient number is another group."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for p in range(6):
+            for clip in range(3):
+                img = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+                cv2.imwrite(str(tmp_path / cls / f"{cls.upper()}_pat{p}Image_{clip}.png"), img)
+    data = load_labelled(tmp_path)
+    assert len({it.group for it in data.items}) == 6  # pat0..pat5, whichever class folder
+    assert data.leakage["groups_in_two_splits"] == 0
+    for p in range(6):
+        assert len({it.split for it in data.items if f"_pat{p}Image" in it.rel}) == 1
+    assert "patient ids in file names (36 file(s) match" in data.grouping
+    explicit = load_labelled(tmp_path, group_pattern=r"_(pat\d)I")
+    assert "patient ids" not in explicit.grouping
+
+
+def test_duplicate_images_are_found_across_classes_and_kept_in_one_split(tmp_path):
+    """The same picture under two labels (as in BUSI), and a rescaled JPEG re-export of another, are one
+    duplicate group each: reported, kept in one split on every draw; distinct images are never joined."""
+    from usjepa.ingest.duplicates import dhash, hamming
+
+    rng = np.random.default_rng(1)
+    imgs = [cv2.GaussianBlur(rng.integers(0, 255, (96, 128), dtype=np.uint8), (9, 9), 3) for _ in range(24)]
+    for cls in ("benign", "malignant", "normal"):
+        (tmp_path / cls).mkdir()
+    for k, img in enumerate(imgs):
+        cv2.imwrite(str(tmp_path / ("benign", "malignant", "normal")[k % 3] / f"img{k}.png"), img)
+    cv2.imwrite(str(tmp_path / "malignant" / "copy_of_0.png"), imgs[0])  # benign img0, again as malignant
+    cv2.imwrite(str(tmp_path / "normal" / "reexport_of_5.jpg"), cv2.resize(imgs[5], (160, 120)),
+                [cv2.IMWRITE_JPEG_QUALITY, 70])
+    hashes = np.array([dhash(i) for i in imgs], dtype=np.uint64)
+    assert hamming(hashes[:, None], hashes[None, :])[np.triu_indices(len(imgs), 1)].min() > 4  # distinct stay apart
+    for k in range(4):
+        data = load_labelled(tmp_path, split_seed=k)
+        dup = data.duplicates
+        assert (dup["clusters"], dup["files_in_clusters"], dup["clusters_with_two_labels"]) == (2, 4, 1)
+        split = {it.rel: it.split for it in data.items}
+        assert split["benign/img0.png"] == split["malignant/copy_of_0.png"]
+        assert split["normal/img5.png"] == split["normal/reexport_of_5.jpg"]
+        assert data.leakage["duplicates_in_two_splits"] == 0
+    assert "duplicate-image group(s) kept in one split" in data.grouping

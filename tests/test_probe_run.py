@@ -75,7 +75,8 @@ def test_end_to_end_probe_writes_json_markdown_and_plots(images, tmp_path):
         r = res["results"]["probe_images0"][enc]
         for clf in ("linear", "logreg"):
             lin = r[clf]
-            assert len(lin["seeds"]) == 2 and lin["per_class_f1"].keys() == set(ds["classes"])
+            assert lin["draws"] == 10 and len(lin["per_draw"]) == 10  # ten grouped split draws by default
+            assert len(lin["seeds"]) == 2 * 10 and lin["per_class_f1"].keys() == set(ds["classes"])
             assert 0.0 <= lin["macro_f1"]["mean"] <= 1.0 and lin["macro_f1"]["std"] >= 0.0
             assert list(lin["fewshot"]) == ["0.01", "0.05", "0.1", "0.5", "1"]
             assert lin["fewshot"]["0.01"]["n_train"] == 3  # at least one label per class
@@ -89,6 +90,12 @@ def test_end_to_end_probe_writes_json_markdown_and_plots(images, tmp_path):
     assert "| random |" in md and "| student |" in md
     assert "groups found in two splits: 0" in md
     assert "± " in md and "speckle ε=3" in md
+    pair = res["paired"]["probe_images0"]["logreg"][0]
+    assert (pair["a"], pair["b"], pair["draws"]) == ("random", "student", 10)
+    diff = np.subtract(res["results"]["probe_images0"]["random"]["logreg"]["per_draw"],
+                       res["results"]["probe_images0"]["student"]["logreg"]["per_draw"])
+    assert pair["mean"] == pytest.approx(diff.mean()) and pair["wins"] == int((diff > 0).sum())
+    assert "Paired macro-F1 differences on the same split draws" in md and pair["verdict"] in md
     for name in ("probe_fewshot_probe_images0.png", "probe_robustness_probe_images0.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -217,26 +224,55 @@ def test_real_busi(realdata, tmp_path):
     assert (tmp_path / "out" / "probe_table.md").is_file()
 
 
-def test_our_probe_and_sklearn_agree_on_the_synthetic_corpus(tmp_path):
-    """Same cached features, same split: the Table 6 probe on standardised features and scikit-learn's
-    logistic regression land within 3 macro-F1 points (issue #10's criterion) (864 synthetic breast stills from six corpus seeds;
-    at this size the regularisation that logreg tunes on validation no longer decides the score)."""
+def test_our_probe_and_sklearn_agree_on_synthetic_stills_for_64d_and_768d_encoders(tmp_path):
+    """Same cached features, same split draws: the Table 6 probe (lr x wd chosen on validation, no epoch
+    before min_epochs kept) and scikit-learn's logistic regression land within 3 macro-F1 points on the mean
+    over draws, for a 64-d and a 768-d encoder, and neither collapses (issue 22). Per draw they differ by
+    a few test images (~60 test stills here: one image is ~1.7 points)."""
     import os
 
     from usjepa.ingest.synthetic import BREAST_CLASSES, make_synthetic_corpus
 
     stills = tmp_path / "breast"
-    for s in range(6):
+    for s in range(2):
         make_synthetic_corpus(tmp_path / f"corpus{s}", "demo", seed=s)
         for cls in BREAST_CLASSES:
             (stills / cls).mkdir(parents=True, exist_ok=True)
             for p in (tmp_path / f"corpus{s}" / "syn_breast" / cls).iterdir():
                 os.symlink(p, stills / cls / f"s{s}_{p.name}")
-    res = probe_encoders({"random": f"random:{ARCH}"}, stills, tmp_path / "out", seeds=5, device="cpu", plots=False)
-    r = res["results"]["breast"]["random"]
-    assert sum(sum(c.values()) for c in r["frames"].values()) == 6 * 3 * 48
-    lin, ref = r["linear"]["macro_f1"]["mean"], r["logreg"]["macro_f1"]["mean"]
-    assert lin > 0.38 and ref > 0.38  # above chance (1/3, ±0.04 on 174 test images): both learned something
-    print(f"probe {lin:.4f} sklearn {ref:.4f} gap {abs(lin - ref):.4f}")
-    assert abs(lin - ref) <= 0.03, (lin, ref)
-    assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"] == 0
+    torch.manual_seed(0)
+    wide = export_encoder_safetensors(build_vit({"name": ARCH, "embed_dim": 768, "num_heads": 12, "depth": 1}),
+                                      tmp_path / "wide.safetensors")
+    res = probe_encoders({"64-d": f"random:{ARCH}", "768-d": str(wide)}, stills, tmp_path / "out", seeds=2,
+                         split_draws=5, device="cpu", plots=False)
+    for enc, dim in (("64-d", 64), ("768-d", 768)):
+        r = res["results"]["breast"][enc]
+        assert r["feature_dim"] == dim and r["linear"]["draws"] == r["logreg"]["draws"] == 5
+        lin, ref = r["linear"]["macro_f1"]["mean"], r["logreg"]["macro_f1"]["mean"]
+        per_draw = np.subtract(r["linear"]["per_draw"], r["logreg"]["per_draw"])
+        print(f"{enc}: probe {lin:.4f} sklearn {ref:.4f} gap {lin - ref:+.4f}, per draw {np.round(per_draw, 3)}")
+        assert lin > 0.45 and ref > 0.45  # above chance (1/3): both learned something
+        assert abs(lin - ref) <= 0.03, (enc, lin, ref)
+        assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"] == 0
+        assert all(s["best_epoch"] >= 30 for s in r["linear"]["seeds"])  # min_epochs: never epoch 1-2
+
+
+def test_our_probe_and_sklearn_agree_on_real_ddti_and_pocus(realdata, tmp_path):
+    """The shared real sets, 64-d random-init features: on DDTI (457 thyroid crops by patient) linear and
+    logreg land within 3 macro-F1 points on the mean over split draws; the POCUS clips named ``…pat1…``
+    are grouped by patient without any option. (On POCUS, 2-3 test clips per draw, the two still differ by
+    ~17 points on the mean of 4 draws: not asserted, see docs/probe.md.)"""
+    from benchmarks.probe_realdata import ddti_labels_csv
+
+    ddti = ddti_labels_csv(realdata / "ddti", tmp_path / "ddti")
+    res = probe_encoders({"64-d": f"random:{ARCH}"}, {"ddti": ddti, "pocus": realdata / "pocus"}, tmp_path / "out",
+                         seeds=2, split_draws=4, device="cpu", plots=False, frames_per_video=4,
+                         label_pattern={"pocus": r"^(Cov|Pneu|Reg)"})
+    assert "patient ids in file names" in res["datasets"]["pocus"]["grouping"]
+    assert res["datasets"]["pocus"]["leakage_any_draw"]["groups_in_two_splits"] == 0
+    gaps = {}
+    for d in ("ddti", "pocus"):
+        r = res["results"][d]["64-d"]
+        gaps[d] = r["linear"]["macro_f1"]["mean"] - r["logreg"]["macro_f1"]["mean"]
+        print(d, r["linear"]["per_draw"], r["logreg"]["per_draw"], f"gap {gaps[d]:+.3f}")
+    assert abs(gaps["ddti"]) <= 0.03, gaps

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -17,6 +19,8 @@ def fake_image(path: Path, value: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img = np.full((64, 64), value, np.uint8)
     img[16:48, 16:48] = 255 - value
+    # texture of its own: the same square at another brightness would be one picture to the duplicate check
+    img = cv2.GaussianBlur(img + np.random.default_rng(value).integers(0, 40, img.shape, dtype=np.uint8), (7, 7), 2)
     cv2.imwrite(str(path), img)
 
 
@@ -78,25 +82,41 @@ def test_size_knobs_and_configs():
     spe = 50
     cfg = reproduce.train_config(reproduce.PRESETS["cpu"], 2, Path("shards"), 120, spe)
     assert cfg["train"]["max_steps"] == 120 and cfg["optim"]["epochs"] == 3 and cfg["optim"]["lr_scale"] == "none"
+    # the schedules end at the 120th step, not at the 150 of three whole epochs
+    assert cfg["optim"]["schedule_epochs"] == pytest.approx(2.4) and cfg["optim"]["warmup_epochs"] == pytest.approx(0.24)
     assert cfg["model"]["arch"] == "vit_tiny6_patch16_224" and cfg["optim"]["lr_peak"] == 5e-4
+    assert cfg["model"]["decoder"]["masking"] == "multiblock"  # SALT's stage 1
     assert set(reproduce.QUICK["students"]) <= set(reproduce.VARIANTS)
+    for name, preset in reproduce.PRESETS.items():  # SALT's allocation: each student >= the teacher's images
+        assert reproduce.student_budget(preset)["student_to_teacher"] >= 1, name
+        assert preset.split_draws >= 10, name
+    quick = replace(reproduce.PRESETS["cpu"], **reproduce.QUICK)
+    assert reproduce.student_budget(quick)["student_to_teacher"] >= 1
+    from usjepa.config import load_config
+
+    written = reproduce.train_config(quick, 1, Path("shards"), quick.stage1_steps, 7)
+    with_overrides = [f"{sec}.{k}={json.dumps(v)}" for sec in ("optim",) for k, v in written["optim"].items()]
+    assert load_config(None, with_overrides + ["stage=1"]).optim.schedule_epochs == pytest.approx(120 / 7)
     with pytest.raises(SystemExit):
         reproduce.main(["--students", "usrc sideways", "--out", "unused"])
 
 
-def _draw(f1: dict) -> dict:
-    """A probe_encoders result of one split draw: {encoder: (linear seed F1s, degenerate seeds)} on 'ddti'."""
-    return {"results": {"ddti": {enc: {"linear": {"macro_f1": {"mean": float(np.mean(v)), "std": float(np.std(v))},
-                                                  "degenerate_seeds": deg, "seeds": [{}] * len(v)},
+def _probe(per_draw: dict) -> dict:
+    """A probe_encoders result over split draws: {encoder: (per-draw linear F1s, draw ids, degenerate)}."""
+    return {"results": {"ddti": {enc: {"linear": {"per_draw": v, "draw_ids": ids,
+                                                  "macro_f1": {"mean": float(np.mean(v)),
+                                                               "std": float(np.std(v, ddof=1))},
+                                                  "probe_seed_std": 0.01, "degenerate_seeds": deg,
+                                                  "seeds": [{}] * (2 * len(v))},
                                        "feature_dim": 96}
-                                 for enc, (v, deg) in f1.items()}}}
+                                 for enc, (v, ids, deg) in per_draw.items()}}}
 
 
 def test_split_draws_summary_and_paired_differences():
-    draws = [_draw({"random init": ([0.10, 0.12], 0), "stage-1 teacher": ([0.20, 0.22], 1)}),
-             _draw({"random init": ([0.30, 0.30], 0), "stage-1 teacher": ([0.25, 0.25], 0)}),
-             _draw({"random init": ([0.20, 0.20], 0), "stage-1 teacher": ([0.30, 0.30], 0)})]
-    summary = reproduce.split_summary(draws, ["ddti"])
+    probe = _probe({"random init": ([0.11, 0.30, 0.20], [0, 1, 2], 0),
+                    "stage-1 teacher": ([0.21, 0.25, 0.30], [0, 1, 2], 1),
+                    "student": ([0.31, 0.40], [0, 2], 0)})  # draw 1 left out for it
+    summary = reproduce.split_summary(probe, ["ddti"])
     teacher = summary["ddti"]["stage-1 teacher"]["linear"]
     assert teacher["per_split"] == pytest.approx([0.21, 0.25, 0.30])
     assert teacher["mean"] == pytest.approx(0.76 / 3)
@@ -105,6 +125,12 @@ def test_split_draws_summary_and_paired_differences():
     assert "feature_dim" not in summary["ddti"]["random init"]  # only classifier entries are summarised
     diff = reproduce.paired(summary, "stage-1 teacher", "random init")["ddti"]["linear"]
     assert diff["mean"] == pytest.approx(np.mean([0.10, -0.05, 0.10])) and (diff["wins"], diff["draws"]) == (2, 3)
-    md = reproduce.table(summary, {"stage-1 teacher": {"loss": 0.9}})
-    assert "0.253 ± 0.045 ⚠1/6" in md and "| random init | 0.203 ± 0.095 | – | – |" in md
-    assert "(2/3)" in reproduce.paired_table({"stage-1 teacher − random init": {"ddti": {"linear": diff}}})
+    assert not diff["decided"]  # +0.05 ± 0.087: within its spread
+    student = reproduce.paired(summary, "student", "stage-1 teacher")["ddti"]["linear"]
+    assert (student["draws"], student["wins"]) == (2, 2) and student["mean"] == pytest.approx(0.10)
+    assert student["decided"]  # +0.10 ± 0 on the two shared draws
+    md = reproduce.table(summary, {"stage-1 teacher": {"loss": 0.9, "loss_oracle_image_mean": 0.95}})
+    assert "0.253 ± 0.045 ⚠1/6" in md and "| 0.9000 | 0.9500 | – | – | – |" in md
+    pt = reproduce.paired_table({"student − stage-1 teacher": {"ddti": {"linear": student}},
+                                 "stage-1 teacher − random init": {"ddti": {"linear": diff}}})
+    assert "(2/2) ✔" in pt and "(2/3) |" in pt

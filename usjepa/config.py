@@ -35,6 +35,7 @@ class ModelSection:
     predictor: dict = field(default_factory=lambda: {"embed_dim": 384, "depth": 12, "num_heads": 12})
     decoder: dict = field(default_factory=lambda: {"embed_dim": 256, "depth": 2, "num_heads": 8, "mask_ratio": 0.75})
     target_norm: str = "none"  # stage 2: "none" (teacher's final-norm output) or "layernorm" (again, no affine)
+    loss: str = "smooth_l1"  # stage 2: Eq. 5's Smooth L1, or "l1" (I-JEPA / V-JEPA)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DataSection:
 @dataclass
 class OptimSection:
     epochs: int = 100
+    schedule_epochs: float | None = None  # where the lr / wd cosines end (null: epochs); N steps: N / steps per epoch
     warmup_epochs: float = 10
     lr_start: float = 5.0e-6
     lr_peak: float = 5.0e-5
@@ -209,6 +211,13 @@ STAGE1_DEFAULTS = {
 }
 
 
+def schedule_epochs(cfg: "Config") -> float:
+    """Where the lr and wd schedules end, in epochs of progress: ``optim.schedule_epochs``, else the run's
+    epochs. A run stopped by ``train.max_steps`` sets it to exactly its steps, so its cosine is not cut
+    short where rounding the epochs up would leave it."""
+    return cfg.optim.schedule_epochs if cfg.optim.schedule_epochs is not None else float(cfg.optim.epochs)
+
+
 def lr_multiplier(cfg: "Config", world_size: int) -> float:
     """Factor on every lr_* value: global batch / 256 under ``optim.lr_scale: linear``, else 1."""
     return cfg.data.batch_size * world_size / 256 if cfg.optim.lr_scale == "linear" else 1.0
@@ -261,7 +270,8 @@ RANGES = {
     "data.val_from_train": _range(lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.cache_limit_gb": _NON_NEGATIVE,
     **{f"optim.{k}": r for k, r in {
-        "epochs": _AT_LEAST_1, "warmup_epochs": _NON_NEGATIVE, "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
+        "epochs": _AT_LEAST_1, "schedule_epochs": _POSITIVE, "warmup_epochs": _NON_NEGATIVE,
+        "lr_start": _NON_NEGATIVE, "lr_peak": _POSITIVE,
         "lr_final": _NON_NEGATIVE, "wd_start": _NON_NEGATIVE, "wd_final": _NON_NEGATIVE, "eps": _POSITIVE,
         "clip_grad": _POSITIVE, "betas": _range(lambda v: 0 <= v < 1, "in [0, 1)")}.items()},
     **{f"train.{k}": r for k, r in {
@@ -360,9 +370,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("stage 2 needs model.teacher (a URFM, timm/safetensors or stage-1 checkpoint path)")
     if cfg.data.backend not in ("dali", "torch"):
         raise ConfigError(f"data.backend must be 'dali' or 'torch', got {cfg.data.backend!r}")
-    if not 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs:
-        raise ConfigError("optim.warmup_epochs must lie in [0, optim.epochs]")
+    horizon = schedule_epochs(cfg)
+    if horizon > cfg.optim.epochs:
+        raise ConfigError(f"optim.schedule_epochs {horizon} is past optim.epochs {cfg.optim.epochs}")
+    if not 0 <= cfg.optim.warmup_epochs <= horizon:
+        raise ConfigError("optim.warmup_epochs must lie in [0, optim.schedule_epochs or optim.epochs]")
     for key, value, allowed in (("model.target_norm", cfg.model.target_norm, ("none", "layernorm")),
+                                ("model.loss", cfg.model.loss, ("smooth_l1", "l1")),
+                                ("model.predictor.pos_embed", built["model.predictor"].pos_embed,
+                                 ("learned", "sincos")),
                                 ("optim.lr_scale", cfg.optim.lr_scale, ("none", "linear"))):
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")

@@ -19,7 +19,10 @@ log = logging.getLogger("usjepa.train")
 # At initialisation the student's final-norm tokens have a per-channel std of about 0.5-1 on ultrasound;
 # a healthy run stays there. 0.01 is two orders of magnitude lower: every token is nearly the same vector.
 COLLAPSE_STD = 0.01
-NAMES = ("std_student", "std_pred", "std_target")
+# ... then usjepa.models.salt.oracle_diagnostics: the losses of the image-mean, position-mean and
+# position + image mean oracles beside the student's, and the spread of predictions / targets within an image.
+NAMES = ("std_student", "std_pred", "std_target", "loss_oracle_image_mean", "loss_oracle_position_mean",
+         "loss_oracle_position_plus_image_mean", "spread_pred_in_image", "spread_target_in_image")
 
 
 class CollapseMonitor:
@@ -28,12 +31,13 @@ class CollapseMonitor:
         self.reset()
 
     def reset(self) -> None:
-        self.total = torch.zeros(len(NAMES), device=self.device)
+        self.total = None  # sized by the first observation: the leading NAMES it carries
         self.n = 0
 
     def observe(self, stds: torch.Tensor | None) -> None:
         if stds is not None:
-            self.total += stds.detach().float()
+            stds = stds.detach().float()
+            self.total = stds.clone() if self.total is None else self.total + stds
             self.n += 1
 
     def record(self, step: int) -> dict:

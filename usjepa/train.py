@@ -46,7 +46,7 @@ from usjepa.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from usjepa.config import Config, ConfigError, load_config, lr_multiplier
+from usjepa.config import Config, ConfigError, load_config, lr_multiplier, schedule_epochs
 from usjepa.data_wait import DataWaitTimer
 from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, USAGE
 from usjepa.models import (
@@ -64,8 +64,8 @@ from usjepa.models import (
     load_encoder,
     mae_loss,
     mae_step_flops,
-    random_keep_indices,
     salt_forward,
+    stage1_masks,
 )
 from usjepa.monitor import CollapseMonitor, salt_flops
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
@@ -224,12 +224,12 @@ def train(argv=None) -> int:
         with autocast:
             if cfg.stage == 2:
                 return salt_forward(net, teacher, batch.images, batch.ctx_idx, batch.tgt_idx, cfg.model.target_norm,
-                                    packing=salt_packing(batch, encoder.cfg.num_patches))
-            g = torch.Generator().manual_seed(mask_seed)
-            keep = random_keep_indices(batch.images.shape[0], encoder.cfg.num_patches,
-                                       head.cfg.mask_ratio, g)
+                                    cfg.model.loss, packing=salt_packing(batch, encoder.cfg.num_patches))
+            keep, targets = stage1_masks(head.cfg, batch, encoder.cfg.num_patches,
+                                         torch.Generator().manual_seed(mask_seed))
             keep = to_device(keep, device)  # pinned + non_blocking: the step never waits on the host
-            return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size), None
+            return mae_loss(net(batch.images, keep), batch.images, keep, batch.valid, encoder.cfg.patch_size,
+                            targets), None
 
     def step_flops(batch) -> tuple[float, float]:
         """Model FLOPs of this rank's step (real tokens only, and as if padded to the batch's widths)."""
@@ -295,6 +295,7 @@ def train(argv=None) -> int:
     data_wait = DataWaitTimer(device)  # CUDA events, read at log time: no per-step device synchronisation
     collapse = CollapseMonitor(device)
     lr_mult = lr_multiplier(cfg, world)  # optim.lr_scale: linear in the global batch, or 1
+    horizon = schedule_epochs(cfg)  # where the lr / wd cosines end
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -312,9 +313,9 @@ def train(argv=None) -> int:
             data_wait.batch_ready()
             progress_epochs = epoch_progress(epoch, seen, epoch_samples)
             seen += global_batch
-            lr = lr_mult * lr_at(progress_epochs, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.lr_start,
+            lr = lr_mult * lr_at(progress_epochs, horizon, cfg.optim.warmup_epochs, cfg.optim.lr_start,
                                  cfg.optim.lr_peak, cfg.optim.lr_final)
-            wd = wd_at(progress_epochs, cfg.optim.epochs, cfg.optim.wd_start, cfg.optim.wd_final)
+            wd = wd_at(progress_epochs, horizon, cfg.optim.wd_start, cfg.optim.wd_final)
             set_optimizer_hparams(optimizer, lr, wd)
 
             loss, stds = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))

@@ -22,6 +22,7 @@ from usjepa.models.mae import (
     mae_step_flops,
     patchify,
     random_keep_indices,
+    stage1_masks,
 )
 from usjepa.models.salt import (
     Predictor,
@@ -70,6 +71,7 @@ __all__ = [
     "num_params",
     "patchify",
     "random_keep_indices",
+    "stage1_masks",
     "read_weights_file",
     "TARGET_NORMS",
     "file_sha256",

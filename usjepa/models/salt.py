@@ -31,6 +31,7 @@ from usjepa.models.vit import (
     ViTConfig,
     VisionTransformer,
     gather_tokens,
+    init_pos_embed,
     init_transformer_weights,
     key_padding_mask,
     transformer_flops,
@@ -38,6 +39,7 @@ from usjepa.models.vit import (
 )
 
 TARGET_NORMS = ("none", "layernorm")
+LOSSES = ("smooth_l1", "l1")  # Eq. 5's Smooth L1; L1 as I-JEPA / V-JEPA
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class PredictorConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    pos_embed: str = "learned"  # or "sincos" (I-JEPA's predictor: fixed 2-D sin-cos)
 
 
 class Predictor(nn.Module):
@@ -66,7 +69,7 @@ class Predictor(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(cfg.embed_dim, target_dim)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_pos_embed(self.pos_embed, cfg.pos_embed, int(round(num_patches ** 0.5)), cls_token=False)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.apply(init_transformer_weights)
 
@@ -110,17 +113,21 @@ class Predictor(nn.Module):
         )
 
 
-def salt_loss(pred: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+def salt_loss(pred: torch.Tensor, target: torch.Tensor, real: torch.Tensor | None = None,
+              kind: str = "smooth_l1") -> torch.Tensor:
     """Eq. 5: (1/T) Σ_i SmoothL1(pred_i, y_i); term i is the mean over block i's *real* tokens (all images
     of the batch) and channels.
 
     ``pred`` and ``target`` are ``[T, B, Kt, D]``; ``real`` bool ``[T, B, Kt]`` (``tgt_idx >= 0``) marks
     the real target tokens, None = all real. Padding contributes nothing, whatever its values.
-    Computed in float32 whatever the autocast dtype of the predictions.
+    Computed in float32 whatever the autocast dtype of the predictions. ``kind="l1"``: L1 instead.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    err = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(dim=-1)  # [T, B, Kt]
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    loss_fn = F.smooth_l1_loss if kind == "smooth_l1" else F.l1_loss
+    err = loss_fn(pred.float(), target.float(), reduction="none").mean(dim=-1)  # [T, B, Kt]
     if real is None:
         return err.mean()
     w = real.to(err.dtype)
@@ -157,14 +164,69 @@ def token_std(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return (((x - mean) ** 2 * w).sum(0) / n).sqrt().mean()
 
 
+@torch.no_grad()
+def oracle_diagnostics(pred: torch.Tensor, targets: torch.Tensor, image: torch.Tensor, position: torch.Tensor,
+                       weight: torch.Tensor, n_images: int, num_patches: int, kind: str = "smooth_l1") -> torch.Tensor:
+    """What the student's loss means, from the batch's own targets, one row per target token: ``pred`` and
+    ``targets`` ``[L, D]``, the token's ``image`` and ``position`` (long ``[L]``) and its ``weight`` in Eq. 5
+    (``[L]``, 1 / (T x its block's real tokens); 0 on padding), so the padded and the packed step share it:
+
+    * the loss of an oracle predicting every target as its image's mean target token (``image mean``);
+    * of one predicting the batch's mean target at that position (``position mean``);
+    * of one predicting position mean + (image mean - batch mean): what a student that learned only the
+      image's average and the position gets;
+    * the spread of the predictions across one image's targets (per-channel std over its target tokens,
+      mean over channels and images), and the same spread of the targets.
+
+    A student whose loss sits at the third oracle with a prediction spread far under the targets' has
+    learned the image mean, not the content of the masked blocks (issue 22: 0.322 vs 0.321, spread 0.20 vs
+    0.85). Returns ``[5]`` in that order."""
+    t = targets.float()
+    real = (weight > 0).to(t.dtype).unsqueeze(-1)  # [L, 1]
+    D = t.shape[-1]
+
+    def segment_mean(x: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:  # [n, D]: no data-dependent shape
+        total = torch.zeros(n, D, device=t.device).index_add_(0, seg, x * real)
+        count = torch.zeros(n, 1, device=t.device).index_add_(0, seg, real)
+        return total / count.clamp_min(1.0)
+
+    image_mean = segment_mean(t, image, n_images)
+    batch_mean = (t * real).sum(0) / real.sum().clamp_min(1.0)
+    pos_mean = segment_mean(t, position, num_patches)[position]
+    img = image_mean[image]
+    loss_fn = F.smooth_l1_loss if kind == "smooth_l1" else F.l1_loss
+    losses = [(loss_fn(o, t, reduction="none").mean(-1) * weight).sum() for o in (img, pos_mean, pos_mean + img - batch_mean)]
+
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        var = segment_mean((x - segment_mean(x, image, n_images)[image]) ** 2, image, n_images)  # [B, D]
+        return var.sqrt().mean()
+
+    return torch.stack(losses + [spread(pred.detach()), spread(t)])
+
+
+def padded_target_rows(tgt_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, position, Eq. 5 weight) of each slot of ``tgt_idx`` ``[T, B, Kt]`` (padding < 0: weight 0),
+    flattened in the order of ``[T, B, Kt, D]`` tensors reshaped to ``[-1, D]``."""
+    T, B, Kt = tgt_idx.shape
+    real = (tgt_idx >= 0).float()
+    weight = real / (T * real.sum(dim=(1, 2), keepdim=True).clamp_min(1.0))
+    image = torch.arange(B, device=tgt_idx.device).view(1, B, 1).expand(T, B, Kt)
+    return image.reshape(-1), tgt_idx.clamp_min(0).reshape(-1), weight.reshape(-1)
+
+
 def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tensor, ctx_idx: torch.Tensor,
-                 tgt_idx: torch.Tensor, target_norm: str = "none", packing: SaltPacking | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 tgt_idx: torch.Tensor, target_norm: str = "none", loss: str = "smooth_l1",
+                 packing: SaltPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One stage-2 forward (``net`` is a ``SALTModel``, maybe DDP-wrapped or compiled): the Eq. 5 loss and
-    the collapse statistics ``[std of student tokens, of predictions, of targets]`` (``token_std``).
-    With ``packing`` (``plan_salt_packing``) the packed step, which gives the same loss and gradients."""
+    the statistics ``usjepa.monitor`` logs: the collapse stds ``[student tokens, predictions, targets]``
+    (``token_std``), then ``oracle_diagnostics``. With ``packing`` (``plan_salt_packing``) the packed step,
+    which gives the same loss, gradients and statistics."""
     if target_norm not in TARGET_NORMS:
         raise ValueError(f"target norm must be one of {TARGET_NORMS}, got {target_norm!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    num_patches = getattr(teacher, "_orig_mod", teacher).cfg.num_patches  # torch.compile wraps the teacher
     if packing is not None:
         ctx, pred = net(images, packing=packing)
         with torch.inference_mode():  # the frozen teacher: no autograd bookkeeping at all
@@ -173,15 +235,22 @@ def salt_forward(net: nn.Module, teacher: VisionTransformer, images: torch.Tenso
                 tokens = F.layer_norm(tokens, tokens.shape[-1:])
             targets = tokens.reshape(-1, tokens.shape[-1])[packing.tgt_src]  # [Lt, Dt]
         targets = targets.clone()  # an ordinary tensor again, which the loss's backward may save
-        err = F.smooth_l1_loss(pred.float(), targets.float(), reduction="none").mean(dim=-1)
+        loss_fn = F.smooth_l1_loss if loss == "smooth_l1" else F.l1_loss
+        err = loss_fn(pred.float(), targets.float(), reduction="none").mean(dim=-1)
         real = packing.tgt_weight > 0
         stds = torch.stack([token_std(ctx, packing.student_patch), token_std(pred, real), token_std(targets, real)])
-        return (err * packing.tgt_weight).sum(), stds  # Eq. 5: the weights are 1 / (T x block's real tokens)
+        diag = oracle_diagnostics(pred, targets, packing.tgt_src // num_patches, packing.tgt_src % num_patches,
+                                  packing.tgt_weight, images.shape[0], num_patches, loss)
+        # Eq. 5: the weights are 1 / (T x block's real tokens)
+        return (err * packing.tgt_weight).sum(), torch.cat([stds, diag])
     ctx, pred = net(images, ctx_idx, tgt_idx)
     targets = teacher_targets(teacher, images, tgt_idx, target_norm)
     real = tgt_idx >= 0
     stds = torch.stack([token_std(ctx, ctx_idx >= 0), token_std(pred, real), token_std(targets, real)])
-    return salt_loss(pred, targets, real), stds
+    image, position, weight = padded_target_rows(tgt_idx)
+    diag = oracle_diagnostics(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1, targets.shape[-1]), image,
+                              position, weight, images.shape[0], num_patches, loss)
+    return salt_loss(pred, targets, real, loss), torch.cat([stds, diag])
 
 
 class SALTModel(nn.Module):

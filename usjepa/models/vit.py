@@ -32,6 +32,7 @@ class ViTConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     num_classes: int = 0  # 0: no classifier head (an encoder); timm's default for vit_base is 1000
+    pos_embed: str = "learned"  # or "sincos": fixed 2-D sin-cos (I-JEPA, MAE), same key, not trained
 
     @property
     def grid(self) -> int:
@@ -78,6 +79,8 @@ def vit_config(arch: str | dict | ViTConfig, **overrides) -> ViTConfig:
         raise ValueError(f"img_size {cfg.img_size} is not a multiple of patch_size {cfg.patch_size}")
     if cfg.embed_dim % cfg.num_heads:
         raise ValueError(f"embed_dim {cfg.embed_dim} is not divisible by num_heads {cfg.num_heads}")
+    if cfg.pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {cfg.pos_embed!r}")
     return cfg
 
 
@@ -147,6 +150,40 @@ def key_padding_mask(real: torch.Tensor) -> torch.Tensor:
     return real[:, None, None, :]
 
 
+POS_EMBEDS = ("learned", "sincos")
+
+
+def sincos_2d(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding ``[grid * grid, dim]`` in raster order (MAE's / I-JEPA's
+    ``get_2d_sincos_pos_embed``): half the channels encode the row, half the column, each as sin and cos of
+    the position at frequencies 1 / 10000^(k / (dim/4))."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    pos = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+
+    def encode(p: torch.Tensor) -> torch.Tensor:
+        out = p.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
+def init_pos_embed(param: nn.Parameter, kind: str, grid: int, cls_token: bool) -> None:
+    """``learned``: truncated normal std 0.02 (timm); ``sincos``: the fixed table (zeros for a CLS slot),
+    frozen. The parameter keeps its name and shape either way, so checkpoints and exports load alike."""
+    if kind == "learned":
+        nn.init.trunc_normal_(param, std=0.02)
+    elif kind == "sincos":
+        with torch.no_grad():
+            table = sincos_2d(param.shape[-1], grid)
+            param.copy_(torch.cat([torch.zeros(1, table.shape[1]), table]) if cls_token else table)
+        param.requires_grad_(False)
+    else:
+        raise ValueError(f"position embedding must be one of {POS_EMBEDS}, got {kind!r}")
+
+
 def init_transformer_weights(module: nn.Module) -> None:
     """timm's default init for linear layers: truncated normal std 0.02, zero bias; LayerNorm 1, 0."""
     if isinstance(module, nn.Linear):
@@ -175,7 +212,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_pos_embed(self.pos_embed, cfg.pos_embed, cfg.grid, cls_token=True)
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(init_transformer_weights)
 

@@ -18,8 +18,8 @@ from usjepa.exit_codes import EXIT_STATUS_HELP, FAILED, OK, SKIPPED, USAGE
 from usjepa.probe.data import DEFAULT_EXCLUDE, DEFAULT_FRACTIONS, DEFAULT_FRAMES_PER_VIDEO, LabelledDataError
 from usjepa.probe.encoders import EncoderSpecError
 from usjepa.probe.features import PRECISIONS
-from usjepa.probe.linear import ProbeConfig
-from usjepa.probe.run import CORRUPTIONS, FEWSHOT_FRACTIONS, SEVERITIES, probe_encoders
+from usjepa.probe.linear import ProbeConfig, ProbeSettingsError
+from usjepa.probe.run import CORRUPTIONS, FEWSHOT_FRACTIONS, SEVERITIES, SPLIT_DRAWS, probe_encoders
 from usjepa.shards.format import ShardFormatError
 
 
@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=_floats, default=list(DEFAULT_FRACTIONS), metavar="TRAIN,VAL,TEST",
                    help="fractions for splits the data does not carry (made by group, stratified)")
     p.add_argument("--split-seed", type=int, default=0, metavar="K",
-                   help="another draw of those made splits (0: the default one); on a small test set run "
-                        "several and report their spread")
+                   help="the first of the made splits' draws (0: the default split)")
+    p.add_argument("--split-draws", type=int, default=SPLIT_DRAWS, metavar="N",
+                   help="grouped split draws every score is repeated over (features reused): cells are mean ± "
+                        "std over draws, encoders are compared pairwise on the same draws")
     p.add_argument("--group-pattern", action="append", metavar="[NAME=]REGEX",
                    help="patient id from the relative path: first capture group (or the whole match); frames of "
                         "one file are always grouped, this groups files (videos of one patient) too. "
@@ -114,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class folders and --label-pattern: skip files whose stem matches (lesion masks); '' keeps all")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="probe epochs at most (Table 6)")
     p.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience on val loss")
+    p.add_argument("--min-epochs", type=int, default=d.min_epochs,
+                   help="no probe epoch before this one is kept (a tiny val set cannot stop the probe at once)")
+    p.add_argument("--probe-lr", type=_floats, default=list(d.lr_grid), metavar="LR,LR,...",
+                   help="linear probe Adam lr grid; each seed keeps the lr × wd best on validation macro F1")
+    p.add_argument("--probe-wd", type=_floats, default=list(d.wd_grid), metavar="WD,WD,...",
+                   help="linear probe L2 penalty grid (λ on the mean loss; logreg's C = 1 / (λ N))")
     p.add_argument("--cache-dir", default=None, help="feature cache; None means OUT/feature_cache")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
     p.add_argument("--workers", type=int, default=None,
@@ -148,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
             _named(args.encoder, "encoder"), data, args.out, seeds=args.seeds,
             fewshot=args.fewshot, robustness=args.robustness, arch=args.arch, pooling=args.pooling,
             classifier=args.classifier, normalise=not args.no_normalise,
-            split_fractions=tuple(args.split), split_seed=args.split_seed,
+            split_fractions=tuple(args.split), split_seed=args.split_seed, split_draws=args.split_draws,
             group_pattern=_per_dataset(args.group_pattern, data),
             label_pattern=_per_dataset(args.label_pattern, data), frames_per_video=args.frames_per_video,
             exclude=args.exclude or None, fewshot_fractions=tuple(args.fewshot_fractions),
             corruptions=CORRUPTIONS, severities=tuple(args.severities),
-            probe=ProbeConfig(max_epochs=args.max_epochs, patience=args.patience), cache_dir=args.cache_dir,
+            probe=ProbeConfig(max_epochs=args.max_epochs, patience=args.patience, min_epochs=args.min_epochs,
+                              lr_grid=tuple(args.probe_lr), wd_grid=tuple(args.probe_wd)), cache_dir=args.cache_dir,
             batch_size=args.batch_size, workers=args.workers, precision=args.precision, device=args.device,
             plots=not args.no_plots, progress=not args.quiet)
-    except (UsageError, LabelledDataError, EncoderSpecError, ShardFormatError, FileNotFoundError,
+    except (UsageError, LabelledDataError, ProbeSettingsError, EncoderSpecError, ShardFormatError, FileNotFoundError,
             NotADirectoryError, PermissionError) as e:
         print(f"usjepa-probe: error: {e}", file=sys.stderr)
         return USAGE

@@ -49,6 +49,9 @@ SPLITS = ("train", "val", "test")
 TRAIN_VAL = "train_val"  # a split the data names but does not divide (UltraBench's train_val.json)
 DEFAULT_EXCLUDE = r"_mask(_\d+)?$"  # matched against the file stem (BUSI lesion masks)
 DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)  # train, val, test
+# Patient ids in file or folder names ("Reg_pat1Image_…", "patient_12/"), searched when no group pattern is
+# given: files of one patient are one split unit. Not preceded by a letter, so "compat2" does not match.
+DEFAULT_PATIENT_PATTERN = r"(?i)(?<![a-z])pat(?:ient)?[ _-]?(\d+)"
 DEFAULT_FRAMES_PER_VIDEO = 16
 UB_FILES = {"train_val.json": TRAIN_VAL, "train.json": "train", "validation.json": "val", "val.json": "val",
             "test.json": "test"}
@@ -87,6 +90,7 @@ class LabelledItem:
     frames: tuple[int, ...] | None = None  # explicit frame indices; None: the still, or K evenly spaced
     scan_mask: Path | None = None  # a precomputed valid-region mask (UltraBench); otherwise USrc computes it
     shard_frames: tuple[ShardFrame, ...] = ()
+    duplicate: str | None = None  # perceptual-hash cluster of copies of this still (kept in one split)
 
 
 @dataclass
@@ -98,6 +102,7 @@ class LabelledSet:
     split_source: str = "given by the data"
     grouping: str = "by source file"
     leakage: dict = field(default_factory=dict)
+    duplicates: dict = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False)
 
     def indices(self, split: str) -> np.ndarray:
@@ -337,9 +342,54 @@ def group_by_pattern(items: list[LabelledItem], pattern: str) -> list[LabelledIt
     return out
 
 
+def default_patient_groups(items: list[LabelledItem]) -> tuple[list[LabelledItem], int]:
+    """Items the data names no group for (group == source) whose relative path matches
+    ``DEFAULT_PATIENT_PATTERN`` get the group ``patient <n>``; -> (items, how many matched)."""
+    rx = re.compile(DEFAULT_PATIENT_PATTERN)
+    out, matched = [], 0
+    for it in items:
+        m = rx.search(it.rel) if it.group == it.source else None
+        if m:
+            matched += 1
+            it = replace(it, group=f"patient {int(m.group(1))}")
+        out.append(it)
+    return out, matched
+
+
+def mark_duplicates(items: list[LabelledItem]) -> tuple[list[LabelledItem], dict]:
+    """Still images with equal or near-equal perceptual hashes (``usjepa.ingest.duplicates``) get one
+    ``duplicate`` cluster id (so they share a split) -> (items, report: clusters, files in them, clusters
+    whose copies carry different labels, examples)."""
+    from usjepa.ingest.duplicates import NEAR_BITS, duplicate_clusters, file_dhash
+
+    stills = [i for i, it in enumerate(items) if it.kind == "still" and it.frames is None]
+    hashes = [file_dhash(items[i].path) for i in stills]
+    cluster = duplicate_clusters(hashes)
+    members: dict[int, list[int]] = defaultdict(list)
+    for k, c in enumerate(cluster):
+        members[c].append(stills[k])
+    out = list(items)
+    clusters = [m for m in members.values() if len(m) > 1]
+    for m in clusters:
+        name = min(items[i].rel for i in m)
+        for i in m:
+            out[i] = replace(out[i], duplicate=name)
+    hash_of = dict(zip(stills, hashes))
+    exact = sum(1 for m in clusters if len({hash_of[i] for i in m}) == 1)
+    cross = [m for m in clusters if len({items[i].label for i in m}) > 1]
+    report = {"stills_hashed": len(stills), "clusters": len(clusters), "files_in_clusters": sum(map(len, clusters)),
+              "exact_clusters": exact, "clusters_with_two_labels": len(cross), "near_bits": NEAR_BITS,
+              "examples": [[f"{items[i].rel} ({items[i].label})" for i in m] for m in (cross + clusters)[:5]]}
+    if clusters:
+        log.warning("%d group(s) of duplicate images (%d files, %d with different labels, e.g. %s): each group is "
+                    "kept in one split", len(clusters), report["files_in_clusters"], len(cross),
+                    " = ".join(report["examples"][0]))
+    return out, report
+
+
 def split_units(items: list[LabelledItem]) -> list[int]:
-    """Unit id per item: items sharing a source or a group are one unit (union-find), so a patient's videos
-    and a video's frames always land in one split, whatever the groups say."""
+    """Unit id per item: items sharing a source, a group or a duplicate cluster are one unit (union-find), so
+    a patient's videos, a video's frames and the copies of one image always land in one split."""
     parent = list(range(len(items)))
 
     def find(i: int) -> int:
@@ -350,7 +400,9 @@ def split_units(items: list[LabelledItem]) -> list[int]:
 
     first: dict[tuple[str, str], int] = {}
     for i, it in enumerate(items):
-        for key in (("source", it.source), ("group", it.group)):
+        for key in (("source", it.source), ("group", it.group), ("duplicate", it.duplicate)):
+            if key[1] is None:
+                continue
             j = first.setdefault(key, i)
             parent[find(i)] = find(j)
     return [find(i) for i in range(len(items))]
@@ -435,9 +487,10 @@ def leakage_check(items: list[LabelledItem]) -> dict:
         return sorted(g for g, s in where.items() if len(s) > 1)
 
     sources, groups = straddling(lambda it: it.source), straddling(lambda it: it.group)
+    dups = [d for d in straddling(lambda it: it.duplicate) if d is not None]
     return {"sources": len({it.source for it in items}), "groups": len({it.group for it in items}),
             "sources_in_two_splits": len(sources), "groups_in_two_splits": len(groups),
-            "examples": (sources + groups)[:3]}
+            "duplicates_in_two_splits": len(dups), "examples": (sources + groups + dups)[:3]}
 
 
 def check_class_counts(classes: list[str], counts: dict[str, dict[str, int]], what: str = "example") -> None:
@@ -467,8 +520,12 @@ def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: s
         raise LabelledDataError(str(e)) from e
     except re.error as e:
         raise LabelledDataError(f"exclude pattern {exclude!r} is not a valid regular expression: {e}") from e
+    patients = 0
     if group_pattern:
         items = group_by_pattern(items, group_pattern)
+    else:
+        items, patients = default_patient_groups(items)
+    items, duplicates = mark_duplicates(items)
     check_sources_in_one_split(items)
     splits = {it.split for it in items}
     if splits <= set(SPLITS) and "val" not in splits and "train" in splits:
@@ -478,6 +535,9 @@ def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: s
     named = {it.group for it in items} != {it.source for it in items}
     if group_pattern:
         grouping += f" and by group pattern {group_pattern!r} on the relative path"
+    elif patients:
+        grouping += (f" and by patient ids in file names ({patients} file(s) match {DEFAULT_PATIENT_PATTERN!r}; "
+                     f"--group-pattern replaces it)")
     elif named:
         grouping += " and by the data's groups (patient / video)"
     split_source = "given by the data"
@@ -493,8 +553,11 @@ def load_labelled(root: str | Path, *, name: str | None = None, group_pattern: s
     if leak["groups_in_two_splits"]:
         log.warning("%s: %d group(s) appear in more than one split as the data gives them (e.g. %r)",
                     root, leak["groups_in_two_splits"], leak["examples"][0])
+    if duplicates["clusters"]:
+        grouping += f"; {duplicates['clusters']} duplicate-image group(s) kept in one split each"
     data = LabelledSet(name=name or (root.stem if root.is_file() else root.name), root=base, items=items,
-                       classes=classes, split_source=split_source, grouping=grouping, leakage=leak)
+                       classes=classes, split_source=split_source, grouping=grouping, leakage=leak,
+                       duplicates=duplicates)
     check_class_counts(classes, data.counts())
     return data
 

@@ -33,7 +33,8 @@ def cell(summary: dict | None, metric: str = "macro_f1") -> dict | None:
     """A table cell from a classifier summary: mean, std, seeds and how many of them collapsed."""
     if summary is None:
         return None
-    return {**summary[metric], "n_seeds": len(summary.get("seeds", [])) or 1,
+    n_seeds = len(summary.get("seeds", [])) or 1
+    return {**summary[metric], "n_seeds": summary.get("draws", n_seeds), "n_flag": n_seeds,
             "degenerate": int(summary.get("degenerate_seeds", 0))}
 
 
@@ -44,7 +45,7 @@ def _pm(stat: dict) -> str:
     else:
         text = f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
     if stat.get("degenerate"):
-        text += f" {FLAG_MARK}{stat['degenerate']}/{n}"
+        text += f" {FLAG_MARK}{stat['degenerate']}/{stat.get('n_flag', n)}"
     return text
 
 
@@ -84,12 +85,13 @@ def _footnotes(res: dict) -> list[str]:
     text = "\n".join(_all_cells(res))
     notes = []
     if EQUAL_MARK in text:
-        notes.append(f"{EQUAL_MARK}: every seed gave the same score, so the spread over seeds is not measured "
-                     f"(always so for logreg on the full training set: L-BFGS is deterministic).")
+        notes.append(f"{EQUAL_MARK}: every seed (or split draw) gave the same score, so the spread is not measured "
+                     f"(logreg on the full training set has no seed spread: L-BFGS is deterministic).")
     if FLAG_MARK in text:
-        notes.append(f"{FLAG_MARK}k/n: k of the n seeds predicted one class for ≥ "
-                     f"{100 * res['protocol'].get('degenerate_share', 0.95):.0f} % of the test set — a collapsed "
-                     f"probe, not a result; such cells are never bold or underlined.")
+        notes.append(f"{FLAG_MARK}k/n: k of the n seeds (all draws) predicted one class for ≥ "
+                     f"{100 * res['protocol'].get('degenerate_share', 0.8):.0f} % of the test set or never got a "
+                     f"class right (its F1 0) — a collapsed probe, not a result; such cells are never bold or "
+                     f"underlined.")
     return notes
 
 
@@ -105,17 +107,24 @@ def _protocol_text(proto: dict) -> str:
     p = proto["probe"]
     parts = []
     if "linear" in proto["classifiers"]:
-        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (AdamW lr {p['lr']:g}, wd "
-                     f"{p['weight_decay']:g}, batch {p['batch_size']}, cosine, ≤ {p['max_epochs']} epochs, early "
-                     f"stopping on validation loss with patience {p['patience']})")
+        grid = " × ".join("{" + ", ".join(f"{v:g}" for v in p[k]) + "}" for k in ("lr_grid", "wd_grid"))
+        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (Adam + L2 on the weights, lr × λ from "
+                     f"{grid} chosen per "
+                     f"seed by validation macro F1, batch {p['batch_size']}, cosine, ≤ {p['max_epochs']} epochs, "
+                     f"early stopping on validation loss with patience {p['patience']}, no epoch before "
+                     f"{p['min_epochs']} kept)")
     if "logreg" in proto["classifiers"]:
         grid = ", ".join(f"{c:g}" for c in proto.get("logreg_c_grid", []))
         parts.append(f"**logreg** — scikit-learn's multinomial logistic regression (L-BFGS), C from {{{grid}}} "
                      f"by validation macro F1")
     norm = ("features standardised with the training split's mean and std" if proto.get("normalise", True)
             else "raw features (no standardisation)")
+    draws = proto.get("split_draws", 1)
+    spread = (f"mean ± std over {draws} grouped split draws (each the mean over {len(proto['seeds'])} seed(s); "
+              f"few-shot and robustness: the first draw, over seeds)" if draws > 1
+              else f"mean ± std over {len(proto['seeds'])} seed(s)")
     return (f"Frozen encoders, {proto['pooling']}-pooled features, {norm}; " + "; ".join(parts)
-            + f". Test-set macro F1 %, mean ± std over {len(proto['seeds'])} seed(s).")
+            + f". Test-set macro F1 %, {spread}.")
 
 
 def markdown_report(res: dict) -> str:
@@ -132,6 +141,11 @@ def markdown_report(res: dict) -> str:
 
     lines = ["# Linear probe", "", _protocol_text(res["protocol"]), ""]
     lines += _grid(encoders, [(title(d, c), col(d, c)) for d in datasets for c in clfs])
+    if len(encoders) > 1 and res["protocol"].get("split_draws", 1) > 1:
+        lines += ["", "Paired macro-F1 differences on the same split draws (mean ± std over draws; an encoder "
+                  "wins only where the difference exceeds its spread):", ""]
+        lines += [f"- {d} · {c}: {p['verdict']}" for d in datasets for c in clfs
+                  for p in res.get("paired", {}).get(d, {}).get(c, [])]
     lines += ["", "Accuracy %:", ""]
     lines += _grid(encoders, [(title(d, c), col(d, c, metric="accuracy")) for d in datasets for c in clfs])
     for d in datasets:
@@ -146,7 +160,9 @@ def markdown_report(res: dict) -> str:
                   f"Split: {info['split_source']}; grouping: {info['grouping']}.", "",
                   f"Leakage check: {leak['sources']} sources, {leak['groups']} groups; sources found in two "
                   f"splits: {leak['sources_in_two_splits']}, groups found in two splits: "
-                  f"{leak['groups_in_two_splits']}.", "",
+                  f"{leak['groups_in_two_splits']}, duplicate-image groups found in two splits: "
+                  f"{leak.get('duplicates_in_two_splits', 0)}.", "",
+                  _duplicates_line(info.get("duplicates") or {}), "",
                   f"Skipped: {len(skipped)} frame(s)/file(s)" + (":" if skipped else ".")]
         for s in skipped[:10]:
             where = s["path"] + (f" frame {s['frame']}" if s.get("frame") is not None else "")
@@ -178,11 +194,20 @@ def markdown_report(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _duplicates_line(dup: dict) -> str:
+    if not dup:
+        return "Duplicate images: not checked."
+    text = (f"Duplicate images (dHash, ≤ {dup['near_bits']} of 64 bits apart): {dup['clusters']} group(s) among "
+            f"{dup['stills_hashed']} stills, {dup['files_in_clusters']} files, {dup['exact_clusters']} identical, "
+            f"{dup['clusters_with_two_labels']} carrying two labels; each group is kept in one split.")
+    return text + "".join(f" E.g. {' = '.join(e)}." for e in dup["examples"][:2])
+
+
 def _class_cell(summary: dict | None, cls: str) -> dict | None:
     if summary is None:
         return None
-    return {**summary["per_class_f1"][cls], "n_seeds": len(summary["seeds"]),
-            "degenerate": int(summary.get("degenerate_seeds", 0))}
+    return {**summary["per_class_f1"][cls], "n_seeds": summary.get("draws", len(summary["seeds"])),
+            "n_flag": len(summary["seeds"]), "degenerate": int(summary.get("degenerate_seeds", 0))}
 
 
 LINESTYLES = {"linear": "-", "logreg": "--"}
