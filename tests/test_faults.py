@@ -323,6 +323,55 @@ def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards
 
 
 @pytest.mark.slow
+def test_sigkilled_torchrun_takes_its_ranks_with_it(shards, teacher, tmp_path):
+    """torchrun starts each rank in a session of its own: after ``kill -9`` of torchrun they trained on and
+    wrote later checkpoints. Each rank now has the kernel kill it with its launcher (PR_SET_PDEATHSIG)."""
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = children(proc.pid)
+        everyone = ranks + [w for r in ranks for w in children(r)]
+        assert len(ranks) == 2 and len(everyone) == 4, everyone
+        os.kill(proc.pid, signal.SIGKILL)  # torchrun alone, by PID: its ranks are not in its process group
+        wait_for(lambda: not any(alive(p) for p in everyone), 15, "the ranks and their workers to exit")
+        lines = train_lines(out)
+        time.sleep(1)
+        assert train_lines(out) == lines  # nothing trains on
+    finally:
+        kill_group(proc)
+        for pid in everyone if "everyone" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_second_trainer_into_the_same_out_is_refused_and_sigterm_stops_the_first(shards, teacher, tmp_path, capsys):
+    """Two trainers into one --out interleaved metrics.jsonl and raced for checkpoints: the second now stops
+    with one line and writes nothing. SIGTERM stops the first cleanly, saying why, and frees the folder."""
+    out = tmp_path / "run"
+    common = ("optim.epochs=50", "train.ckpt_every_steps=2")
+    proc = subprocess.Popen([sys.executable, "-m", "usjepa.train", *args(shards, out, teacher, *common)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: latest_checkpoint(out) is not None or proc.poll() is not None, 120, "a first checkpoint")
+        err = _one_line_exit_2(capsys, args(shards, out, teacher, *common) + ["--resume", "auto"])
+        assert err.startswith("usjepa-train: error: locked: another usjepa-train is writing"), err
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopping on SIGTERM" in stdout, stdout[-2000:]
+    steps = [r["step"] for r in records(out)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once, in order
+    assert "locked" not in (out / "train.log").read_text() and not (out / "train.lock").exists()
+    # the folder is free again: a resume takes it
+    last = load_checkpoint(latest_checkpoint(out))["step"]
+    assert main(args(shards, out, teacher, *common, f"train.max_steps={last + 1}") + ["--resume", "auto"]) == 0
+
+
+@pytest.mark.slow
 def test_a_hung_rank_stops_the_others_after_the_configured_collective_timeout(shards, teacher, tmp_path):
     out = tmp_path / "ddp"
     proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50", "train.collective_timeout_s=3"), ENV)
@@ -401,7 +450,7 @@ def _one_line_exit_2(capsys, argv) -> str:
 def test_config_errors_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys, override, words):
     err = _one_line_exit_2(capsys, args(shards, tmp_path / "run", teacher, override))
     assert words in err, err
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before any write: no train.log, no lock, no folder
 
 
 def test_broken_yaml_and_broken_manifest_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys):
@@ -414,6 +463,12 @@ def test_broken_yaml_and_broken_manifest_are_one_line_and_exit_2(shards, teacher
     (broken / "manifest.json").write_text('{"format_version": ')
     err = _one_line_exit_2(capsys, args(broken, tmp_path / "b", teacher))
     assert "not valid JSON" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # as a user runs it: the line once on stderr (logging's last-resort handler printed it a second time)
+    proc = subprocess.run([sys.executable, "-m", "usjepa.train", str(bad_yaml), "--out", str(tmp_path / "c")],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("not valid YAML") == 1 and "not valid YAML" not in proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "c").exists(), proc.stderr
 
 
 # --------------------------------------------------------------------------------- 6. honest messages

@@ -5,7 +5,9 @@ the checkpoint to resume): a refused run leaves the folder as it found it. Then 
 
 * takes ``<out>/train.lock`` (``usjepa.files.exclusive_lock``, the lock ``usjepa-ingest`` takes on its
   output) and holds it to the end of the run, so a second trainer into the same folder stops with one line
-  instead of interleaving ``metrics.jsonl`` and racing for checkpoints;
+  instead of interleaving ``metrics.jsonl`` and racing for checkpoints. When the folder exists already, rank 0
+  takes the lock at the start instead (``lock_out_dir``), before it reads the checkpoints another writer could
+  be pruning; a refused run removes the lock file again, so the folder is left as it was;
 * opens ``train.log`` and writes into it what was logged before (kept in memory until then);
 * sets aside the checkpoints that ``--resume auto`` found unreadable (``usjepa.checkpoint``);
 * cuts ``metrics.jsonl`` back to the step it resumes from, so the steps it replays are not listed twice.
@@ -40,12 +42,20 @@ class OutDirLocked(RuntimeError):
     """Another trainer is writing this ``--out`` now."""
 
 
-def take_out_dir(out_dir: Path, held: contextlib.ExitStack, resumed_step: int, unreadable: list[Path]) -> None:
-    """Rank 0, once the run is accepted: lock ``out_dir`` for as long as ``held`` is open, open ``train.log``,
-    set aside ``unreadable`` checkpoints and cut ``metrics.jsonl`` back to ``resumed_step``."""
+def lock_out_dir(out_dir: Path, held: contextlib.ExitStack) -> bool:
+    """Lock ``out_dir`` for as long as ``held`` is open, or raise ``OutDirLocked``; returns True."""
     held.enter_context(exclusive_lock(out_dir / LOCK_NAME, OutDirLocked(
         f"locked: another usjepa-train is writing {out_dir} now ({out_dir / LOCK_NAME}); wait for it to end, "
         f"or choose another --out")))
+    return True
+
+
+def take_out_dir(out_dir: Path, held: contextlib.ExitStack, locked: bool, resumed_step: int,
+                 unreadable: list[Path]) -> None:
+    """Rank 0, once the run is accepted: lock ``out_dir`` unless ``locked`` already, open ``train.log``, set
+    aside ``unreadable`` checkpoints and cut ``metrics.jsonl`` back to ``resumed_step``."""
+    if not locked:
+        lock_out_dir(out_dir, held)
     attach_log_file(out_dir)
     set_aside_unreadable(unreadable)
     truncate_metrics(out_dir / METRICS_NAME, resumed_step)

@@ -70,7 +70,7 @@ from usjepa.models import (
     salt_step_flops,
 )
 from usjepa.monitor import CollapseMonitor
-from usjepa.run_dir import FILE_ONLY, OutDirLocked, setup_logging, take_out_dir
+from usjepa.run_dir import FILE_ONLY, OutDirLocked, lock_out_dir, setup_logging, take_out_dir
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
@@ -157,6 +157,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
     log.info("stage %d, world size %d, device %s, config %s", cfg.stage, world, device, args.config)
 
     # ---------------------------------------------------------------- resume decision (before any write)
+    locked = master and out_dir.is_dir() and lock_out_dir(out_dir, held)  # before reading its checkpoints
     resume_path, ckpt, unreadable = None, None, []
     if args.resume == "auto":  # the newest checkpoint that reads back (unreadable newer ones are set aside)
         resume_path, ckpt, unreadable = load_latest_readable(out_dir)
@@ -229,7 +230,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
 
     # ---------------------------------------------------------------- the run is accepted: take --out
     if master:
-        take_out_dir(out_dir, held, step, unreadable)
+        take_out_dir(out_dir, held, locked, step, unreadable)
 
     # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
