@@ -557,3 +557,43 @@ def test_cli_exits_with_mains_status_and_skips_native_teardown():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 3 and proc.stdout == "trained", (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(shards, teacher, tmp_path):
+    """Two ranks on two "nodes" (each its own working folder, --out relative, as on node-local disks); the
+    latest checkpoint is fine on rank 0's copy and truncated on rank 1's. Ranks that chose for themselves
+    resumed from different steps (rank 1 fell back to an older one) or left rank 0 waiting; now rank 0 picks,
+    rank 1 cannot read that file, and both stop at once with the same line."""
+    import socket
+
+    common = ("train.ckpt_every_steps=2", "train.keep_last=5", "train.collective_timeout_s=60")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    assert train(args(shards, node0 / "run", teacher, *common, "train.max_steps=4")) == 0
+    import shutil
+
+    shutil.copytree(node0 / "run", node1 / "run")
+    broken = node1 / "run" / "checkpoints" / "step_00000004.pt"
+    broken.write_bytes(broken.read_bytes()[:5000])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for rank, node in enumerate((node0, node1)):
+            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            cmd = [sys.executable, "-m", "usjepa.train", *args(shards, Path("run"), teacher, *common), "--resume", "auto"]
+            procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 2, out[-2000:] + err[-2000:]
+        assert err.strip().count("\n") == 0 and err.startswith("usjepa-train: error: rank 1 cannot read the "
+                                                               "checkpoint rank 0 resumes from"), err
+        assert "run/checkpoints/step_00000004.pt is corrupt or truncated" in err
+    assert not list((node1 / "run" / "checkpoints").glob("*.unreadable"))  # only rank 0 sets files aside

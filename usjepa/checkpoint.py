@@ -134,8 +134,6 @@ def load_latest_readable(out_dir) -> tuple[Path | None, dict | None, list[Path]]
     past it would hide a problem that is not an accident. (None, None, []) when there is no checkpoint."""
     unreadable = []
     for path in reversed(list_step_checkpoints(out_dir)):
-        if not path.is_file():  # set aside meanwhile by rank 0 (unreadable) or pruned by a finishing run
-            continue
         try:
             state = load_checkpoint(path)
         except CheckpointUnreadable as e:
@@ -149,6 +147,54 @@ def load_latest_readable(out_dir) -> tuple[Path | None, dict | None, list[Path]]
                               f"unreadable: {', '.join(p.name for p in unreadable)}); start a new run in another "
                               f"--out, or move them away to start afresh in this one")
     return None, None, []
+
+
+def pick_resume_checkpoint(resume: str | None, out_dir) -> tuple[Path | None, dict | None, list[Path]]:
+    """(path, state, unreadable newer checkpoints) for ``--resume`` ``resume`` (None, 'auto' or a path)."""
+    if resume == "auto":
+        path, state, unreadable = load_latest_readable(out_dir)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
+        return path, state, unreadable
+    if resume:
+        return Path(resume), load_checkpoint(resume), []
+    if latest_checkpoint(out_dir) is not None:
+        raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              f"or choose another --out")
+    return None, None, []
+
+
+def resume_point(resume: str | None, out_dir, rank: int, world: int) -> tuple[Path | None, dict | None, list[Path]]:
+    """``pick_resume_checkpoint`` on rank 0, the same file on every rank. Ranks that chose for themselves could
+    resume from different steps (one falls back past a checkpoint another reads, or sees a later file on its
+    node's copy of ``--out``). Rank 0 sends its choice; each rank reads that file; if any cannot (or rank 0
+    failed), every rank raises the same ``CheckpointError`` naming the rank and the file, so all stop at once."""
+    if world == 1:
+        return pick_resume_checkpoint(resume, out_dir)
+    import torch.distributed as dist
+
+    path, state, unreadable, error = None, None, [], None
+    if rank == 0:
+        try:
+            path, state, unreadable = pick_resume_checkpoint(resume, out_dir)
+        except CheckpointError as e:
+            error = f"rank 0: {e}"
+    choice = [str(path) if path is not None else None, error]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise CheckpointError(choice[1])
+    path = Path(choice[0]) if choice[0] is not None else None
+    if rank != 0 and path is not None:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            error = f"rank {rank} cannot read the checkpoint rank 0 resumes from ({e}); stopping every rank"
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        raise CheckpointError(failed[0])
+    return path, state, unreadable
 
 
 def set_aside_unreadable(paths: list[Path]) -> None:

@@ -42,9 +42,8 @@ from usjepa.checkpoint import (
     capture_rng,
     check_resume_compatible,
     latest_checkpoint,
-    load_checkpoint,
-    load_latest_readable,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config, lr_multiplier
@@ -158,17 +157,8 @@ def _train(argv, held: contextlib.ExitStack) -> int:
 
     # ---------------------------------------------------------------- resume decision (before any write)
     locked = master and out_dir.is_dir() and lock_out_dir(out_dir, held)  # before reading its checkpoints
-    resume_path, ckpt, unreadable = None, None, []
-    if args.resume == "auto":  # the newest checkpoint that reads back (unreadable newer ones are set aside)
-        resume_path, ckpt, unreadable = load_latest_readable(out_dir)
-        if resume_path is None:
-            log.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
-    elif args.resume:
-        resume_path = Path(args.resume)
-        ckpt = load_checkpoint(resume_path)
-    elif latest_checkpoint(out_dir) is not None:
-        raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
-                              f"or choose another --out")
+    # rank 0 picks (the newest readable for 'auto'), every rank reads that one file, or all stop together
+    resume_path, ckpt, unreadable = resume_point(args.resume, out_dir, rank, world)
     if ckpt is not None:
         check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
 
