@@ -98,9 +98,9 @@ def test_killed_run_resumes_with_identical_losses(shards, teacher, tmp_path):
     proc.wait()
     assert target.exists(), proc.stderr.read().decode()[-2000:]
 
-    n_lines = len((run / "metrics.jsonl").read_text().splitlines())
     assert train(args(shards, run, *common, teacher=teacher) + ["--resume", str(target)]) == 0
-    resumed = train_losses(run, skip_lines=n_lines)
+    assert metric_steps(run) == list(range(1, 17))  # steps the killed run logged after step 9 are not repeated
+    resumed = {step: loss for step, loss in train_losses(run).items() if step > 9}
     assert sorted(resumed) == list(range(10, 17))
     for step, loss in resumed.items():
         assert loss == expected[step], (step, loss, expected[step])
@@ -273,3 +273,20 @@ def test_no_weight_decay_on_biases_and_1d_parameters():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
     assert "student.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_truncate_metrics_keeps_what_the_resumed_run_does_not_write_again(tmp_path):
+    from usjepa.run_dir import truncate_metrics
+
+    rows = [{"kind": "train", "step": s} for s in (1, 2, 3, 4)] + [{"kind": "val", "step": 4}]
+    rows += [{"kind": "train", "step": 5}]
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st'  # the kill cut the last line
+    path.write_text(text)
+    assert truncate_metrics(path, 4) == 2  # epoch checkpoint at 4: its validation is kept
+    assert [(r["kind"], r["step"]) for r in map(json.loads, path.read_text().splitlines())][-2:] == [("train", 4),
+                                                                                                     ("val", 4)]
+    path.write_text(text)
+    assert truncate_metrics(path, 4, validated=False) == 3  # saved before step 4's validation: done again
+    assert [r["step"] for r in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4]
+    assert truncate_metrics(path, 4) == 0 and oct(path.stat().st_mode & 0o777) != "0o600"

@@ -50,27 +50,32 @@ def lock_out_dir(out_dir: Path, held: contextlib.ExitStack) -> bool:
     return True
 
 
-def take_out_dir(out_dir: Path, held: contextlib.ExitStack, locked: bool, resumed_step: int,
+def take_out_dir(out_dir: Path, held: contextlib.ExitStack, locked: bool, resumed_step: int, mid_epoch: bool,
                  unreadable: list[Path]) -> None:
     """Rank 0, once the run is accepted: lock ``out_dir`` unless ``locked`` already, open ``train.log``, set
-    aside ``unreadable`` checkpoints and cut ``metrics.jsonl`` back to ``resumed_step``."""
+    aside ``unreadable`` checkpoints and cut ``metrics.jsonl`` back to ``resumed_step`` (``mid_epoch``: the
+    checkpoint was written before that step's end-of-epoch validation, which the run does again)."""
     if not locked:
         lock_out_dir(out_dir, held)
     attach_log_file(out_dir)
     set_aside_unreadable(unreadable)
-    truncate_metrics(out_dir / METRICS_NAME, resumed_step)
+    truncate_metrics(out_dir / METRICS_NAME, resumed_step, validated=not mid_epoch)
 
 
-def truncate_metrics(path: Path, step: int) -> int:
+def truncate_metrics(path: Path, step: int, validated: bool = True) -> int:
     """Keep the records of ``path`` up to ``step`` (the checkpoint the run resumes from; 0 for a fresh start)
-    and drop the later ones, which the resumed run writes again, and a last line cut short by a kill.
-    Atomic; returns how many lines were dropped."""
+    and drop the later ones, which the resumed run writes again, and a last line cut short by a kill. A
+    ``val`` record at ``step`` itself goes too unless ``validated`` (a checkpoint saved at an epoch's last
+    step before its validation: the resumed run validates that epoch again). Atomic; returns how many lines
+    were dropped."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0
     for line in path.read_text().splitlines():
         try:
-            keep = int(json.loads(line)["step"]) <= step
+            record = json.loads(line)
+            at = int(record["step"])
+            keep = at < step or (at == step and (validated or record.get("kind") != "val"))
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
             keep = False
         if keep:

@@ -220,7 +220,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
 
     # ---------------------------------------------------------------- the run is accepted: take --out
     if master:
-        take_out_dir(out_dir, held, locked, step, unreadable)
+        take_out_dir(out_dir, held, locked, step, mid_epoch, unreadable)
 
     # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
