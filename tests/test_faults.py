@@ -597,3 +597,30 @@ def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(shards, tea
                                                                "checkpoint rank 0 resumes from"), err
         assert "run/checkpoints/step_00000004.pt is corrupt or truncated" in err
     assert not list((node1 / "run" / "checkpoints").glob("*.unreadable"))  # only rank 0 sets files aside
+
+
+def test_a_forked_worker_does_not_keep_its_dead_parents_out_lock(tmp_path):
+    """Loader workers are forked while the trainer holds --out's lock; a worker that outlives a SIGKILLed
+    trainer (even briefly) kept the folder 'locked' for the resume. Forked children drop their copy."""
+    lock = tmp_path / "train.lock"
+    code = f"""
+        import multiprocessing as mp, os, sys, time
+        from usjepa.files import exclusive_lock
+        with exclusive_lock({str(lock)!r}, RuntimeError("locked")):
+            child = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            print(child.pid, flush=True)
+            os._exit(0)  # the holder dies without releasing; its forked child lives on
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())  # (the child keeps the pipe open: read the line, do not wait for EOF)
+    try:
+        proc.wait(timeout=60)
+        assert alive(child)
+        from usjepa.files import exclusive_lock
+
+        with exclusive_lock(lock, RuntimeError("still locked by the orphaned child")):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()

@@ -17,6 +17,21 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# Descriptors of the locks this process holds. A flock belongs to the open file, which fork() shares: a loader
+# worker forked while its trainer holds the lock would hold it too, and keep the folder "locked" after the
+# trainer was killed. Forked children close their copies at once (the parent's lock is untouched).
+_held_lock_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename in ``path`` durable. Best effort: some filesystems refuse fsync on a directory."""
@@ -84,8 +99,10 @@ def exclusive_lock(path: str | os.PathLike, refusal: Exception) -> Iterator[None
         if same:
             break
         f.close()
+    _held_lock_fds.add(f.fileno())
     try:
         yield
     finally:
+        _held_lock_fds.discard(f.fileno())
         path.unlink(missing_ok=True)
         f.close()
