@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from usjepa.files import exclusive_lock
 from usjepa.ingest.preprocess import (FrameRejected, PreprocessConfig, compute_usrc_mask, encode_sample,
                                       finish_frame, prepare_frame)
 from usjepa.ingest.readers import SourceUnreadable, native_messages_dropped, open_frames
@@ -402,30 +402,10 @@ def _fingerprint(listing: Listing, opts: IngestOptions) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-@contextlib.contextmanager
 def _locked(path: Path):
-    """Hold ``path`` exclusively (flock), or fail at once with "locked". The holder unlinks the file when done,
-    so a lock taken on a file that was unlinked meanwhile is stale: retry on the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        f = open(path, "a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise IngestError(f"locked: another usjepa-ingest is writing this output now ({path}); wait for it "
-                              f"to finish, then rerun to check it is complete") from None
-        try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()
-    try:
-        yield
-    finally:
-        f.close()
+    """Hold ``path`` exclusively, or fail at once with "locked" (``usjepa.files.exclusive_lock``)."""
+    return exclusive_lock(path, IngestError(f"locked: another usjepa-ingest is writing this output now ({path}); "
+                                            f"wait for it to finish, then rerun to check it is complete"))
 
 
 class _Workers:

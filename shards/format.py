@@ -66,6 +66,8 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from usjepa.files import fsync_dir  # noqa: F401  (moved down to usjepa.files; importers use this name)
+
 FORMAT_VERSION = 1
 INDEX_VERSION = "v1.2"
 MANIFEST_NAME = "manifest.json"
@@ -437,20 +439,6 @@ def resolve_in_root(root: str | os.PathLike, rel: str) -> Path:
     if p != root_r and root_r not in p.parents:
         raise ShardFormatError(f"manifest path {rel!r} escapes the corpus root {root_r}")
     return p
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename in ``path`` durable. Best effort: some filesystems refuse fsync on a directory."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

@@ -131,3 +131,20 @@ def test_stage1_starts_from_mae_optimiser_defaults(tmp_path):
     assert salt.optim.lr_peak == 5e-5 and salt.optim.lr_scale == "none" and lr_multiplier(salt, 8) == 1.0
     vitb_mae = load_config(REPO / "configs" / "mae_vitb16.yaml")
     assert vitb_mae.stage == 1 and vitb_mae.optim.lr_peak == 1.5e-4 and vitb_mae.model.decoder["depth"] == 8
+
+
+def test_checkpoints_and_exports_get_the_ordinary_file_mode(tmp_path):
+    """safetensors' save_file creates its file 0600: exports were unreadable to the group while checkpoints
+    were 0644. Both now get what open() gives under the umask (0644 under the usual 022)."""
+    import os
+
+    from usjepa.models import build_vit, export_encoder_safetensors
+
+    umask = os.umask(0o022)
+    try:
+        export = export_encoder_safetensors(build_vit("vit_test_tiny"), tmp_path / "export" / "enc.safetensors")
+        ckpt = save_checkpoint(fake_state(1), tmp_path, keep_last=2)
+    finally:
+        os.umask(umask)
+    assert oct(export.stat().st_mode & 0o777) == oct(ckpt.stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in export.parent.iterdir()) == ["enc.safetensors"]  # no tmp file left

@@ -371,6 +371,55 @@ def test_sigkilled_torchrun_rank_stops_the_job_and_leaves_nothing_running(shards
 
 
 @pytest.mark.slow
+def test_sigkilled_torchrun_takes_its_ranks_with_it(shards, teacher, tmp_path):
+    """torchrun starts each rank in a session of its own: after ``kill -9`` of torchrun they trained on and
+    wrote later checkpoints. Each rank now has the kernel kill it with its launcher (PR_SET_PDEATHSIG)."""
+    out = tmp_path / "ddp"
+    proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50"), ENV)
+    try:
+        wait_for(lambda: train_lines(out) >= 3, 120, "training to start")
+        ranks = children(proc.pid)
+        everyone = ranks + [w for r in ranks for w in children(r)]
+        assert len(ranks) == 2 and len(everyone) == 4, everyone
+        os.kill(proc.pid, signal.SIGKILL)  # torchrun alone, by PID: its ranks are not in its process group
+        wait_for(lambda: not any(alive(p) for p in everyone), 15, "the ranks and their workers to exit")
+        lines = train_lines(out)
+        time.sleep(1)
+        assert train_lines(out) == lines  # nothing trains on
+    finally:
+        kill_group(proc)
+        for pid in everyone if "everyone" in locals() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_second_trainer_into_the_same_out_is_refused_and_sigterm_stops_the_first(shards, teacher, tmp_path, capsys):
+    """Two trainers into one --out interleaved metrics.jsonl and raced for checkpoints: the second now stops
+    with one line and writes nothing. SIGTERM stops the first cleanly, saying why, and frees the folder."""
+    out = tmp_path / "run"
+    common = ("optim.epochs=50", "train.ckpt_every_steps=2")
+    proc = subprocess.Popen([sys.executable, "-m", "usjepa.train", *args(shards, out, teacher, *common)],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: latest_checkpoint(out) is not None or proc.poll() is not None, 120, "a first checkpoint")
+        err = _one_line_exit_2(capsys, args(shards, out, teacher, *common) + ["--resume", "auto"])
+        assert err.startswith("usjepa-train: error: locked: another usjepa-train is writing"), err
+        os.kill(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopping on SIGTERM" in stdout, stdout[-2000:]
+    steps = [r["step"] for r in records(out)]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: every step once, in order
+    assert "locked" not in (out / "train.log").read_text() and not (out / "train.lock").exists()
+    # the folder is free again: a resume takes it
+    last = load_checkpoint(latest_checkpoint(out))["step"]
+    assert main(args(shards, out, teacher, *common, f"train.max_steps={last + 1}") + ["--resume", "auto"]) == 0
+
+
+@pytest.mark.slow
 def test_a_hung_rank_stops_the_others_after_the_configured_collective_timeout(shards, teacher, tmp_path):
     out = tmp_path / "ddp"
     proc = start_torchrun(args(shards, out, teacher, "optim.epochs=50", "train.collective_timeout_s=3"), ENV)
@@ -449,7 +498,7 @@ def _one_line_exit_2(capsys, argv) -> str:
 def test_config_errors_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys, override, words):
     err = _one_line_exit_2(capsys, args(shards, tmp_path / "run", teacher, override))
     assert words in err, err
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before any write: no train.log, no lock, no folder
 
 
 def test_broken_yaml_and_broken_manifest_are_one_line_and_exit_2(shards, teacher, tmp_path, capsys):
@@ -462,6 +511,12 @@ def test_broken_yaml_and_broken_manifest_are_one_line_and_exit_2(shards, teacher
     (broken / "manifest.json").write_text('{"format_version": ')
     err = _one_line_exit_2(capsys, args(broken, tmp_path / "b", teacher))
     assert "not valid JSON" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # as a user runs it: the line once on stderr (logging's last-resort handler printed it a second time)
+    proc = subprocess.run([sys.executable, "-m", "usjepa.train", str(bad_yaml), "--out", str(tmp_path / "c")],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("not valid YAML") == 1 and "not valid YAML" not in proc.stdout
+    assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "c").exists(), proc.stderr
 
 
 # --------------------------------------------------------------------------------- 6. honest messages
@@ -550,3 +605,70 @@ def test_cli_exits_with_mains_status_and_skips_native_teardown():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 3 and proc.stdout == "trained", (proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(shards, teacher, tmp_path):
+    """Two ranks on two "nodes" (each its own working folder, --out relative, as on node-local disks); the
+    latest checkpoint is fine on rank 0's copy and truncated on rank 1's. Ranks that chose for themselves
+    resumed from different steps (rank 1 fell back to an older one) or left rank 0 waiting; now rank 0 picks,
+    rank 1 cannot read that file, and both stop at once with the same line."""
+    import socket
+
+    common = ("train.ckpt_every_steps=2", "train.keep_last=5", "train.collective_timeout_s=60")
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    node0.mkdir()
+    assert train(args(shards, node0 / "run", teacher, *common, "train.max_steps=4")) == 0
+    import shutil
+
+    shutil.copytree(node0 / "run", node1 / "run")
+    broken = node1 / "run" / "checkpoints" / "step_00000004.pt"
+    broken.write_bytes(broken.read_bytes()[:5000])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    try:
+        for rank, node in enumerate((node0, node1)):
+            env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+            cmd = [sys.executable, "-m", "usjepa.train", *args(shards, Path("run"), teacher, *common), "--resume", "auto"]
+            procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 2, out[-2000:] + err[-2000:]
+        assert err.strip().count("\n") == 0 and err.startswith("usjepa-train: error: rank 1 cannot read the "
+                                                               "checkpoint rank 0 resumes from"), err
+        assert "run/checkpoints/step_00000004.pt is corrupt or truncated" in err
+    assert not list((node1 / "run" / "checkpoints").glob("*.unreadable"))  # only rank 0 sets files aside
+
+
+def test_a_forked_worker_does_not_keep_its_dead_parents_out_lock(tmp_path):
+    """Loader workers are forked while the trainer holds --out's lock; a worker that outlives a SIGKILLed
+    trainer (even briefly) kept the folder 'locked' for the resume. Forked children drop their copy."""
+    lock = tmp_path / "train.lock"
+    code = f"""
+        import multiprocessing as mp, os, sys, time
+        from usjepa.files import exclusive_lock
+        with exclusive_lock({str(lock)!r}, RuntimeError("locked")):
+            child = mp.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+            print(child.pid, flush=True)
+            os._exit(0)  # the holder dies without releasing; its forked child lives on
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())  # (the child keeps the pipe open: read the line, do not wait for EOF)
+    try:
+        proc.wait(timeout=60)
+        assert alive(child)
+        from usjepa.files import exclusive_lock
+
+        with exclusive_lock(lock, RuntimeError("still locked by the orphaned child")):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()

@@ -98,9 +98,9 @@ def test_killed_run_resumes_with_identical_losses(shards, teacher, tmp_path):
     proc.wait()
     assert target.exists(), proc.stderr.read().decode()[-2000:]
 
-    n_lines = len((run / "metrics.jsonl").read_text().splitlines())
     assert train(args(shards, run, *common, teacher=teacher) + ["--resume", str(target)]) == 0
-    resumed = train_losses(run, skip_lines=n_lines)
+    assert metric_steps(run) == list(range(1, 17))  # steps the killed run logged after step 9 are not repeated
+    resumed = {step: loss for step, loss in train_losses(run).items() if step > 9}
     assert sorted(resumed) == list(range(10, 17))
     for step, loss in resumed.items():
         assert loss == expected[step], (step, loss, expected[step])
@@ -125,15 +125,79 @@ def test_corrupt_mismatched_and_existing_checkpoints_are_clear_errors(shards, te
     # A different architecture cannot continue this run.
     with pytest.raises(CheckpointError, match=r"model\.arch: checkpoint 'vit_test_tiny' vs config 'vit_test_small'"):
         train(args(shards, out, "train.max_steps=4", "model.arch=vit_test_small", teacher=teacher) + ["--resume", "auto"])
-    # A truncated latest checkpoint is an error naming it, never a fresh start or a silent fallback.
+    # A truncated checkpoint asked for by name is an error naming it; with --resume auto and no older one to
+    # fall back to (tests below), an error too: never a fresh start.
     latest = latest_checkpoint(out)
     latest.write_bytes(latest.read_bytes()[:1000])
-    assert main(args(shards, out, "train.max_steps=4", teacher=teacher) + ["--resume", "auto"]) == 2
+    assert main(args(shards, out, "train.max_steps=4", teacher=teacher) + ["--resume", str(latest)]) == 2
     err = capsys.readouterr().err
     assert "corrupt or truncated" in err and latest.name in err
+    assert main(args(shards, out, "train.max_steps=4", teacher=teacher) + ["--resume", "auto"]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err and latest.is_file()
     with pytest.raises(CheckpointError, match="not found"):
         train(args(shards, out, teacher=teacher) + ["--resume", str(out / "nope.pt")])
 
+
+
+def metric_steps(out: Path, kind: str = "train") -> list[int]:
+    return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_resume_cuts_metrics_back_to_the_resumed_step(shards, teacher, tmp_path):
+    """A run killed after logging steps 5-6 but before checkpointing them resumes from step 4 and logs 5-6
+    again: metrics.jsonl lists each step once (and drops a last line the kill cut short)."""
+    out = tmp_path / "run"
+    common = ("train.ckpt_every_steps=4", "train.keep_last=5")
+    assert train(args(shards, out, *common, "train.max_steps=6", teacher=teacher)) == 0
+    latest_checkpoint(out).unlink()  # the kill landed before step 6's checkpoint
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 7, "lo')
+    assert train(args(shards, out, *common, "train.max_steps=8", teacher=teacher) + ["--resume", "auto"]) == 0
+    assert metric_steps(out) == list(range(1, 9))
+
+
+def test_resume_auto_falls_back_from_a_truncated_latest_checkpoint(shards, teacher, tmp_path):
+    """The newest checkpoint cut short (a full disk, a copy interrupted): --resume auto warns, continues
+    exactly from the one before, and sets the broken one aside so that it is no longer 'the latest'."""
+    common = ("train.ckpt_every_steps=2", "train.keep_last=5", "optim.epochs=1")
+    ref = tmp_path / "ref"
+    assert train(args(shards, ref, *common, teacher=teacher)) == 0
+    out = tmp_path / "run"
+    assert train(args(shards, out, *common, "train.max_steps=6", teacher=teacher)) == 0
+    broken = latest_checkpoint(out)
+    broken.write_bytes(broken.read_bytes()[:5000])
+    assert main(args(shards, out, *common, teacher=teacher) + ["--resume", "auto"]) == 0
+    log = (out / "train.log").read_text()
+    assert "step_00000006.pt is corrupt or truncated" in log and "falls back to the one before it" in log
+    assert f"resumed from {broken.parent / 'step_00000004.pt'} at step 4" in log
+    assert (broken.parent / "step_00000006.pt.unreadable").is_file()
+    assert load_checkpoint(latest_checkpoint(out))["step"] == 8
+    assert train_losses(out) == train_losses(ref)  # steps 5-6 replayed exactly, each listed once
+
+
+def test_the_log_says_when_and_why_the_run_stopped(shards, teacher, tmp_path):
+    out = tmp_path / "run"
+    assert train(args(shards, out, "train.max_steps=3", teacher=teacher)) == 0
+    log = (out / "train.log").read_text()
+    assert "24 steps in 3 epochs; train.max_steps stops the run at step 3" in log
+    assert "stopped after step 3: train.max_steps = 3 reached" in log
+    out = tmp_path / "full"
+    assert train(args(shards, out, "optim.epochs=1", teacher=teacher)) == 0
+    assert "stopped after step 8: all 1 epochs done" in (out / "train.log").read_text()
+
+
+def test_cpu_mfu_is_never_above_100_percent(shards, teacher, tmp_path, monkeypatch):
+    """A CPU peak measured while other processes held the cores reads low (22 GFLOP/s on cores doing 340 was
+    seen), and the run then 'beats' it: such a window's MFU is n/a, not a number above 100 %."""
+    monkeypatch.setattr("usjepa.train.measured_matmul_flops", lambda: 1e6)  # a peak the tiny model beats
+    out = tmp_path / "run"
+    assert train(args(shards, out, "train.max_steps=3", teacher=teacher)) == 0
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["mfu"] for r in recs] == [None] * 3 and recs[0]["tflops_per_device"] * 1e12 > 1e6
+    assert "mfu n/a" in (out / "train.log").read_text()
+    monkeypatch.undo()
+    from usjepa.train import measured_matmul_flops, mfu
+    assert measured_matmul_flops() > 0 and mfu(2.0, 4.0, "config") == 0.5
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     torch.manual_seed(0)
@@ -209,3 +273,20 @@ def test_no_weight_decay_on_biases_and_1d_parameters():
     assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
     assert "student.blocks.0.attn.qkv.weight" in {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_truncate_metrics_keeps_what_the_resumed_run_does_not_write_again(tmp_path):
+    from usjepa.run_dir import truncate_metrics
+
+    rows = [{"kind": "train", "step": s} for s in (1, 2, 3, 4)] + [{"kind": "val", "step": 4}]
+    rows += [{"kind": "train", "step": 5}]
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st'  # the kill cut the last line
+    path.write_text(text)
+    assert truncate_metrics(path, 4) == 2  # epoch checkpoint at 4: its validation is kept
+    assert [(r["kind"], r["step"]) for r in map(json.loads, path.read_text().splitlines())][-2:] == [("train", 4),
+                                                                                                     ("val", 4)]
+    path.write_text(text)
+    assert truncate_metrics(path, 4, validated=False) == 3  # saved before step 4's validation: done again
+    assert [r["step"] for r in map(json.loads, path.read_text().splitlines())] == [1, 2, 3, 4]
+    assert truncate_metrics(path, 4) == 0 and oct(path.stat().st_mode & 0o777) != "0o600"

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from usjepa.files import atomic_path, fsync_dir
 from usjepa.models.loading import refused_pickle_reason
-from usjepa.shards.format import fsync_dir
 
 FORMAT = "usjepa-checkpoint"
 VERSION = 1
@@ -43,6 +43,16 @@ RESUME_MAY_MOVE = ("model.teacher",)
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or from a different run than the one being resumed."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint whose bytes cannot be read back (truncated, corrupt, I/O error): not a refusal of its
+    contents, so ``--resume auto`` may fall back to an older one."""
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"checkpoint {path} is corrupt or truncated ({reason}); resume from an older one "
+                         f"explicitly with --resume PATH")
 
 
 def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
@@ -66,17 +76,10 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def save_atomic(state: dict, path: str | os.PathLike) -> Path:
-    """torch.save to ``<path>.tmp``, fsync, rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    """torch.save to ``<path>.tmp``, fsync, rename over ``path`` (``usjepa.files.atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path
+    return Path(path)
 
 
 def save_checkpoint(state: dict, out_dir, keep_last: int, is_best: bool = False) -> Path:
@@ -112,10 +115,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             f"not one of ours or has been tampered with"
         ) from None
     except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}); "
-            f"resume from an older one explicitly with --resume PATH"
-        ) from e
+        raise CheckpointUnreadable(path, f"{type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a usjepa training checkpoint (no format={FORMAT!r} field)")
     if state.get("version") != VERSION:
@@ -125,6 +125,89 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
     return state
+
+
+def load_latest_readable(out_dir) -> tuple[Path | None, dict | None, list[Path]]:
+    """``--resume auto``: (path, state) of the newest step checkpoint in ``out_dir`` that reads back, and the
+    newer ones that did not (truncated by a full disk, a lost node mid-copy, ...), each with a warning. A
+    checkpoint refused for its *contents* (foreign, tampered, other version) stops the search: falling back
+    past it would hide a problem that is not an accident. (None, None, []) when there is no checkpoint."""
+    unreadable = []
+    for path in reversed(list_step_checkpoints(out_dir)):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointUnreadable as e:
+            log.warning("checkpoint %s is corrupt or truncated (%s); --resume auto falls back to the one "
+                        "before it", path, e.reason)
+            unreadable.append(path)
+            continue
+        return path, state, unreadable
+    if unreadable:
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(out_dir)} reads back ({len(unreadable)} "
+                              f"unreadable: {', '.join(p.name for p in unreadable)}); start a new run in another "
+                              f"--out, or move them away to start afresh in this one")
+    return None, None, []
+
+
+def pick_resume_checkpoint(resume: str | None, out_dir) -> tuple[Path | None, dict | None, list[Path]]:
+    """(path, state, unreadable newer checkpoints) for ``--resume`` ``resume`` (None, 'auto' or a path)."""
+    if resume == "auto":
+        path, state, unreadable = load_latest_readable(out_dir)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
+        return path, state, unreadable
+    if resume:
+        return Path(resume), load_checkpoint(resume), []
+    if latest_checkpoint(out_dir) is not None:
+        raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
+                              f"or choose another --out")
+    return None, None, []
+
+
+def resume_point(resume: str | None, out_dir, rank: int, world: int, group=None
+                 ) -> tuple[Path | None, dict | None, list[Path]]:
+    """``pick_resume_checkpoint`` on rank 0, the same file on every rank. Ranks that chose for themselves could
+    resume from different steps (one falls back past a checkpoint another reads, or sees a later file on its
+    node's copy of ``--out``). Rank 0 sends its choice; each rank reads that file; if any cannot (or rank 0
+    failed), every rank raises the same ``CheckpointError`` naming the rank and the file, so all stop at once.
+    ``group``: the process group to talk over (a gloo one on GPUs, before CUDA starts; None = the default)."""
+    if world == 1:
+        return pick_resume_checkpoint(resume, out_dir)
+    import torch.distributed as dist
+
+    path, state, unreadable, error = None, None, [], None
+    if rank == 0:
+        try:
+            path, state, unreadable = pick_resume_checkpoint(resume, out_dir)
+        except CheckpointError as e:
+            error = f"rank 0: {e}"
+    choice = [str(path) if path is not None else None, error]
+    dist.broadcast_object_list(choice, src=0, group=group)
+    if choice[1] is not None:
+        raise CheckpointError(choice[1])
+    path = Path(choice[0]) if choice[0] is not None else None
+    if rank != 0 and path is not None:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            error = f"rank {rank} cannot read the checkpoint rank 0 resumes from ({e}); stopping every rank"
+    errors = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    failed = [e for e in errors if e]
+    if failed:
+        raise CheckpointError(failed[0])
+    return path, state, unreadable
+
+
+def set_aside_unreadable(paths: list[Path]) -> None:
+    """Rename unreadable checkpoints to ``<name>.unreadable``: kept for a look, but no longer the "latest"
+    (which the finished run, retention and the next ``--resume auto`` would otherwise trip over)."""
+    for path in paths:
+        if path.exists():
+            path.rename(path.with_name(path.name + ".unreadable"))
+            log.warning("set aside unreadable checkpoint %s as %s.unreadable", path, path.name)
+    if paths:
+        fsync_dir(paths[0].parent)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

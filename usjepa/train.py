@@ -42,8 +42,8 @@ from usjepa.checkpoint import (
     capture_rng,
     check_resume_compatible,
     latest_checkpoint,
-    load_checkpoint,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config, lr_multiplier, schedule_epochs
@@ -68,10 +68,11 @@ from usjepa.models import (
     stage1_masks,
 )
 from usjepa.monitor import CollapseMonitor, salt_flops
+from usjepa.run_dir import FILE_ONLY, OutDirLocked, lock_out_dir, setup_logging, take_out_dir
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
-from usjepa.shards.worker_guard import LoaderWorkerError
+from usjepa.shards.worker_guard import LoaderWorkerError, die_with_parent
 from usjepa.step import batch_size_from_memory, compile_models, salt_packing
 
 log = logging.getLogger("usjepa.train")
@@ -99,12 +100,12 @@ def main(argv=None) -> int:
     try:
         return train(argv)
     except (ConfigError, CheckpointError, CheckpointFormatError, NonFiniteLossError, FileNotFoundError,
-            ShardFormatError, LoaderWorkerError) as e:
+            ShardFormatError, LoaderWorkerError, OutDirLocked) as e:
         status = FAILED if isinstance(e, LoaderWorkerError) else USAGE
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
         if isinstance(e, LoaderWorkerError):
             message += "; the run stopped, its last checkpoint is kept: rerun the same command with --resume auto"
-        log.error("%s: %s", type(e).__name__, message)
+        log.error("%s: %s", type(e).__name__, message, extra=FILE_ONLY)
         print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
         return status
     except RuntimeError as e:  # gloo/NCCL: "Timed out waiting ... for recv operation" and the like
@@ -112,12 +113,19 @@ def main(argv=None) -> int:
             raise
         message = (f"rank {dist.get_rank()}: another rank did not answer within train.collective_timeout_s (it "
                    f"stopped, hung or died); stopping. Its last checkpoint is kept: rerun with --resume auto")
-        log.error("%s (%s)", message, str(e).splitlines()[0][:200])
+        log.error("%s (%s)", message, str(e).splitlines()[0][:200], extra=FILE_ONLY)
         print(f"usjepa-train: error: {message}", file=sys.stderr, flush=True)
         return FAILED
 
 
 def train(argv=None) -> int:
+    """One run. Rank 0 holds ``--out``'s lock (``usjepa.run_dir``) from its first write there until the run
+    ends, however it ends."""
+    with contextlib.ExitStack() as held:
+        return _train(argv, held)
+
+
+def _train(argv, held: contextlib.ExitStack) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     if args.out:
@@ -128,6 +136,8 @@ def train(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own: a SIGKILLed torchrun
+        die_with_parent(os.getppid())          # would leave it training on, so the kernel kills it with its agent
     # device_count() asks NVML and leaves CUDA uninitialised (is_available() would not), so that the loaders
     # below can fork their workers; CUDA starts after them.
     cuda = torch.cuda.device_count() > 0
@@ -135,26 +145,28 @@ def train(argv=None) -> int:
     master = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    setup_logging(out_dir if master else None, master)
+    setup_logging(None, master)  # train.log is opened once the run is accepted (take_out_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.train.bf16) else contextlib.nullcontext()
     log.info("stage %d, world size %d, device %s, config %s", cfg.stage, world, device, args.config)
 
     # ---------------------------------------------------------------- resume decision (before any write)
-    resume_path = None
-    if args.resume == "auto":
-        resume_path = latest_checkpoint(out_dir)
-        if resume_path is None:
-            log.info("--resume auto: no checkpoint in %s, starting a new run", out_dir)
-    elif args.resume:
-        resume_path = Path(args.resume)
-    elif latest_checkpoint(out_dir) is not None:
-        raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
-                              f"or choose another --out")
-    ckpt = load_checkpoint(resume_path) if resume_path is not None else None
+    resume_group = None
+    if world > 1:
+        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes. No
+        # device_id: NCCL then starts CUDA at its first collective, after the loaders below forked their
+        # workers; the resume decision goes through a gloo group, which needs no CUDA.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        resume_group = dist.new_group(backend="gloo") if cuda else None
+    locked = master and out_dir.is_dir() and lock_out_dir(out_dir, held)  # before reading its checkpoints
+    # rank 0 picks (the newest readable for 'auto'), every rank reads that one file, or all stop together
+    resume_path, ckpt, unreadable = resume_point(args.resume, out_dir, rank, world, resume_group)
     if cfg.train.batch_from_memory and cfg.stage == 2:  # measured on this GPU, or the resumed run's own
         cfg.data.batch_size = ckpt["config"]["data"]["batch_size"] if ckpt else batch_size_from_memory(cfg, device)
     if ckpt is not None:
         check_resume_compatible(ckpt["config"], cfg.to_dict(), resume_path, allow_changed=args.allow_changed)
+
+    # a CPU's peak is measured before the loader workers start, which would slow it (a GPU's: below)
+    peak_flops, peak_source = (None, "") if cuda else peak_flops_per_device(cfg, device)
 
     # ---------------------------------------------------------------- data (workers start here), then CUDA
     train_loader = make_loader(cfg, "train", rank, world, device)
@@ -163,18 +175,17 @@ def train(argv=None) -> int:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        # a rank that stops (dead loader, NaN, crash) must not leave the others waiting NCCL's 10 minutes
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
-                                timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+        peak_flops, peak_source = peak_flops_per_device(cfg, device)  # the datasheet's, by the GPU's name
     steps_per_epoch = train_loader.batches_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per rank x {world} ranks is more than the "
                           f"{train_loader.sampler.epoch_samples()} training samples of an epoch in {cfg.data.root}")
     total_steps = cfg.optim.epochs * steps_per_epoch
     global_batch, epoch_samples = cfg.data.batch_size * world, train_loader.sampler.epoch_samples()
-    log.info("%d train batches per epoch per rank, %s val batches, %d steps in all", steps_per_epoch,
-             len(val_loader) if val_loader is not None else "no", total_steps)
+    log.info("%d train batches per epoch per rank, %s val batches, %d steps in %d epochs%s", steps_per_epoch,
+             len(val_loader) if val_loader is not None else "no", total_steps, cfg.optim.epochs,
+             f"; train.max_steps stops the run at step {cfg.train.max_steps}"
+             if cfg.train.max_steps is not None and cfg.train.max_steps < total_steps else "")
 
     # ---------------------------------------------------------------- models (identical init on every rank)
     torch.manual_seed(cfg.seed)
@@ -214,6 +225,10 @@ def train(argv=None) -> int:
         restore_rng(ckpt["rng"])
         log.info("resumed from %s at step %d (epoch %d%s)", resume_path, step, epoch, ", mid-epoch" if mid_epoch else "")
         del ckpt
+
+    # ---------------------------------------------------------------- the run is accepted: take --out
+    if master:
+        take_out_dir(out_dir, held, locked, step, mid_epoch, unreadable)
 
     # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
@@ -287,7 +302,6 @@ def train(argv=None) -> int:
 
     # ---------------------------------------------------------------- metrics
     metrics = MetricsWriter(out_dir, master, cfg.train.tensorboard)
-    peak_flops, peak_source = peak_flops_per_device(cfg, device)
     progress = make_progress(master and cfg.train.progress, total=min(total_steps, cfg.train.max_steps or total_steps),
                              initial=step)
     window = {"loss": torch.zeros((), device=device), "n": 0, "imgs": 0, "flops": 0.0, "flops_padded": 0.0,
@@ -352,8 +366,8 @@ def train(argv=None) -> int:
                     "images_per_s_per_device": window["imgs"] / elapsed,
                     "data_wait_frac": data_wait.take() / elapsed,
                     "tflops_per_device": window["flops"] / elapsed / 1e12,
-                    "mfu": (window["flops"] / elapsed / peak_flops) if peak_flops else None,  # real tokens only
-                    "mfu_padded": (window["flops_padded"] / elapsed / peak_flops) if peak_flops else None,
+                    "mfu": mfu(window["flops"] / elapsed, peak_flops, peak_source),  # real tokens only
+                    "mfu_padded": mfu(window["flops_padded"] / elapsed, peak_flops, peak_source),
                     "mfu_peak_source": peak_source,
                     "peak_mem_gb": peak_memory_gb(device),
                     **collapse.record(step),  # this rank's feature stds (stage 2)
@@ -390,6 +404,8 @@ def train(argv=None) -> int:
 
     # ---------------------------------------------------------------- finish
     progress.close()
+    log.info("stopped after step %d: %s", step, f"train.max_steps = {cfg.train.max_steps} reached" if stop
+             else f"all {cfg.optim.epochs} epochs done")
     close_loaders(train_loader, val_loader)
     last = latest_checkpoint(out_dir)
     if last is None or int(last.name[5:13]) != step:
@@ -465,6 +481,8 @@ def resume_command(args: argparse.Namespace, out_dir: Path, checkpoint: Path, wo
 def exit_on_sigterm(signum, frame) -> None:
     """torchrun stops the other ranks with SIGTERM: exit through Python so that the loaders' plan folders are
     removed and their workers stopped (the default action would skip every clean-up)."""
+    log.warning("stopping on %s (a cancelled job, or torchrun stopping the ranks after one failed); the last "
+                "checkpoint is kept: rerun with --resume auto to continue", signal.Signals(signum).name)
     raise SystemExit(128 + signum)
 
 
@@ -546,8 +564,11 @@ GPU_PEAK_BF16 = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A10
                  "L40S": 362.1e12, "A10G": 70.0e12, "L4": 121.0e12, "RTX 4090": 165.2e12}
 
 
+MEASURED_CPU_PEAK = "measured fp32 matmul on this CPU"
+
+
 def peak_flops_per_device(cfg: Config, device: torch.device) -> tuple[float | None, str]:
-    """The MFU denominator: config value, the GPU's datasheet bf16 peak, or on CPU the measured fp32 matmul
+    """The MFU denominator: config value, the GPU's datasheet bf16 peak, or on CPU the best measured fp32 matmul
     rate of this process (so CPU 'MFU' reads as 'fraction of what a large matmul achieves here')."""
     if cfg.train.peak_flops:
         return float(cfg.train.peak_flops), "config"
@@ -557,17 +578,33 @@ def peak_flops_per_device(cfg: Config, device: torch.device) -> tuple[float | No
             if key in name:
                 return flops, f"datasheet bf16 dense ({name})"
         return None, f"unknown GPU {name}"
-    return measured_matmul_flops(), "measured fp32 matmul on this CPU"
+    return measured_matmul_flops(), MEASURED_CPU_PEAK
 
 
-def measured_matmul_flops(n: int = 512, seconds: float = 0.2) -> float:
+def measured_matmul_flops(n: int = 1024, trials: int = 20, seconds: float = 1.0) -> float:
+    """The best rate of up to ``trials`` fp32 n x n matmuls (at most ``seconds`` after the first) on this
+    process's threads. A peak is the best rate the cores reach; other processes on them (and, before, our own
+    loader workers starting up) only ever slow a trial down, so it is the fastest trial, not the mean: a 0.2 s
+    mean taken beside starting workers read 22 GFLOP/s on cores that do 340, and MFU passed 100 %."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    best, t_end = math.inf, time.perf_counter() + seconds
+    for _ in range(trials):
+        t0 = time.perf_counter()
         a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+        best = min(best, time.perf_counter() - t0)
+        if t0 > t_end:
+            break
+    return 2 * n**3 / best
+
+
+def mfu(flops_per_s: float, peak: float | None, source: str) -> float | None:
+    """Model FLOPs utilisation, or None (logged as n/a) when there is no peak, or when the run went faster than
+    a measured CPU peak: then that measurement was slowed by other load and is no peak, so no fraction of it
+    means anything."""
+    if not peak or (source == MEASURED_CPU_PEAK and flops_per_s > peak):
+        return None
+    return flops_per_s / peak
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -627,25 +664,6 @@ def make_progress(enabled: bool, total: int, initial: int):
         def close(self): ...
 
     return _Silent()
-
-
-def setup_logging(out_dir: Path | None, master: bool) -> None:
-    root = logging.getLogger("usjepa")
-    root.setLevel(logging.INFO if master else logging.WARNING)
-    if root.handlers:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-            h.close()
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(fmt)
-    root.addHandler(h)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(out_dir / "train.log")
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    root.propagate = False
 
 
 def cli() -> None:

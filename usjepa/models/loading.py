@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from usjepa.files import atomic_path
 from usjepa.models.vit import ViTConfig, VisionTransformer, build_vit
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,10 @@ def export_encoder_safetensors(model: VisionTransformer, path: str | os.PathLike
     model = getattr(model, "module", model)
     model = getattr(model, "_orig_mod", model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "usjepa_arch": json.dumps(asdict(model.cfg)), **(metadata or {})})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # save_file creates its file 0600; atomic_path gives it the usual mode
+        save_file(sd, str(tmp), metadata={"format": "pt", "usjepa_arch": json.dumps(asdict(model.cfg)),
+                                          **(metadata or {})})
     return path
 
 
