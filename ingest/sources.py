@@ -52,7 +52,7 @@ import numpy as np
 import yaml
 
 from usjepa.ingest.labels import LabelError, compile_label_pattern, label_from_name, read_label_rows
-from usjepa.ingest.readers import kind_of
+from usjepa.ingest.readers import kind_of, native_messages_dropped
 from usjepa.shards.format import DEFAULT_VAL_FRACTION, dataset_slug, split_of_group, stable_unit_hash
 
 log = logging.getLogger(__name__)
@@ -369,11 +369,12 @@ def duplicates_share_a_split(sources: list[Source], split: dict[str, str]) -> di
 
     stills = [s for s in sources if s.kind == "still"]
     hashes = []
-    for s in stills:
-        try:
-            hashes.append(file_dhash(s.path))
-        except OSError:  # unreadable: ingest skips it later, with its reason
-            hashes.append(None)
+    with native_messages_dropped():  # libjpeg's "Corrupt JPEG data" lines: the skip report comes later
+        for s in stills:
+            try:
+                hashes.append(file_dhash(s.path))
+            except OSError:  # unreadable: ingest skips it later, with its reason
+                hashes.append(None)
     joined: dict[int, set[str]] = {}
     for s, c in zip(stills, duplicate_clusters(hashes)):
         joined.setdefault(c, set()).add(s.group)

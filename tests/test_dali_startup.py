@@ -81,8 +81,9 @@ SPAWNED = """
         ref = [b.images for b in loader]
         print("forked workers mapping libtorch:", sum("libtorch" in m for m in maps()))
         dali_pipeline.worker_start_method = lambda: "spawn"  # what DALI's check answers once CUDA is up
-        for p in pipeline_workers(loader._backend._pipe):
+        for p in pipeline_workers(loader._backend._pipe):  # both at once, as the OOM killer might
             os.kill(p.pid, signal.SIGKILL)
+        for p in pipeline_workers(loader._backend._pipe):
             p.join()
         loader.set_epoch(0)
         again = [b.images for b in loader]  # the dead workers' replacements render the pass
