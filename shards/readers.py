@@ -211,40 +211,15 @@ def _stat_size(path: str) -> int | None:
         return None
 
 
-def _groups_and_medians(tar: str, keys: list[str], rows: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Each sample's split group and stored median from its metadata member (one small read each, here only)."""
+def _groups_and_medians_of(keys: list[str], metas) -> tuple[list[str], np.ndarray]:
+    """Each sample's split group and stored median from its metadata member's bytes (``metas``, one per key;
+    None or unparsable: the sample is its own group, median unknown)."""
     groups, medians = [], np.full(len(keys), np.nan, np.float32)
-    with open(tar, "rb") as f:
-        fd = f.fileno()
-        for j, (key, off, size) in enumerate(zip(keys, rows[:, 4].tolist(), rows[:, 5].tolist())):
-            try:
-                meta = SampleMeta.from_json(read_member(fd, off, size))
-            except (OSError, ShardFormatError, UnicodeDecodeError, ValueError):
-                groups.append("sample:" + key)
-                continue
-            groups.append(meta.group)
-            if meta.median is not None:
-                medians[j] = meta.median
-    return groups, medians
-
-
-def _remote_groups_and_medians(store: RemoteShards, url: str, keys: list[str], rows: np.ndarray
-                               ) -> tuple[list[str], np.ndarray]:
-    """``_groups_and_medians`` of a remote shard: its metadata members fetched in coalesced ranges (issue 21.2)."""
-    members = [(int(o), int(n)) for o, n in zip(rows[:, 4].tolist(), rows[:, 5].tolist())]
-    starts, ends = coalesce(members)
-    try:
-        blobs = store.fetch_ranges(url, starts, ends)
-    except OSError as e:
-        log.warning("%s: metadata unreadable (%s): its samples are their own groups", url, e)
-        blobs = None
-    groups, medians = [], np.full(len(keys), np.nan, np.float32)
-    for j, (key, (o, n)) in enumerate(zip(keys, members)):
+    for j, (key, raw) in enumerate(zip(keys, metas)):
         try:
-            if blobs is None:
+            if raw is None:
                 raise ValueError("unread")
-            k = int(np.searchsorted(starts, o, side="right")) - 1
-            meta = SampleMeta.from_json(blobs[k][o - starts[k]:o - starts[k] + n])
+            meta = SampleMeta.from_json(raw)
         except (ShardFormatError, UnicodeDecodeError, ValueError, KeyError):
             groups.append("sample:" + key)
             continue
@@ -252,6 +227,39 @@ def _remote_groups_and_medians(store: RemoteShards, url: str, keys: list[str], r
         if meta.median is not None:
             medians[j] = meta.median
     return groups, medians
+
+
+def _groups_and_medians(tar: str, keys: list[str], rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """``_groups_and_medians_of`` a local shard (one small read per sample, here only)."""
+    with open(tar, "rb") as f:
+        fd = f.fileno()
+
+        def metas():
+            for off, size in zip(rows[:, 4].tolist(), rows[:, 5].tolist()):
+                try:
+                    yield read_member(fd, off, size)
+                except (OSError, ShardFormatError):
+                    yield None
+
+        return _groups_and_medians_of(keys, metas())
+
+
+def _remote_groups_and_medians(store: RemoteShards, url: str, keys: list[str], rows: np.ndarray
+                               ) -> tuple[list[str], np.ndarray]:
+    """``_groups_and_medians_of`` a remote shard: its metadata members fetched in coalesced ranges (issue 21.2)."""
+    members = [(int(o), int(n)) for o, n in zip(rows[:, 4].tolist(), rows[:, 5].tolist())]
+    starts, ends = coalesce(members)
+    try:
+        blobs = store.fetch_ranges(url, starts, ends)
+    except OSError as e:
+        log.warning("%s: metadata unreadable (%s): its samples are their own groups", url, e)
+        return _groups_and_medians_of(keys, [None] * len(keys))
+
+    def member(o: int, n: int) -> bytes:
+        k = int(np.searchsorted(starts, o, side="right")) - 1
+        return blobs[k][o - starts[k]:o - starts[k] + n]
+
+    return _groups_and_medians_of(keys, (member(o, n) for o, n in members))
 
 
 def _scan_shard(tar: str, idx: str, store: RemoteShards | None = None) -> tuple:
