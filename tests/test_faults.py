@@ -647,6 +647,76 @@ def test_a_rank_that_cannot_read_rank_0s_checkpoint_stops_every_rank(shards, tea
     assert not list((node1 / "run" / "checkpoints").glob("*.unreadable"))  # only rank 0 sets files aside
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(node: Path, node_rank: int, port: int, argv: list[str]) -> subprocess.Popen:
+    """One torchrun agent as one node of two (static rendezvous on 127.0.0.1), working in its own folder."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node_rank}",
+           "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "usjepa.train", *argv]
+    return subprocess.Popen(cmd, cwd=node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finished_digests(output: str) -> set[str]:
+    return {line.split("finished at ")[1] for line in output.splitlines() if "finished at step" in line}
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_folder_resume_exactly_with_the_ranks_swapped(shards, teacher, tmp_path):
+    """Issue 21: two torchrun agents, one per "node", each with its own --out (node-local disks, no shared
+    filesystem). Both are SIGTERMed mid-run and relaunched with the node ranks swapped, so rank 0 lands on the
+    node that never wrote a checkpoint. Before, that rank 0 started afresh while rank 1 resumed (gloo aborted
+    on a collective mismatch); now the ranks agree on the newest checkpoint any node holds, its bytes go to
+    the node that lacks it, and the run ends with the uninterrupted run's parameters, step for step."""
+    common = ("optim.epochs=3", "train.ckpt_every_steps=2", "train.collective_timeout_s=60")
+    ref = torchrun(2, args(shards, tmp_path / "ref", teacher, *common))  # uninterrupted, 2 ranks
+    want = finished_digests(ref.stdout)
+    assert len(want) == 1 and "step 12," in next(iter(want)), ref.stdout[-2000:]
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for n in nodes:
+        n.mkdir()
+    argv = args(shards, Path("run"), teacher, *common) + ["--resume", "auto"]
+    port = free_port()
+    procs = [start_node(n, i, port, argv) for i, n in enumerate(nodes)]
+    try:
+        wait_for(lambda: (nodes[0] / "run" / "checkpoints" / "step_00000006.pt").is_file(), 180,
+                 "rank 0 to write its checkpoint at step 6")
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.communicate(timeout=60)
+    finally:
+        for p in procs:
+            kill_group(p)
+    held = sorted(p.name for p in (nodes[0] / "run" / "checkpoints").glob("step_*.pt"))
+    assert held and not (nodes[1] / "run" / "checkpoints").exists()  # only rank 0's node wrote
+    assert records(nodes[0] / "run")[-1]["step"] < 12  # stopped mid-run
+
+    port = free_port()
+    procs = [start_node(n, 1 - i, port, argv) for i, n in enumerate(nodes)]  # rank 0 now on node1
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            kill_group(p)
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    assert finished_digests(outputs[0]) | finished_digests(outputs[1]) == want
+    assert f"resuming from {held[-1]} as read on rank 1; sent to rank(s) 0" in outputs[1]
+    got = records(nodes[1] / "run")  # node1's folder continues the run's history: the steps before are there
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert latest_checkpoint(nodes[1] / "run").name == "step_00000012.pt"
+    print("uninterrupted", want, "swapped resume", finished_digests(outputs[0]) | finished_digests(outputs[1]))
+    assert (nodes[1] / "run" / "export" / "encoder_best.safetensors").is_file()
+
+
 def test_a_forked_worker_does_not_keep_its_dead_parents_out_lock(tmp_path):
     """Loader workers are forked while the trainer holds --out's lock; a worker that outlives a SIGKILLed
     trainer (even briefly) kept the folder 'locked' for the resume. Forked children drop their copy."""

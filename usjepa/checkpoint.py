@@ -17,6 +17,7 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
@@ -101,13 +102,14 @@ def save_checkpoint(state: dict, out_dir, keep_last: int, is_best: bool = False)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read and validate a checkpoint; anything wrong is a ``CheckpointError`` that says what and where."""
+def load_checkpoint(path: str | os.PathLike, data: bytes | None = None) -> dict:
+    """Read and validate a checkpoint; anything wrong is a ``CheckpointError`` that says what and where.
+    ``data``: the file's bytes, received from another node (``usjepa.resume``); ``path`` then only names it."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (refusing to start from scratch instead)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's own text goes on to suggest weights_only=False, i.e. running the file's code: never say that
         raise CheckpointError(
@@ -162,41 +164,6 @@ def pick_resume_checkpoint(resume: str | None, out_dir) -> tuple[Path | None, di
         raise CheckpointError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run "
                               f"or choose another --out")
     return None, None, []
-
-
-def resume_point(resume: str | None, out_dir, rank: int, world: int, group=None
-                 ) -> tuple[Path | None, dict | None, list[Path]]:
-    """``pick_resume_checkpoint`` on rank 0, the same file on every rank. Ranks that chose for themselves could
-    resume from different steps (one falls back past a checkpoint another reads, or sees a later file on its
-    node's copy of ``--out``). Rank 0 sends its choice; each rank reads that file; if any cannot (or rank 0
-    failed), every rank raises the same ``CheckpointError`` naming the rank and the file, so all stop at once.
-    ``group``: the process group to talk over (a gloo one on GPUs, before CUDA starts; None = the default)."""
-    if world == 1:
-        return pick_resume_checkpoint(resume, out_dir)
-    import torch.distributed as dist
-
-    path, state, unreadable, error = None, None, [], None
-    if rank == 0:
-        try:
-            path, state, unreadable = pick_resume_checkpoint(resume, out_dir)
-        except CheckpointError as e:
-            error = f"rank 0: {e}"
-    choice = [str(path) if path is not None else None, error]
-    dist.broadcast_object_list(choice, src=0, group=group)
-    if choice[1] is not None:
-        raise CheckpointError(choice[1])
-    path = Path(choice[0]) if choice[0] is not None else None
-    if rank != 0 and path is not None:
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as e:
-            error = f"rank {rank} cannot read the checkpoint rank 0 resumes from ({e}); stopping every rank"
-    errors = [None] * world
-    dist.all_gather_object(errors, error, group=group)
-    failed = [e for e in errors if e]
-    if failed:
-        raise CheckpointError(failed[0])
-    return path, state, unreadable
 
 
 def set_aside_unreadable(paths: list[Path]) -> None:

@@ -22,8 +22,9 @@ import logging.handlers
 import sys
 from pathlib import Path
 
-from usjepa.checkpoint import set_aside_unreadable
+from usjepa.checkpoint import checkpoint_dir, set_aside_unreadable
 from usjepa.files import atomic_path, exclusive_lock
+from usjepa.resume import Handover
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,31 @@ def lock_out_dir(out_dir: Path, held: contextlib.ExitStack) -> bool:
 
 
 def take_out_dir(out_dir: Path, held: contextlib.ExitStack, locked: bool, resumed_step: int, mid_epoch: bool,
-                 unreadable: list[Path]) -> None:
+                 unreadable: list[Path], handover: Handover | None = None) -> None:
     """Rank 0, once the run is accepted: lock ``out_dir`` unless ``locked`` already, open ``train.log``, set
-    aside ``unreadable`` checkpoints and cut ``metrics.jsonl`` back to ``resumed_step`` (``mid_epoch``: the
-    checkpoint was written before that step's end-of-epoch validation, which the run does again)."""
+    aside ``unreadable`` checkpoints, write the ``handover`` from another node (``usjepa.resume``) and cut
+    ``metrics.jsonl`` back to ``resumed_step`` (``mid_epoch``: the checkpoint was written before that step's
+    end-of-epoch validation, which the run does again)."""
     if not locked:
         lock_out_dir(out_dir, held)
     attach_log_file(out_dir)
     set_aside_unreadable(unreadable)
+    if handover is not None:
+        write_handover(out_dir, handover)
     truncate_metrics(out_dir / METRICS_NAME, resumed_step, validated=not mid_epoch)
+
+
+def write_handover(out_dir: Path, handover: Handover) -> None:
+    """The checkpoint this node lacked, and the sending node's ``metrics.jsonl`` and ``best.pt``, which
+    supersede this folder's older ones (its own checkpoints stay, older than the one resumed from)."""
+    ckpt_dir = checkpoint_dir(out_dir)
+    files = [(ckpt_dir / handover.name, handover.checkpoint), (ckpt_dir / "best.pt", handover.best),
+             (out_dir / METRICS_NAME, handover.metrics)]
+    for path, data in files:
+        if data is not None:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            log.info("wrote %s (%d bytes) as received from the node that held the checkpoint", path, len(data))
 
 
 def truncate_metrics(path: Path, step: int, validated: bool = True) -> int:

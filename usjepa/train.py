@@ -43,7 +43,6 @@ from usjepa.checkpoint import (
     check_resume_compatible,
     latest_checkpoint,
     restore_rng,
-    resume_point,
     save_checkpoint,
 )
 from usjepa.config import Config, ConfigError, load_config, lr_multiplier, schedule_epochs
@@ -68,6 +67,7 @@ from usjepa.models import (
     stage1_masks,
 )
 from usjepa.monitor import CollapseMonitor, salt_flops
+from usjepa.resume import resume_point
 from usjepa.run_dir import FILE_ONLY, OutDirLocked, lock_out_dir, setup_logging, take_out_dir
 from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
@@ -158,8 +158,10 @@ def _train(argv, held: contextlib.ExitStack) -> int:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.train.collective_timeout_s))
         resume_group = dist.new_group(backend="gloo") if cuda else None
     locked = master and out_dir.is_dir() and lock_out_dir(out_dir, held)  # before reading its checkpoints
-    # rank 0 picks (the newest readable for 'auto'), every rank reads that one file, or all stop together
-    resume_path, ckpt, unreadable = resume_point(args.resume, out_dir, rank, world, resume_group)
+    # every rank resumes from the same file: the newest that reads back on any node ('auto'), its bytes sent to
+    # ranks whose node lacks it (--out need not be shared), or all stop together
+    resumed = resume_point(args.resume, out_dir, rank, world, resume_group)
+    resume_path, ckpt = resumed.path, resumed.state
     if cfg.train.batch_from_memory and cfg.stage == 2:  # measured on this GPU, or the resumed run's own
         cfg.data.batch_size = ckpt["config"]["data"]["batch_size"] if ckpt else batch_size_from_memory(cfg, device)
     if ckpt is not None:
@@ -228,7 +230,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
 
     # ---------------------------------------------------------------- the run is accepted: take --out
     if master:
-        take_out_dir(out_dir, held, locked, step, mid_epoch, unreadable)
+        take_out_dir(out_dir, held, locked, step, mid_epoch, resumed.unreadable, resumed.handover)
 
     # ---------------------------------------------------------------- wrap: DDP over the trainable part, compile
     ddp_model = DDP(model, device_ids=[local_rank] if cuda else None) if world > 1 else model
@@ -267,9 +269,14 @@ def _train(argv, held: contextlib.ExitStack) -> int:
         model.train()
         return (total[0] / total[1]).item() if total[1] > 0 else math.nan
 
+    # the step of rank 0's newest checkpoint, known on every rank (their --out may be node-local copies)
+    saved_step = step if resume_path is not None and args.resume == "auto" else None
+
     def checkpoint(epoch_complete: bool, val_loss: float | None = None, is_best: bool = False) -> None:
         """Rank 0 writes; every rank first agrees that nothing non-finite happened since the last check."""
+        nonlocal saved_step
         check_finite()
+        saved_step = step
         if master:
             path = save_checkpoint({
                 "stage": cfg.stage, "step": step, "epoch": epoch, "epoch_complete": epoch_complete,
@@ -407,8 +414,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
     log.info("stopped after step %d: %s", step, f"train.max_steps = {cfg.train.max_steps} reached" if stop
              else f"all {cfg.optim.epochs} epochs done")
     close_loaders(train_loader, val_loader)
-    last = latest_checkpoint(out_dir)
-    if last is None or int(last.name[5:13]) != step:
+    if saved_step != step:
         checkpoint(epoch_complete=False)
     if master:
         meta = {"usjepa_teacher_sha256": teacher_sha} if teacher_sha else None
