@@ -1,7 +1,8 @@
 """Ingest throughput: frames/s of a full ``usjepa-ingest run`` with 1 and 2 workers (the baseline is the
 1-worker run in the same process), on the synthetic "demo" corpus and on ../shared/realdata/pocus when
-present (once as it is and once as five copies, long enough for the worker scaling to show), plus the cost
-per frame of each stage on one clip (where the time goes).
+present (once as it is and once as five copies, long enough for the worker scaling to show), the split's
+perceptual hashing of the real stills in the main process vs the worker pool, and the cost per frame of each
+stage on one clip (where the time goes).
 
     python -m benchmarks.bench_ingest --out bench_out
 
@@ -123,6 +124,33 @@ def stage_costs(path: Path, max_frames: int = 200) -> dict:
                                            ("finish_ms", t_fin), ("encode_ms", t_enc))}}
 
 
+def split_hashing(roots: list[Path], workers: int, repeats: int) -> dict:
+    """Seconds to hash every still of ``roots`` for the train/val split (``duplicates_share_a_split``): in this
+    process (the path before: one core) vs through an ingest worker pool of ``workers``, interleaved, best of
+    ``repeats``. The hash cache is cleared before each in-process round (workers start with none)."""
+    from usjepa.ingest.duplicates import _file_hash
+    from usjepa.ingest.pipeline import _Workers
+    from usjepa.ingest.sources import DatasetSpec, duplicates_share_a_split, list_sources, split_of_group
+
+    sources = list_sources([DatasetSpec(name=r.name, root=r) for r in roots]).sources
+    split = {s.group: split_of_group(s.group) for s in sources}
+    best = {"in_process": float("inf"), "pool": float("inf")}
+    for _ in range(repeats):
+        with _Workers(workers) as pool:
+            pool.start()  # the pool's start is a fixed cost of the ingest run, paid once for both phases
+            t = time.perf_counter()
+            moved_pool = duplicates_share_a_split(sources, split, pool.map)
+            best["pool"] = min(best["pool"], time.perf_counter() - t)
+        _file_hash.cache_clear()
+        t = time.perf_counter()
+        moved = duplicates_share_a_split(sources, split)
+        best["in_process"] = min(best["in_process"], time.perf_counter() - t)
+        assert moved == moved_pool, "the pool's hashes moved other groups than the in-process ones"
+    n = sum(s.kind == "still" for s in sources)
+    return {"stills": n, "workers": workers, "seconds": best, "ms_per_still_in_process": 1e3 * best["in_process"] / n,
+            "speedup": best["in_process"] / best["pool"]}
+
+
 def markdown(result: dict) -> str:
     hw = result["hardware"]
     rows = ["| benchmark | corpus | frames | 1 worker | 2 workers | ratio 2 vs 1 | frames phase 2 vs 1 | "
@@ -133,6 +161,13 @@ def markdown(result: dict) -> str:
         rows.append(f"| ingest end to end | {name} | {r1['frames']} | {r1['fps']:.0f} frames/s | {r2['fps']:.0f} frames/s "
                     f"| {c['ratio_2_vs_1']:.2f}x | {r2['frames_phase_fps'] / r1['frames_phase_fps']:.2f}x "
                     f"| {r1['frames_per_cpu_second']:.0f} | {hardware_line(hw)}, load {hw['load_avg_1min']:.1f} |")
+    h = result.get("split_hashing")
+    if h:
+        rows.append("")
+        rows.append(f"Split hashing (perceptual hash of every still for the train/val split, {h['stills']} real stills): "
+                    f"{h['seconds']['in_process']:.2f} s in the main process ({h['ms_per_still_in_process']:.2f} ms per "
+                    f"still, the path before) vs {h['seconds']['pool']:.2f} s through {h['workers']} ingest workers = "
+                    f"{h['speedup']:.2f}x")
     s = result["stage_costs"]
     rows.append("")
     rows.append(f"Stage cost per frame ({s['file']}, {s['size'][1]}x{s['size'][0]}, 1 thread): read {s['read_ms']:.2f} ms, "
@@ -174,6 +209,9 @@ def main(argv=None) -> dict:
                     if w not in runs or r["fps"] > runs[w]["fps"]:
                         runs[w] = r
             result["corpora"][name] = {"runs": [runs[1], runs[2]], "ratio_2_vs_1": runs[2]["fps"] / runs[1]["fps"]}
+        still_roots = [REALDATA / d for d in ("busi", "ddti") if (REALDATA / d).is_dir()]
+        if still_roots:
+            result["split_hashing"] = split_hashing(still_roots, workers=2, repeats=a.repeats)
         clip = None
         if (REALDATA / "pocus").is_dir():
             clip = next((REALDATA / "pocus").rglob("*.mov"), None)

@@ -440,6 +440,19 @@ class _Workers:
         self.start()
         yield from self._pool.imap_unordered(fn, jobs, chunksize=1)
 
+    def map(self, fn, jobs: list):
+        """``fn`` over ``jobs`` in order (in this process when ``n`` is 1 or there is one job)."""
+        if self.n <= 1 or len(jobs) <= 1:
+            return map(fn, jobs)
+        self.start()
+        return self._pool.imap(fn, jobs, chunksize=1)
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.terminate() if exc[0] is not None else self.close()
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
@@ -459,7 +472,8 @@ def run_ingest(specs: list[DatasetSpec], opts: IngestOptions) -> dict:
     out = Path(opts.out)
     with _writing_into(out):
         out.mkdir(parents=True, exist_ok=True)
-    listing = assign_splits(list_sources(specs, opts.exclude), opts.val_fraction)
+    with _Workers(opts.workers) as hashing:  # the stills' perceptual hashes, for the split
+        listing = assign_splits(list_sources(specs, opts.exclude), opts.val_fraction, hashing.map)
     fp = _fingerprint(listing, opts)
     man_path = out / manifest_name(opts.part)
     work = out / WORK_DIR / _part_tag(opts.part)

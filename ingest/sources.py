@@ -347,9 +347,10 @@ def _is_binary_image(path: Path) -> bool:
         return False
 
 
-def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION) -> Listing:
+def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION, map_chunks=map) -> Listing:
     """The listing with each source's ``split`` set (module doc). Computed from the whole listing, so
-    every ``--part`` of a job array agrees."""
+    every ``--part`` of a job array agrees. ``map_chunks``: an order-keeping map that hashes the stills'
+    chunks (ingest passes its worker pool's)."""
     split: dict[str, str] = {}
     for spec in listing.datasets:
         groups = sorted({s.group for s in listing.sources if s.dataset == spec.name})
@@ -357,24 +358,38 @@ def assign_splits(listing: Listing, val_fraction: float = DEFAULT_VAL_FRACTION) 
         if len(groups) >= MIN_GROUPS_FOR_VAL and val_fraction > 0 and "val" not in mine.values():
             mine[min(groups, key=lambda g: stable_unit_hash("split\0" + g))] = "val"
         split.update(mine)
-    split.update(duplicates_share_a_split(listing.sources, split))
+    split.update(duplicates_share_a_split(listing.sources, split, map_chunks))
     sources = [dataclasses.replace(s, split=split[s.group]) for s in listing.sources]
     return dataclasses.replace(listing, sources=sources)
 
 
-def duplicates_share_a_split(sources: list[Source], split: dict[str, str]) -> dict[str, str]:
-    """Groups holding copies of one still (``usjepa.ingest.duplicates``: equal or near-equal dHash) -> the
-    split of the first of them by name, so a validation image is never a copy of a training one."""
-    from usjepa.ingest.duplicates import duplicate_clusters, file_dhash
+HASH_CHUNK = 64  # stills per job: ~0.1 s of decoding, far above a pool job's cost, and jobs enough to balance
 
-    stills = [s for s in sources if s.kind == "still"]
+
+def still_dhashes(paths: list[str]) -> list[int | None]:
+    """``file_dhash`` of each still, None where it does not read (ingest skips it later, with its reason)."""
+    from usjepa.ingest.duplicates import file_dhash
+
     hashes = []
     with native_messages_dropped():  # libjpeg's "Corrupt JPEG data" lines: the skip report comes later
-        for s in stills:
+        for path in paths:
             try:
-                hashes.append(file_dhash(s.path))
-            except OSError:  # unreadable: ingest skips it later, with its reason
+                hashes.append(file_dhash(path))
+            except OSError:
                 hashes.append(None)
+    return hashes
+
+
+def duplicates_share_a_split(sources: list[Source], split: dict[str, str], map_chunks=map) -> dict[str, str]:
+    """Groups holding copies of one still (``usjepa.ingest.duplicates``: equal or near-equal dHash) -> the
+    split of the first of them by name, so a validation image is never a copy of a training one. The stills
+    are hashed in chunks through ``map_chunks`` (a decode each: 27 min per million stills on one core)."""
+    from usjepa.ingest.duplicates import duplicate_clusters
+
+    stills = [s for s in sources if s.kind == "still"]
+    paths = [str(s.path) for s in stills]
+    chunks = [paths[i:i + HASH_CHUNK] for i in range(0, len(paths), HASH_CHUNK)]
+    hashes = [h for chunk in map_chunks(still_dhashes, chunks) for h in chunk]
     joined: dict[int, set[str]] = {}
     for s, c in zip(stills, duplicate_clusters(hashes)):
         joined.setdefault(c, set()).add(s.group)

@@ -50,3 +50,27 @@ def test_ingest_split_keeps_copies_of_a_still_in_one_split(tmp_path):
         assert split[original] == split[copy]
     # distinct images keep their own hash split
     assert all(split[n] == split_of_group(slug(n), 0.3) for n in names if n not in {p[0] for p in pairs})
+
+
+def test_split_hashing_through_ingest_workers_gives_the_same_split(tmp_path):
+    """Ingest hashes the stills for its split in its worker pool, chunk by chunk and in order: the split is the
+    one the in-process hashing gives, unreadable stills included (no hash, kept alone)."""
+    from usjepa.ingest import sources as src
+    from usjepa.ingest.pipeline import _Workers
+
+    rng = np.random.default_rng(2)
+    root = tmp_path / "ds"
+    root.mkdir()
+    for k in range(150):  # 3 chunks of 64 when the chunk size below is in force
+        cv2.imwrite(str(root / f"img{k:03d}.png"), _scan(rng))
+    for k in range(0, 150, 7):  # a copy of every 7th, in a group of its own
+        cv2.imwrite(str(root / f"dup{k:03d}.png"), cv2.imread(str(root / f"img{k:03d}.png"), cv2.IMREAD_GRAYSCALE))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    listing = list_sources([DatasetSpec(name="ds", root=root)])
+    serial = assign_splits(listing, 0.3)
+    with _Workers(2) as pool:
+        pooled = assign_splits(listing, 0.3, pool.map)
+    assert src.HASH_CHUNK < 150
+    assert [s.split for s in pooled.sources] == [s.split for s in serial.sources]
+    split = {s.rel: s.split for s in pooled.sources}
+    assert all(split[f"dup{k:03d}.png"] == split[f"img{k:03d}.png"] for k in range(0, 150, 7))
