@@ -219,7 +219,11 @@ def test_linear_probe_is_deterministic_per_seed():
     # a seed's probe does not depend on the seeds trained beside it
     assert torch.allclose(together.weight[1], alone.weight[0], atol=1e-6)
     assert together.best_epoch[1] == alone.best_epoch[0]
-    assert not torch.allclose(together.weight[0], together.weight[1])
+    # the Adam phase differs by seed; L-BFGS then takes every seed to the one optimum of the convex problem
+    adam_only = train_linear_probes(x, y, xv, yv, 4, seeds=[0, 7, 3], cfg=ProbeConfig(max_epochs=20, patience=5,
+                                                                                      polish_iters=0))
+    assert not torch.allclose(adam_only.weight[0], adam_only.weight[1])
+    assert torch.allclose(together.weight[0], together.weight[1], atol=1e-5)
 
 
 def test_linear_probe_subsets_restrict_training_rows():
@@ -311,8 +315,11 @@ def test_standardised_probe_and_logreg_both_solve_separable_badly_scaled_feature
     for fitted in (lin, lr):
         preds = fitted.predict(xt)
         assert min(macro_f1(yt.numpy(), p, 3) for p in preds) >= 0.95
-    raw = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2], cfg=cfg, normalise=False)
-    assert max(macro_f1(yt.numpy(), p, 3) for p in raw.predict(xt)) < 0.95  # what normalising fixes
+    # what normalising fixes for the minibatch Adam phase (the L-BFGS phase alone copes with the scales, but
+    # the L2 penalty would then weigh the dimensions by their raw scale)
+    raw = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 1, 2], cfg=ProbeConfig(max_epochs=60, patience=10,
+                                                                                polish_iters=0), normalise=False)
+    assert max(macro_f1(yt.numpy(), p, 3) for p in raw.predict(xt)) < 0.95
 
 
 def test_standardisation_is_folded_into_the_kept_weights():
@@ -371,23 +378,27 @@ def test_a_file_in_two_groups_joins_them():
 
 def test_batched_probe_matches_torch_adam_with_l2_per_setting():
     """Each (lr, λ) probe of the batched grid moves exactly as a plain autograd run with torch's Adam
-    (``weight_decay`` = coupled L2 on the weights, none on the bias) would alone, and each seed keeps the
-    setting with the best validation macro F1."""
+    (``weight_decay`` = coupled L2 on the weights, none on the bias) would alone (the Adam phase: L-BFGS off),
+    and each seed keeps the setting the shared rule (``select.choose``) picks on validation."""
     from benchmarks.bench_probe import plain_probe
+    from usjepa.probe.select import choose, one_class
 
     x, y = _blobs(30, 3, 12, sep=1.0, seed=5)
     xv, yv = _blobs(10, 3, 12, sep=1.0, seed=6)
-    grid = ProbeConfig(lr_grid=(1e-3, 1e-2), wd_grid=(1e-3, 0.3), max_epochs=12, patience=10**9, min_epochs=0)
+    fixed = dict(max_epochs=12, patience=10**9, min_epochs=0, polish_iters=0)
+    grid = ProbeConfig(lr_grid=(1e-3, 1e-2), wd_grid=(1e-3, 0.3), **fixed)
     chosen = train_linear_probes(x, y, xv, yv, 3, seeds=[0, 4], cfg=grid, normalise=False)
     for i, seed in enumerate([0, 4]):
-        scores = {}
+        f1, loss, flat = [], [], []
         for lr, l2 in grid.settings():
-            one = ProbeConfig(lr_grid=(lr,), wd_grid=(l2,), max_epochs=12, patience=10**9, min_epochs=0)
+            one = ProbeConfig(lr_grid=(lr,), wd_grid=(l2,), **fixed)
             w = plain_probe(x, y, xv, yv, 3, seed, one)
             alone = train_linear_probes(x, y, xv, yv, 3, seeds=[seed], cfg=one, normalise=False)
             assert torch.allclose(alone.weight[0], w, atol=1e-5)
-            scores[(lr, l2)] = (-alone.val_macro_f1[0], alone.best_val_loss[0])
-        best = min(grid.settings(), key=lambda s: (*scores[s], grid.settings().index(s)))
+            f1.append(alone.val_macro_f1[0])
+            loss.append(alone.best_val_loss[0])
+            flat.append(one_class(alone.predict(xv)[0]))
+        best = grid.settings()[choose(f1, loss, flat, [l2 for _, l2 in grid.settings()])]
         assert (chosen.lr[i], chosen.weight_decay[i]) == best
 
 
@@ -446,3 +457,54 @@ def test_duplicate_images_are_found_across_classes_and_kept_in_one_split(tmp_pat
         assert split["normal/img5.png"] == split["normal/reexport_of_5.jpg"]
         assert data.leakage["duplicates_in_two_splits"] == 0
     assert "duplicate-image group(s) kept in one split" in data.grouping
+
+
+# ------------------------------------------------------------------- the probe against logreg, one setting
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_probe_reaches_logregs_optimum_at_every_c_of_the_shared_grid(n_classes):
+    """Adam + the L-BFGS phase end where scikit-learn's logistic regression ends at the same C (λ = 1/(C N),
+    2/(C N) for two classes, where scikit-learn fits one binomial weight vector): the same probabilities on
+    held-out rows, for every C of the grid both classifiers share — and a few-shot subset per seed, each
+    with its own standardisation, reaches the optimum of its own rows."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from usjepa.probe.select import C_GRID
+
+    x, y = _blobs(40, n_classes, 24, sep=0.6, seed=11)  # overlapping: the penalty matters
+    xt, _ = _blobs(30, n_classes, 24, sep=0.6, seed=12)
+    subsets = [stratified_subset(y.numpy(), 0.5, s) for s in (0, 1)]
+    for rows in (None, subsets):
+        for c in C_GRID:
+            cfg = ProbeConfig(c_grid=(c,), lr_grid=(1e-2,), max_epochs=20, patience=5, min_epochs=1)
+            probes = train_linear_probes(x, y, x[:12], y[:12], n_classes, seeds=[0, 1], cfg=cfg, subsets=rows)
+            assert probes.c == [c, c]
+            ours = probes.logits(xt).softmax(-1)
+            for s in range(2):
+                r = np.arange(len(y)) if rows is None else rows[s]
+                scaler = StandardScaler().fit(x[r].double().numpy())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ref = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(scaler.transform(x[r].double().numpy()),
+                                                                                 y[r].numpy())
+                p_ref = ref.predict_proba(scaler.transform(xt.double().numpy()))
+                assert np.abs(ours[s].numpy() - p_ref).max() < 1e-4, (c, s, rows is None)
+
+
+def test_selection_passes_over_one_class_answers_and_breaks_ties_towards_the_stronger_penalty():
+    """The shared rule: a setting predicting one class for all of validation (the prior, which the strongest
+    penalties reach and the validation loss favours when nothing generalises) loses to any that predicts
+    two; then macro F1, then the loss (to 6 decimals), then the stronger penalty."""
+    from usjepa.probe.select import choose, l2_of_c, one_class
+
+    assert one_class(np.array([2, 2, 2])) and not one_class(np.array([2, 1, 2])) and not one_class(np.array([]))
+    # the prior scores the higher F1 and the lower loss, and is still passed over
+    assert choose([0.21, 0.17, 0.17], [1.07, 1.62, 2.58], [True, False, False], [33.0, 0.03, 0.003]) == 1
+    assert choose([0.21, 0.17], [1.07, 1.62], [True, True], [33.0, 0.03]) == 0  # nothing else on offer
+    assert choose([0.5, 0.5], [0.9000001, 0.9000004], [False, False], [0.1, 1.0]) == 1  # loss tie: stronger
+    assert choose([0.5, 0.5], [0.91, 0.90], [False, False], [0.1, 1.0]) == 1
+    assert l2_of_c(0.1, 200, 3) == pytest.approx(0.05) and l2_of_c(0.1, 200, 2) == pytest.approx(0.1)

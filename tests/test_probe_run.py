@@ -199,8 +199,10 @@ def test_undecodable_image_is_skipped_and_named(images, tmp_path):
 
 
 def test_timm_spec_without_timm_is_a_clear_error(tmp_path):
+    import importlib
+
     try:
-        import timm  # noqa: F401
+        importlib.import_module("timm")
 
         pytest.skip("timm is importable here; the error path is for machines without it")
     except Exception:
@@ -224,11 +226,25 @@ def test_real_busi(realdata, tmp_path):
     assert (tmp_path / "out" / "probe_table.md").is_file()
 
 
+def _assert_agree_on_every_draw(r: dict, what: str) -> None:
+    """Linear and logreg within 3 macro-F1 points on every split draw, on the same draws."""
+    lin, ref = r["linear"], r["logreg"]
+    assert lin["draw_ids"] == ref["draw_ids"]
+    gaps = np.subtract(lin["per_draw"], ref["per_draw"])
+    print(f"{what}: linear {np.round(lin['per_draw'], 3)} logreg {np.round(ref['per_draw'], 3)} "
+          f"gaps {np.round(100 * gaps, 1)} points")
+    assert np.abs(gaps).max() <= 0.03, (what, gaps)
+    # both pick the same strength per draw (one C per draw for logreg; every linear seed on its draw)
+    c_ref = {s["split_draw"]: s["C"] for s in ref["seeds"]}
+    assert all(s["C"] == c_ref[s["split_draw"]] for s in lin["seeds"]), what
+
+
 def test_our_probe_and_sklearn_agree_on_synthetic_stills_for_64d_and_768d_encoders(tmp_path):
-    """Same cached features, same split draws: the Table 6 probe (lr x wd chosen on validation, no epoch
-    before min_epochs kept) and scikit-learn's logistic regression land within 3 macro-F1 points on the mean
-    over draws, for a 64-d and a 768-d encoder, and neither collapses (issue 22). Per draw they differ by
-    a few test images (~60 test stills here: one image is ~1.7 points)."""
+    """Same cached features, same split draws: the Table 6 probe (Adam with lr x λ, λ = 1/(C N) on logreg's
+    C grid, no epoch before min_epochs kept, then L-BFGS to the optimum, the setting chosen on validation by
+    the rule logreg uses) and scikit-learn's logistic regression land within 3 macro-F1 points on every
+    split draw, for a 64-d and a 768-d encoder, and neither collapses (issue 22). Before the shared grid,
+    rule and L-BFGS phase, single draws differed by up to 7.5 points (~60 test stills: one image is ~1.7)."""
     import os
 
     from usjepa.ingest.synthetic import BREAST_CLASSES, make_synthetic_corpus
@@ -248,20 +264,18 @@ def test_our_probe_and_sklearn_agree_on_synthetic_stills_for_64d_and_768d_encode
     for enc, dim in (("64-d", 64), ("768-d", 768)):
         r = res["results"]["breast"][enc]
         assert r["feature_dim"] == dim and r["linear"]["draws"] == r["logreg"]["draws"] == 5
-        lin, ref = r["linear"]["macro_f1"]["mean"], r["logreg"]["macro_f1"]["mean"]
-        per_draw = np.subtract(r["linear"]["per_draw"], r["logreg"]["per_draw"])
-        print(f"{enc}: probe {lin:.4f} sklearn {ref:.4f} gap {lin - ref:+.4f}, per draw {np.round(per_draw, 3)}")
-        assert lin > 0.45 and ref > 0.45  # above chance (1/3): both learned something
-        assert abs(lin - ref) <= 0.03, (enc, lin, ref)
+        _assert_agree_on_every_draw(r, enc)
+        assert r["linear"]["macro_f1"]["mean"] > 0.45 and r["logreg"]["macro_f1"]["mean"] > 0.45  # above chance
         assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"] == 0
         assert all(s["best_epoch"] >= 30 for s in r["linear"]["seeds"])  # min_epochs: never epoch 1-2
 
 
 def test_our_probe_and_sklearn_agree_on_real_ddti_and_pocus(realdata, tmp_path):
-    """The shared real sets, 64-d random-init features: on DDTI (457 thyroid crops by patient) linear and
-    logreg land within 3 macro-F1 points on the mean over split draws; the POCUS clips named ``…pat1…``
-    are grouped by patient without any option. (On POCUS, 2-3 test clips per draw, the two still differ by
-    ~17 points on the mean of 4 draws: not asserted, see docs/probe.md.)"""
+    """The shared real sets, 64-d random-init features, 4 split draws: linear and logreg within 3 macro-F1
+    points on every draw, on DDTI (457 thyroid crops by patient) and on POCUS (2-3 test clips per draw,
+    frames of one clip alike: a draw flips whole clips, so only the same predictions agree — before the
+    shared grid, rule and L-BFGS phase the two differed by −13 to +42 points per draw). The POCUS clips named
+    ``…pat1…`` are grouped by patient without any option."""
     from benchmarks.probe_realdata import ddti_labels_csv
 
     ddti = ddti_labels_csv(realdata / "ddti", tmp_path / "ddti")
@@ -270,9 +284,8 @@ def test_our_probe_and_sklearn_agree_on_real_ddti_and_pocus(realdata, tmp_path):
                          label_pattern={"pocus": r"^(Cov|Pneu|Reg)"})
     assert "patient ids in file names" in res["datasets"]["pocus"]["grouping"]
     assert res["datasets"]["pocus"]["leakage_any_draw"]["groups_in_two_splits"] == 0
-    gaps = {}
     for d in ("ddti", "pocus"):
         r = res["results"][d]["64-d"]
-        gaps[d] = r["linear"]["macro_f1"]["mean"] - r["logreg"]["macro_f1"]["mean"]
-        print(d, r["linear"]["per_draw"], r["logreg"]["per_draw"], f"gap {gaps[d]:+.3f}")
-    assert abs(gaps["ddti"]) <= 0.03, gaps
+        assert r["linear"]["draws"] == r["logreg"]["draws"] == 4
+        _assert_agree_on_every_draw(r, d)
+        assert r["linear"]["degenerate_seeds"] == r["logreg"]["degenerate_seeds"]

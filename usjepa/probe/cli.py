@@ -120,8 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no probe epoch before this one is kept (a tiny val set cannot stop the probe at once)")
     p.add_argument("--probe-lr", type=_floats, default=list(d.lr_grid), metavar="LR,LR,...",
                    help="linear probe Adam lr grid; each seed keeps the lr × wd best on validation macro F1")
-    p.add_argument("--probe-wd", type=_floats, default=list(d.wd_grid), metavar="WD,WD,...",
-                   help="linear probe L2 penalty grid (λ on the mean loss; logreg's C = 1 / (λ N))")
+    p.add_argument("--probe-c", type=_floats, default=list(d.c_grid), metavar="C,C,...",
+                   help="linear probe L2 penalty grid as logistic regression's C: λ = 1 / (C N) on the mean loss "
+                        "(2 / (C N) with two classes); the default is logreg's own grid")
+    p.add_argument("--probe-wd", type=_floats, default=None, metavar="WD,WD,...",
+                   help="linear probe L2 penalty grid as λ values directly, instead of --probe-c")
+    p.add_argument("--polish-iters", type=int, default=d.polish_iters,
+                   help="L-BFGS steps at most that take each probe from its Adam weights to the optimum; 0: off")
     p.add_argument("--cache-dir", default=None, help="feature cache; None means OUT/feature_cache")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder forward pass")
     p.add_argument("--workers", type=int, default=None,
@@ -162,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             exclude=args.exclude or None, fewshot_fractions=tuple(args.fewshot_fractions),
             corruptions=CORRUPTIONS, severities=tuple(args.severities),
             probe=ProbeConfig(max_epochs=args.max_epochs, patience=args.patience, min_epochs=args.min_epochs,
-                              lr_grid=tuple(args.probe_lr), wd_grid=tuple(args.probe_wd)), cache_dir=args.cache_dir,
+                              lr_grid=tuple(args.probe_lr), c_grid=tuple(args.probe_c),
+                              wd_grid=tuple(args.probe_wd) if args.probe_wd else None,
+                              polish_iters=args.polish_iters), cache_dir=args.cache_dir,
             batch_size=args.batch_size, workers=args.workers, precision=args.precision, device=args.device,
             plots=not args.no_plots, progress=not args.quiet)
     except (UsageError, LabelledDataError, ProbeSettingsError, EncoderSpecError, ShardFormatError, FileNotFoundError,

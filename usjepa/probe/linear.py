@@ -6,12 +6,19 @@ a frozen encoder the two are the same map). Without it, an encoder whose feature
 scale is ranked by how well the optimiser copes with the conditioning, not by what the features hold.
 
 One probe per seed and setting of a small grid: Adam with an L2 penalty on the weights (``BatchedAdam``: why
-not AdamW's decoupled decay), lr x λ from ``ProbeConfig``'s grids, batch 32, cross-entropy, cosine annealing
-over at most 150 epochs, early stopping on validation loss with patience 15 that keeps no epoch before
-``min_epochs`` (a validation set of a dozen videos once stopped probes at epoch 1-2, near the init), the
-best epoch's weights restored; then each seed keeps the setting with the best validation macro F1, as
+not AdamW's decoupled decay), lr x λ from ``ProbeConfig``'s grids — λ = 1/(C·N) for logistic regression's C
+grid (``select.py``), so the two classifiers search the same strengths —, batch 32, cross-entropy, cosine
+annealing over at most 150 epochs, early stopping on validation loss with patience 15 that keeps no epoch
+before ``min_epochs`` (a validation set of a dozen videos once stopped probes at epoch 1-2, near the init),
+the best epoch's weights restored. Then a full-batch L-BFGS phase (``polish.py``) takes every probe from
+those weights to the optimum of its own objective: the problem is convex, and minibatch noise left the
+Adam weights predicting another class than the optimum for up to 1-18 % of test images. Finally each seed keeps
+the setting the shared rule picks on the validation split (``select.choose``: best macro F1 among settings
+that predict more than one class, ties by validation loss, then the stronger penalty), exactly as
 logistic regression's C is chosen (``logreg.py``). The hyperparameters are chosen on held-out data, as the
-MAE and I-JEPA linear probes do.
+MAE and I-JEPA linear probes do. With the L-BFGS phase the kept model no longer depends on the seed, the lr
+or the epoch early stopping kept (they only set where L-BFGS starts); the probe then predicts what logistic
+regression predicts at the same C, up to ties in the last digits.
 
 All (setting, seed) probes train side by side as one batched linear layer ``W[P, D, C]``: each seed has its
 own initialisation and its own sample order (both drawn from that seed's generator, shared by its grid
@@ -33,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from usjepa.probe.metrics import macro_f1
+from usjepa.probe.polish import polish
+from usjepa.probe.select import C_GRID, choose, l2_of_c, one_class
 
 
 class ProbeSettingsError(ValueError):
@@ -41,32 +50,51 @@ class ProbeSettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ProbeConfig:
-    """``lr_grid`` x ``wd_grid``: the Adam settings tried (``wd``: λ of the L2 penalty ``λ/2 |W|²`` added to the
-    mean cross-entropy, the weights only; λ = 1 / (C N) is logistic regression's C on N training rows),
-    each seed keeping the one with the best validation
-    macro F1 (ties: lower validation loss, then the earlier grid entry). ``min_epochs``: no epoch before it
-    can be kept or start the patience count, so a tiny, noisy validation set cannot stop a probe at its
-    first epochs (near the ~0 init, which predicts the majority class)."""
+    """``lr_grid`` x the penalty grid: the settings tried, each seed keeping the one the shared rule picks on
+    the validation split (``select.choose``). The penalty is λ of ``λ/2 |W|²`` added to the mean
+    cross-entropy (weights only): by default λ = 1/(C·N) for each C of ``c_grid`` (logistic regression's
+    grid; N training rows, 2/(C·N) with two classes), so both classifiers search the same strengths;
+    ``wd_grid`` gives λ values directly instead. ``min_epochs``: no epoch before it can be kept or start the
+    patience count, so a tiny, noisy validation set cannot stop a probe at its first epochs (near the ~0
+    init, which predicts the majority class). ``polish_iters``: the L-BFGS steps at most that take each
+    probe from the Adam phase's weights to its optimum (max |gradient| ≤ ``polish_tol``); 0 keeps the Adam
+    weights as they are."""
 
     lr_grid: tuple[float, ...] = (1e-3, 1e-2)
-    wd_grid: tuple[float, ...] = (1e-3, 1e-2, 0.1, 1.0)  # λ of the L2 penalty
+    c_grid: tuple[float, ...] = C_GRID
+    wd_grid: tuple[float, ...] | None = None  # explicit λ values instead of c_grid
     batch_size: int = 32
     max_epochs: int = 150
     min_epochs: int = 30
     patience: int = 15
+    polish_iters: int = 500
+    polish_tol: float = 1e-7
 
     def __post_init__(self):
         object.__setattr__(self, "lr_grid", tuple(float(v) for v in self.lr_grid))
-        object.__setattr__(self, "wd_grid", tuple(float(v) for v in self.wd_grid))
-        if not self.lr_grid or not self.wd_grid or min(self.lr_grid) <= 0 or min(self.wd_grid) < 0:
-            raise ProbeSettingsError(f"probe lr grid must be positive and wd grid non-negative, got {self.lr_grid} x "
-                             f"{self.wd_grid}")
-        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1:
-            raise ProbeSettingsError("probe max_epochs, patience and batch_size must be >= 1")
+        object.__setattr__(self, "c_grid", tuple(float(v) for v in self.c_grid))
+        if self.wd_grid is not None:
+            object.__setattr__(self, "wd_grid", tuple(float(v) for v in self.wd_grid))
+        penalties = self.wd_grid if self.wd_grid is not None else self.c_grid
+        if (not self.lr_grid or not penalties or min(self.lr_grid) <= 0 or min(penalties) < 0
+                or (self.wd_grid is None and min(self.c_grid) <= 0)):
+            raise ProbeSettingsError(f"probe lr grid and C grid must be positive and wd grid non-negative, got "
+                                     f"lr {self.lr_grid}, C {self.c_grid}, wd {self.wd_grid}")
+        if self.max_epochs < 1 or self.patience < 1 or self.batch_size < 1 or self.polish_iters < 0:
+            raise ProbeSettingsError("probe max_epochs, patience and batch_size must be >= 1, polish_iters >= 0")
 
-    def settings(self) -> list[tuple[float, float]]:
-        """(lr, weight decay) of every grid point, in grid order."""
-        return [(lr, wd) for lr in self.lr_grid for wd in self.wd_grid]
+    def settings(self, n_rows: int | None = None, n_classes: int = 3) -> list[tuple[float, float]]:
+        """(lr, λ) of every grid point, in grid order (lr-major); λ from ``c_grid`` needs ``n_rows``."""
+        if self.wd_grid is not None:
+            return [(lr, wd) for lr in self.lr_grid for wd in self.wd_grid]
+        if n_rows is None:
+            raise ValueError("λ = 1/(C N) needs the number of training rows N")
+        return [(lr, l2_of_c(c, n_rows, n_classes)) for lr in self.lr_grid for c in self.c_grid]
+
+    def c_of_settings(self) -> list[float | None]:
+        """Logistic regression's C of every grid point (None for explicit λ values)."""
+        per_lr = [None] * len(self.wd_grid) if self.wd_grid is not None else list(self.c_grid)
+        return per_lr * len(self.lr_grid)
 
     @property
     def first_kept_epoch(self) -> int:
@@ -74,30 +102,32 @@ class ProbeConfig:
 
 
 def standardise_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of training features ``[..., N, D]``; a constant dimension gets std 1 (it
-    carries nothing, and dividing by ~0 would blow it up)."""
+    """Per-dimension mean and std (float64) of training features ``[..., N, D]``; a constant dimension gets
+    std 1 (it carries nothing, and dividing by ~0 would blow it up)."""
     xd = x.double()
     mean = xd.mean(-2)
     std = xd.std(-2, unbiased=False) if x.shape[-2] > 1 else torch.ones_like(mean)
     std = torch.where(std > 1e-12 * (1 + mean.abs()), std, torch.ones_like(std))
-    return mean.float(), std.float()
+    return mean, std
 
 
 @dataclass
 class TrainedProbes:
-    weight: torch.Tensor  # [S, D, C], the best epoch of each seed at its chosen setting
+    weight: torch.Tensor  # [S, D, C], each seed at its chosen setting (float64 after the L-BFGS phase)
     bias: torch.Tensor  # [S, C]
     seeds: list[int]
-    best_epoch: list[int]  # 1-based epoch whose weights were kept
+    best_epoch: list[int]  # 1-based Adam epoch whose weights were kept (the L-BFGS phase starts there)
     epochs_run: list[int]  # epochs until early stopping (or max_epochs)
-    best_val_loss: list[float]
-    lr: list[float] = field(default_factory=list)  # the (lr, wd) each seed chose on the validation split
+    best_val_loss: list[float]  # validation loss of the weights returned
+    lr: list[float] = field(default_factory=list)  # the (lr, λ) each seed chose on the validation split
     weight_decay: list[float] = field(default_factory=list)
     val_macro_f1: list[float] = field(default_factory=list)
+    c: list[float | None] = field(default_factory=list)  # logistic regression's C of the chosen λ
+    polish_steps: list[int] = field(default_factory=list)  # L-BFGS steps of the chosen probe
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Raw features [N, D] -> [S, N, C] (a standardisation is folded into the weights)."""
-        return torch.matmul(x.unsqueeze(0), self.weight) + self.bias.unsqueeze(1)
+        return torch.matmul(x.to(self.weight.dtype).unsqueeze(0), self.weight) + self.bias.unsqueeze(1)
 
     def predict(self, x: torch.Tensor) -> np.ndarray:
         """Raw features [N, D] -> predicted classes [S, N]."""
@@ -109,6 +139,8 @@ class TrainedProbes:
                 "best_val_loss": self.best_val_loss[i]}
         if self.lr:
             info.update(lr=self.lr[i], weight_decay=self.weight_decay[i], val_macro_f1=self.val_macro_f1[i])
+        if self.c:
+            info.update(C=self.c[i], polish_steps=self.polish_steps[i])
         return info
 
 
@@ -186,8 +218,9 @@ def one_cpu_thread():
 def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
                         n_classes: int, seeds: list[int], cfg: ProbeConfig = ProbeConfig(),
                         subsets: list[np.ndarray] | None = None, normalise: bool = True) -> TrainedProbes:
-    """Train one linear probe per seed and grid setting; each seed keeps the setting that scores best on the
-    validation split. ``subsets[s]`` (equal lengths) restricts seed s to those rows.
+    """Train one linear probe per seed and grid setting (Adam, then L-BFGS to the optimum); each seed keeps
+    the setting the shared rule picks on the validation split. ``subsets[s]`` (equal lengths) restricts
+    seed s to those rows.
 
     ``normalise``: standardise with the mean and std of the rows each seed trains on (its few-shot subset, or
     the whole training split), train, then fold the map into the kept weights, so the returned probes score
@@ -195,6 +228,7 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
     if x_train.ndim != 2 or x_val.ndim != 2:
         raise ValueError("features must be [N, D] matrices")
     mean = std = None
+    x_train, x_val = x_train.double(), x_val.double()
     if normalise:
         if subsets is None:
             mean, std = standardise_stats(x_train)
@@ -204,48 +238,89 @@ def train_linear_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_val: tor
             mean, std = standardise_stats(x_train[rows])  # [S, D] each
             x_train = (x_train.unsqueeze(0) - mean.unsqueeze(1)) / std.unsqueeze(1)  # [S, N, D]
             x_val = (x_val.unsqueeze(0) - mean.unsqueeze(1)) / std.unsqueeze(1)
+    n_rows = x_train.shape[-2] if subsets is None else len(subsets[0])
+    settings = cfg.settings(n_rows, n_classes)
     with one_cpu_thread():
-        probes = _choose_on_val(_train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets),
-                                x_val, y_val, n_classes, len(seeds), cfg)
+        grid = _train(x_train.float(), y_train, x_val.float(), y_val, n_classes, seeds, cfg, subsets, settings)
+        if cfg.polish_iters:
+            _polish_grid(grid, x_train, y_train, subsets, settings, cfg)
+        probes = _choose_on_val(grid, x_val, y_val, n_classes, len(seeds), cfg, settings)
     if normalise:
         mean = mean.expand(len(seeds), -1) if mean.ndim == 1 else mean
         std = std.expand(len(seeds), -1) if std.ndim == 1 else std
-        w = probes.weight / std.unsqueeze(-1)
-        probes.bias = probes.bias - torch.bmm(mean.unsqueeze(1), w).squeeze(1)
-        probes.weight = w
+        dtype = probes.weight.dtype
+        w = probes.weight.double() / std.unsqueeze(-1)
+        probes.bias = (probes.bias.double() - torch.bmm(mean.unsqueeze(1), w).squeeze(1)).to(dtype)
+        probes.weight = w.to(dtype)
     return probes
 
 
-def _choose_on_val(grid: TrainedProbes, x_val, y_val, n_classes: int, s_count: int,
-                   cfg: ProbeConfig) -> TrainedProbes:
-    """Grid probes (setting-major: probe g * S + s) -> per seed s the setting with the best validation macro
-    F1, then the lower validation loss, then the earlier grid entry (MAE / I-JEPA pick the probe's optimiser
-    settings on held-out data; so does ``logreg``'s C)."""
-    settings = cfg.settings()
+def _polish_grid(grid: TrainedProbes, x_train, y_train, subsets, settings, cfg: ProbeConfig) -> None:
+    """Every (setting, seed) probe of ``grid`` (setting-major: probe ``g * S + s``) from its Adam weights to
+    the optimum of its objective, in place (float64). One data group when every probe trains on the same
+    rows, else one per seed (its own rows, its own standardisation); the probes of a group are polished side
+    by side."""
+    p_count, d, c = grid.weight.shape
+    s_count = p_count // len(settings)
+    l2 = torch.tensor([wd for _, wd in settings], dtype=torch.float64).repeat_interleave(s_count)
+    y_train = torch.as_tensor(y_train)
+    if subsets is None and x_train.ndim == 2:  # one data group of all P probes
+        w, b, steps = polish(grid.weight.permute(1, 0, 2).unsqueeze(0), grid.bias.unsqueeze(0), x_train.unsqueeze(0),
+                             y_train.unsqueeze(0), l2.unsqueeze(0), cfg.polish_tol, cfg.polish_iters)
+        grid.weight, grid.bias, grid.polish_steps = w[0].permute(1, 0, 2).contiguous(), b[0], steps[0].tolist()
+        return
+    rows = (torch.arange(x_train.shape[-2]).expand(s_count, -1) if subsets is None
+            else torch.as_tensor(np.stack(subsets), dtype=torch.int64))
+    xs = x_train[torch.arange(s_count).unsqueeze(1), rows] if x_train.ndim == 3 else x_train[rows]  # [S, n, D]
+    # probe g * S + s -> data group s, slot g
+    w0 = grid.weight.view(-1, s_count, d, c).permute(1, 2, 0, 3)  # [S, D, G, C]
+    b0 = grid.bias.view(-1, s_count, c).transpose(0, 1)  # [S, G, C]
+    w, b, steps = polish(w0, b0, xs, y_train[rows], l2.view(-1, s_count).t(), cfg.polish_tol, cfg.polish_iters)
+    grid.weight = w.permute(2, 0, 1, 3).reshape(p_count, d, c).contiguous()
+    grid.bias = b.transpose(0, 1).reshape(p_count, c).contiguous()
+    grid.polish_steps = steps.t().reshape(-1).tolist()
+
+
+def _choose_on_val(grid: TrainedProbes, x_val, y_val, n_classes: int, s_count: int, cfg: ProbeConfig,
+                   settings: list[tuple[float, float]]) -> TrainedProbes:
+    """Grid probes (setting-major: probe g * S + s) -> per seed s the setting the shared rule picks on the
+    validation split (``select.choose``: best macro F1 among settings that predict more than one class, then
+    the lower validation loss, then the stronger penalty; MAE / I-JEPA pick the probe's optimiser settings
+    on held-out data, and ``logreg`` picks its C by the same rule)."""
     with torch.no_grad():
         xv = x_val if x_val.ndim == 3 else x_val.unsqueeze(0)
         xv = xv[torch.arange(len(grid.seeds)) % xv.shape[0]] if xv.shape[0] > 1 else xv
-        preds = (torch.matmul(xv, grid.weight) + grid.bias.unsqueeze(1)).argmax(-1).numpy()
-    yv = y_val.numpy() if isinstance(y_val, torch.Tensor) else np.asarray(y_val)
+        logits = torch.matmul(xv.to(grid.weight.dtype), grid.weight) + grid.bias.unsqueeze(1)
+        yv_t = torch.as_tensor(y_val)
+        losses = F.cross_entropy(logits.transpose(1, 2), yv_t.expand(logits.shape[0], -1),
+                                 reduction="none").mean(1).tolist()
+        preds = logits.argmax(-1).numpy()
+    yv = yv_t.numpy()
     f1 = [macro_f1(yv, p, n_classes) for p in preds]
-    chosen = [min(range(len(settings)), key=lambda g: (-f1[g * s_count + s], grid.best_val_loss[g * s_count + s], g))
-              * s_count + s for s in range(s_count)]
+    flat = [one_class(p) for p in preds]
+    strength = [wd for _, wd in settings]
+    chosen = []
+    for s in range(s_count):
+        ps = [g * s_count + s for g in range(len(settings))]
+        chosen.append(ps[choose([f1[p] for p in ps], [losses[p] for p in ps], [flat[p] for p in ps], strength)])
     pick = torch.tensor(chosen)
+    c_of = cfg.c_of_settings()
     return TrainedProbes(weight=grid.weight[pick].clone(), bias=grid.bias[pick].clone(),
                          seeds=grid.seeds[:s_count], best_epoch=[grid.best_epoch[p] for p in chosen],
                          epochs_run=[grid.epochs_run[p] for p in chosen],
-                         best_val_loss=[grid.best_val_loss[p] for p in chosen],
+                         best_val_loss=[losses[p] for p in chosen],
                          lr=[settings[p // s_count][0] for p in chosen],
                          weight_decay=[settings[p // s_count][1] for p in chosen],
-                         val_macro_f1=[f1[p] for p in chosen])
+                         val_macro_f1=[f1[p] for p in chosen],
+                         c=[c_of[p // s_count] for p in chosen],
+                         polish_steps=[grid.polish_steps[p] if grid.polish_steps else 0 for p in chosen])
 
 
-def _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets) -> TrainedProbes:
+def _train(x_train, y_train, x_val, y_val, n_classes, seeds, cfg, subsets, settings) -> TrainedProbes:
     """Every (setting, seed) probe side by side: probe ``g * S + s`` trains seed s (its init and sample order)
     at grid setting g. ``x_train`` / ``x_val``: [N, D] shared by all seeds, or [S, N, D] one (standardised)
     copy per seed. Returns all ``G * S`` probes, in that order."""
     s_count, d = len(seeds), x_train.shape[-1]
-    settings = cfg.settings()
     p_count = len(settings) * s_count
     per_seed = x_train.ndim == 3
     seed_of = torch.arange(p_count) % s_count  # probe -> its seed's row

@@ -103,20 +103,27 @@ def _all_cells(res: dict):
                     yield _pm(cell(r[clf]))
 
 
+def _braces(values) -> str:
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
 def _protocol_text(proto: dict) -> str:
     p = proto["probe"]
     parts = []
     if "linear" in proto["classifiers"]:
-        grid = " × ".join("{" + ", ".join(f"{v:g}" for v in p[k]) + "}" for k in ("lr_grid", "wd_grid"))
-        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (Adam + L2 on the weights, lr × λ from "
-                     f"{grid} chosen per "
-                     f"seed by validation macro F1, batch {p['batch_size']}, cosine, ≤ {p['max_epochs']} epochs, "
+        grid = (f"lr {_braces(p['lr_grid'])} × λ {_braces(p['wd_grid'])}" if p.get("wd_grid") is not None
+                else f"lr {_braces(p['lr_grid'])} × λ = 1/(C·N), C {_braces(p['c_grid'])}")
+        parts.append(f"**linear** — ours, Table 6: a linear layer per seed (Adam + L2 on the weights, {grid}, "
+                     f"batch {p['batch_size']}, cosine, ≤ {p['max_epochs']} epochs, "
                      f"early stopping on validation loss with patience {p['patience']}, no epoch before "
-                     f"{p['min_epochs']} kept)")
+                     f"{p['min_epochs']} kept"
+                     + (f"; then L-BFGS to the optimum (≤ {p['polish_iters']} steps)" if p.get("polish_iters") else "")
+                     + "; the setting chosen per seed by the rule logreg uses)")
     if "logreg" in proto["classifiers"]:
         grid = ", ".join(f"{c:g}" for c in proto.get("logreg_c_grid", []))
         parts.append(f"**logreg** — scikit-learn's multinomial logistic regression (L-BFGS), C from {{{grid}}} "
-                     f"by validation macro F1")
+                     f"by validation macro F1 (settings predicting one class on validation last; ties: "
+                     f"validation loss, then the smaller C)")
     norm = ("features standardised with the training split's mean and std" if proto.get("normalise", True)
             else "raw features (no standardisation)")
     draws = proto.get("split_draws", 1)

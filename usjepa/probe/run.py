@@ -6,8 +6,8 @@ For each dataset and encoder: features of every labelled frame are extracted onc
 reference) trains on the training split's features, standardised with their statistics, and scores the
 test split per seed. Few-shot trains the same classifiers on stratified fractions of the training frames
 (validation split kept whole). Robustness scores the clean-trained classifiers on test features of
-corrupted images. A seed that predicts one class for ≥ 95 % of the test set is flagged (``degenerate``):
-it is a collapse, not a result, and the report never ranks it. Writes ``probe_results.json``,
+corrupted images. A seed that predicts one class for ≥ 80 % of the test set, or never gets a class right,
+is flagged (``degenerate``): it is a collapse, not a result, and the report never ranks it. Writes ``probe_results.json``,
 ``probe_table.md`` and PNG curves into ``out_dir``.
 """
 
@@ -29,9 +29,10 @@ from usjepa.probe.draws import pairwise, summarise_draws
 from usjepa.probe.encoders import load_probe_encoder
 from usjepa.probe.features import extract_features, preprocess_dict
 from usjepa.probe.linear import ProbeConfig, ProbeSettingsError, train_linear_probes
-from usjepa.probe.logreg import C_GRID, train_logreg_probes
+from usjepa.probe.logreg import train_logreg_probes
 from usjepa.probe.metrics import mean_std, scores, stratified_subset
 from usjepa.probe.report import markdown_report, plot_fewshot, plot_robustness
+from usjepa.probe.select import C_GRID
 from usjepa.shards.format import write_json_atomic
 
 log = logging.getLogger(__name__)
