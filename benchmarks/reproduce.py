@@ -1,6 +1,6 @@
 """One-command small reproduction on real ultrasound: ingest → stage-1 teacher → SALT students → probe.
 
-    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: ~45 min)
+    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 cores: 74 min while shared, ~37 min idle)
     python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
     python -m benchmarks.reproduce --out repro_out --preset vitb16   # the same on a GPU with ViT-B/16
     make reproduce                                                   # = the first line, into repro_out/
@@ -45,7 +45,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -459,7 +459,8 @@ def main(argv=None) -> int:
           f"`{res['command']}` — {hardware_line(res['hardware'])}, {res['date_utc']}, "
           f"{times['total'] / 60:.1f} min in all.\n\n"
           f"Macro-F1 on the test split: mean ± std over {preset.split_draws} grouped split draws (each the mean of "
-          f"{preset.probe_seeds} probe seeds); ⚠k/n: probe seeds that predicted one class. Chance (guessing "
+          f"{preset.probe_seeds} probe seeds); ⚠k/n: collapsed probe seeds "
+          "(one class for ≥ 80 % of the test set, or a class F1 of 0). Chance (guessing "
           f"with the test set's class frequencies): " + ", ".join(f"{d} {v:.3f}" for d, v in chance.items()) + ".\n\n"
           + table(summary, training) + "\n\nPaired differences on the same split draws (mean ± std; draws won; "
           "✔: the difference exceeds its spread):"
