@@ -1,6 +1,6 @@
 """One-command small reproduction on real ultrasound: ingest → stage-1 teacher → SALT students → probe.
 
-    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 cores: 74 min while shared, ~37 min idle)
+    python -m benchmarks.reproduce --out repro_out                   # CPU size (2 idle cores: 40 min)
     python -m benchmarks.reproduce --out repro_out --quick           # reduced: fewer steps, 3 students
     python -m benchmarks.reproduce --out repro_out --preset vitb16   # the same on a GPU with ViT-B/16
     make reproduce                                                   # = the first line, into repro_out/
