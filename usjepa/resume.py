@@ -172,11 +172,12 @@ def _send_checkpoint(path: Path, name: str, source: int, receivers: list[int], r
     """Point to point from ``source`` to each receiver: the checkpoint's bytes, and to rank 0 also its node's
     ``metrics.jsonl`` and ``best.pt`` (an empty message when absent). The receivers get a ``Handover``."""
     if rank == source:
-        blobs = [path.read_bytes()]
+        checkpoint = path.read_bytes()
         for dst in receivers:
-            extras = [_read_or_none(path.parents[1] / "metrics.jsonl"), _read_or_none(path.parent / "best.pt")]
-            for blob in blobs + (extras if dst == 0 else []):
-                _send_bytes(blob, dst, group)
+            _send_bytes(checkpoint, dst, group)
+            if dst == 0:
+                _send_bytes(_read_or_none(path.parents[1] / "metrics.jsonl"), dst, group)
+                _send_bytes(_read_or_none(path.parent / "best.pt"), dst, group)
         return None
     if rank not in receivers:
         return None
