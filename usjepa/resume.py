@@ -10,7 +10,7 @@ one started afresh), and the job aborted on a collective mismatch or, with other
 
 1. every rank lists the step checkpoints in its own ``--out`` (``--resume auto``) and the lists are gathered;
 2. the newest name that any node holds is tried first, read on the first rank of a node that lists it (one
-   read per folder, not per rank); an unreadable copy (truncated, corrupt) moves on to the next host with that
+   read per folder, not per rank); an unreadable copy (truncated, corrupt) moves on to the next folder with that
    name and then to older names, a copy refused for its contents stops every rank;
 3. every other rank reads its own copy of that file; a rank whose node lacks it (or whose copy was found
    unreadable in step 2) receives its bytes from the rank that read it, point to point over the process
