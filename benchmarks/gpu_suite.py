@@ -239,15 +239,17 @@ def bench_loaders(corpora: dict, sz: dict, device: torch.device, dali: bool, gpu
 
 def mae_compute_only(arch: str, decoder: dict, batch, device: torch.device, bf16: bool, compile_: bool,
                      steps: int, peak: float | None) -> dict:
-    """The stage-1 step alone on one batch already on the device (the counterpart of
-    ``bench_train.compute_only`` for the SALT step)."""
+    """The stage-1 step alone, with the trainer's update, on one batch already on the device (the counterpart
+    of ``bench_train.compute_only`` for the SALT step)."""
+    from benchmarks.bench_train import trainer_update
     from usjepa.models import DecoderConfig, MAEDecoder, MAEModel, mae_loss, mae_step_flops, random_keep_indices
+    from usjepa.step import backward_and_update
 
     torch.manual_seed(0)
     enc = build_encoder(arch)
     head = MAEDecoder(DecoderConfig(**decoder), enc.embed_dim, enc.cfg.num_patches, enc.cfg.patch_size**2)
     model = MAEModel(enc, head).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    opt, nonfinite, clip = trainer_update(model, device)
     net = torch.compile(model) if compile_ else model
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     images, valid = batch.images.to(device), batch.valid.to(device)
@@ -257,9 +259,7 @@ def mae_compute_only(arch: str, decoder: dict, batch, device: torch.device, bf16
     def step():
         with ac:
             loss = mae_loss(net(images, keep), images, keep, valid, enc.cfg.patch_size)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        backward_and_update(loss, model, opt, clip, nonfinite)
 
     t = time.perf_counter()
     for _ in range(3):

@@ -264,7 +264,7 @@ def test_torchrun_two_cpu_processes_agree(shards, teacher, tmp_path):
 
 def test_no_weight_decay_on_biases_and_1d_parameters():
     from usjepa.models import Predictor, PredictorConfig, SALTModel
-    from usjepa.train import adamw_param_groups
+    from usjepa.step import adamw_param_groups
 
     model = SALTModel(build_vit("vit_test_tiny"), Predictor(PredictorConfig(32, 1, 2), 64, 64, 196))
     decay, no_decay = adamw_param_groups(model)

@@ -1,10 +1,12 @@
-"""The training step's set-up, kept out of ``usjepa/train.py``'s loop: which networks are compiled, and the
-packed layout of a SALT batch (``usjepa.models.packing``)."""
+"""The training step's parts, kept out of ``usjepa/train.py``'s loop: which networks are compiled, the packed
+layout of a SALT batch (``usjepa.models.packing``), and the update after the forward. The benchmarks' compute-only
+step is built from the same parts, so the ceiling they measure is the trainer's own step."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import numpy as np
 import torch
@@ -31,6 +33,36 @@ def compile_teacher(teacher, **compile_kwargs):
     leave eager (it compiles ``forward``): compile that method, on the module itself."""
     teacher.patch_tokens = torch.compile(teacher.patch_tokens, **compile_kwargs)
     return teacher
+
+
+def adamw_param_groups(model) -> list[dict]:
+    """Weight decay on weight matrices (and tokens / position embeddings, as I-JEPA); none on biases and
+    1-D parameters (norm scales). The ``no_wd`` flag is read by ``set_optimizer_hparams``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "no_wd": True}]
+
+
+def build_optimizer(model, optim, cuda: bool) -> torch.optim.AdamW:
+    """AdamW over ``adamw_param_groups`` with the ``optim`` section's betas and eps (fused on CUDA); lr and wd
+    are set every step from the schedules (``set_optimizer_hparams``)."""
+    return torch.optim.AdamW(adamw_param_groups(model), lr=optim.lr_start, betas=tuple(optim.betas), eps=optim.eps,
+                             fused=cuda)
+
+
+def backward_and_update(loss: torch.Tensor, model, optimizer, clip_grad: float | None,
+                        nonfinite: torch.Tensor) -> torch.Tensor:
+    """Backward, the global gradient-norm clip, AdamW. A non-finite loss or gradient norm raises the device
+    flag ``nonfinite`` (read only at log and checkpoint time: no host sync per step). -> the norm before
+    clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    nonfinite.copy_(torch.maximum(nonfinite, (~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm)).float()))
+    optimizer.step()
+    return gnorm
 
 
 def salt_packing(batch, num_patches: int) -> SaltPacking:

@@ -73,7 +73,8 @@ from usjepa.schedules import epoch_progress, lr_at, set_optimizer_hparams, wd_at
 from usjepa.shards.format import ShardFormatError
 from usjepa.shards.transfer import to_device
 from usjepa.shards.worker_guard import LoaderWorkerError, die_with_parent
-from usjepa.step import batch_size_from_memory, compile_models, salt_packing
+from usjepa.step import (backward_and_update, batch_size_from_memory, build_optimizer, compile_models,
+                         salt_packing)
 
 log = logging.getLogger("usjepa.train")
 
@@ -209,9 +210,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
     log.info("trainable parameters: encoder %.1fM, %s %.1fM%s", n_params(encoder) / 1e6, type(head).__name__,
              n_params(head) / 1e6, f", frozen teacher {n_params(teacher) / 1e6:.1f}M" if teacher else "")
 
-    # AdamW; lr and wd are set every step from the schedules.
-    optimizer = torch.optim.AdamW(adamw_param_groups(model), lr=cfg.optim.lr_start, betas=tuple(cfg.optim.betas),
-                                  eps=cfg.optim.eps, fused=cuda)
+    optimizer = build_optimizer(model, cfg.optim, cuda)
 
     # ---------------------------------------------------------------- restore
     step, epoch, best_val, mid_epoch, no_batches_left = 0, 0, math.inf, False, False
@@ -341,11 +340,7 @@ def _train(argv, held: contextlib.ExitStack) -> int:
 
             loss, stds = compute_loss(step_model, batch, mask_seed=seed_of(cfg.seed, "train", step, rank))
             collapse.observe(stds)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
-            nonfinite.copy_(torch.maximum(nonfinite, (~torch.isfinite(loss.detach()) | ~torch.isfinite(gnorm)).float()))
-            optimizer.step()
+            gnorm = backward_and_update(loss, model, optimizer, cfg.optim.clip_grad, nonfinite)
             step += 1
 
             window["loss"] += loss.detach()
@@ -527,16 +522,6 @@ def close_loaders(*loaders) -> None:
     for loader in loaders:
         if hasattr(loader, "close"):
             loader.close()
-
-
-def adamw_param_groups(model) -> list[dict]:
-    """Weight decay on weight matrices (and tokens / position embeddings, as I-JEPA); none on biases and
-    1-D parameters (norm scales). The ``no_wd`` flag is read by ``set_optimizer_hparams``."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "no_wd": True}]
 
 
 def seed_of(*parts) -> int:
