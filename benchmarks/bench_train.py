@@ -256,6 +256,12 @@ def bench_cpu(work: Path, steps: int, rounds: int) -> dict:
     res["ratio_all_cores_range"] = [min(x["ratio_all_cores"] for x in res["rounds"]),
                                     max(x["ratio_all_cores"] for x in res["rounds"])]
     res["ratio_dali_vs_torch_loader"] = res["loop_dali"]["images_per_s"] / res["loop_torch"]["images_per_s"]
+    # What any loop on these cores could reach against the all-core step: the data layer's CPU per image comes
+    # out of the same cores, so at best the step's core-seconds and the data's add up.
+    d = res["main_thread_cpu"]["batch8"]["data_layer_cpu_ms_per_batch"]
+    if d is not None:
+        per_image_s = d / 1e3 / 8
+        res["ratio_bound_all_cores"] = 1 / (1 + per_image_s * res["compute_only_all_cores"]["images_per_s"] / all_cores)
     return res
 
 
@@ -303,7 +309,8 @@ def markdown_rows(res: dict) -> list[str]:
             f"thread(s) ({c['compute_only']['images_per_s']:.1f}; {len(c['rounds'])} alternated rounds "
             f"{c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}), {c['ratio_loop_dali_vs_compute_only_all_cores']:.2f} x "
             f"on all {c['compute_only_all_cores']['threads']} ({c['compute_only_all_cores']['images_per_s']:.1f}; "
-            f"{c['ratio_all_cores_range'][0]:.2f}-{c['ratio_all_cores_range'][1]:.2f}); "
+            f"{c['ratio_all_cores_range'][0]:.2f}-{c['ratio_all_cores_range'][1]:.2f}; the data layer's CPU bounds any loop "
+            f"there at {c.get('ratio_bound_all_cores') or float('nan'):.2f}); "
             f"main-thread CPU per batch in the DALI loader {c['main_thread_cpu']['batch8']['ms_per_batch_median']:.2f} ms "
             f"(batch 8), {c['main_thread_cpu']['batch128']['ms_per_batch_median']:.2f} ms (batch 128, speckle on the device); "
             f"the whole data layer {data_ms(c, 'batch8')} ms of CPU per batch of 8 (speckle in the worker); "
