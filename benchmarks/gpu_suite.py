@@ -1,4 +1,4 @@
-"""The GPU suite: every GPU measurement of the project in one command, sized for one device call.
+"""The GPU suite: every GPU measurement of the project in one command, sized for one short job on a CUDA machine.
 
     python -m benchmarks.gpu_suite --out DIR                      # on a CUDA box: <= 8 min on one H200
     python -m benchmarks.gpu_suite --out DIR --real-root SHARDS   # + an ingested real corpus
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
 
     def save(final: bool = False):
         report["elapsed_s"] = a.budget_s - budget.left()
-        if final:  # printed once, last: the device call's output tail ends with the table
+        if final:  # printed once, last: a remote job's output tail ends with the table
             save_result(a.out, NAME, report, markdown(report))
             return
         a.out.mkdir(parents=True, exist_ok=True)  # after each section, so a stopped run keeps its numbers

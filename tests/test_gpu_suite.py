@@ -1,5 +1,5 @@
 """benchmarks.gpu_suite --dry-run: every section on the CPU with tiny sizes, in a fresh interpreter, with what
-the lent GPU machine lacks after its call's own install made unimportable (DALI unless staged, the medical
+the reference offline CUDA machine lacks after the carried install made unimportable (DALI unless staged, the medical
 readers) and, when DALI is installed, with it. Plus: the call brings every project dependency the machine
 lacks that the suite needs, and the suite says so in one line when webdataset is missing."""
 
