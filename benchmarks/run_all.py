@@ -29,6 +29,7 @@ QUICK = {
     "bench_probe": ["--n", "288", "--seeds", "3"],
     "bench_remote": ["--frames", "128", "--rounds", "1"],
     "bench_scale": ["--sizes", "50000"],
+    "bench_startup": ["--workers", "4", "--frames", "512", "--rounds", "1"],
     "bench_train": ["--cpu-steps", "16", "--gpu-steps", "10", "--rounds", "1"],
     "bench_usrc": ["--ddti-limit", "60", "--rounds", "1"],
 }
