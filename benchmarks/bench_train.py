@@ -160,14 +160,14 @@ def loop(config: str, out: Path, overrides: list[str], warmup_steps: int = 0) ->
             "intervals": len(recs), "wall_s": wall, "mfu_peak_source": recs[0].get("mfu_peak_source")}
 
 
-def tree_cpu_s() -> float | None:
-    """CPU seconds of this process (every thread) and all its live descendants (Linux ``/proc``; else None)."""
+def workers_cpu_s() -> float | None:
+    """CPU seconds of this process's live descendants (the loader's worker processes; Linux ``/proc``; else None)."""
     try:
         stats = {int(d): Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split() for d in os.listdir("/proc")
                  if d.isdigit() and Path(f"/proc/{d}/stat").exists()}
     except OSError:
         return None
-    kids, todo, total = {}, [os.getpid()], time.process_time()
+    kids, todo, total = {}, [os.getpid()], 0.0
     for pid, st in stats.items():
         kids.setdefault(int(st[1]), []).append(pid)
     tick = os.sysconf("SC_CLK_TCK")
@@ -183,7 +183,8 @@ def main_thread_cpu(root: Path, batch_size: int, batches: int, speckle_on: str, 
     batch; the workers' and DALI's threads are not counted): feeding DALI, unpacking, copies. This is what the
     trainer's main thread pays per step on a GPU (with ``speckle_on="device"``, the GPU's default), where the
     affine the loader adds runs on the device; on a CPU the image copy out of DALI is part of it. Beside it, the
-    whole data layer's CPU per batch: every thread of this process and its worker processes."""
+    whole data layer's CPU per batch (every thread of this process and its worker processes), and the worker
+    processes' alone per sample: what a GPU node's workers pay (there DALI's decode and resize leave the CPU)."""
     import numpy as np
 
     from usjepa.shards.loader import build_loader
@@ -195,17 +196,20 @@ def main_thread_cpu(root: Path, batch_size: int, batches: int, speckle_on: str, 
     it = loader._backend.iter_pass(ids, 0, positions)
     next(it)  # start-up apart
     per_batch = []
-    cpu0 = tree_cpu_s()
+    own0, kids0 = time.process_time(), workers_cpu_s()
     while True:
         t = time.thread_time()
         if next(it, None) is None:
             break
         per_batch.append(time.thread_time() - t)
-    cpu1 = tree_cpu_s()
+    own1, kids1 = time.process_time(), workers_cpu_s()
     loader.close()
-    total = 1e3 * (cpu1 - cpu0) / len(per_batch) if cpu0 is not None and cpu1 is not None else None
-    return {"ms_per_batch_median": 1e3 * statistics.median(per_batch), "batches": len(per_batch),
-            "batch_size": batch_size, "speckle_on": speckle_on, "data_layer_cpu_ms_per_batch": total}
+    kids = kids1 - kids0 if kids0 is not None and kids1 is not None else None
+    n = len(per_batch)
+    return {"ms_per_batch_median": 1e3 * statistics.median(per_batch), "batches": n,
+            "batch_size": batch_size, "speckle_on": speckle_on,
+            "data_layer_cpu_ms_per_batch": 1e3 * (own1 - own0 + kids) / n if kids is not None else None,
+            "worker_cpu_ms_per_sample": 1e3 * kids / (n * batch_size) if kids is not None else None}
 
 
 def bench_cpu(work: Path, steps: int, rounds: int) -> dict:
@@ -298,6 +302,11 @@ def data_ms(c: dict, key: str) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
+def worker_ms(c: dict) -> str:
+    v = c["main_thread_cpu"]["batch128"].get("worker_cpu_ms_per_sample")
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def markdown_rows(res: dict) -> list[str]:
     hw = res["hardware"]
     rows = []
@@ -313,7 +322,8 @@ def markdown_rows(res: dict) -> list[str]:
             f"there at {c.get('ratio_bound_all_cores') or float('nan'):.2f}); "
             f"main-thread CPU per batch in the DALI loader {c['main_thread_cpu']['batch8']['ms_per_batch_median']:.2f} ms "
             f"(batch 8), {c['main_thread_cpu']['batch128']['ms_per_batch_median']:.2f} ms (batch 128, speckle on the device); "
-            f"the whole data layer {data_ms(c, 'batch8')} ms of CPU per batch of 8 (speckle in the worker); "
+            f"the whole data layer {data_ms(c, 'batch8')} ms of CPU per batch of 8 (speckle in the worker); the worker "
+            f"processes {worker_ms(c)} ms per sample at batch 128 with speckle on the device (a GPU node's workers); "
             f"{c['ratio_dali_vs_torch_loader']:.2f} x DataLoader+OpenCV loop ({c['loop_torch']['images_per_s']:.1f}); "
             f"data wait {100 * c['loop_dali']['data_wait_frac']:.1f} % (torch loader {100 * c['loop_torch']['data_wait_frac']:.1f} %); "
             f"MFU {100 * (c['loop_dali']['mfu'] or 0):.1f} % of measured matmul rate |")
