@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import hardware, save_result, utc_now
+from usjepa.config import OptimSection
 from usjepa.models import (
     Predictor,
     PredictorConfig,
@@ -44,7 +45,6 @@ from usjepa.models import (
     teacher_targets,
 )
 from usjepa.models.salt import plan_salt_packing, salt_step_flops_real
-from usjepa.config import OptimSection
 from usjepa.schedules import set_optimizer_hparams
 from usjepa.step import backward_and_update, build_optimizer, compile_teacher
 from usjepa.shards.synthetic_shards import write_synthetic_corpus
