@@ -262,9 +262,9 @@ def bench_cpu(work: Path, steps: int, rounds: int) -> dict:
     res["ratio_dali_vs_torch_loader"] = res["loop_dali"]["images_per_s"] / res["loop_torch"]["images_per_s"]
     # What any loop on these cores could reach against the all-core step: the data layer's CPU per image comes
     # out of the same cores, so at best the step's core-seconds and the data's add up.
-    d = res["main_thread_cpu"]["batch8"]["data_layer_cpu_ms_per_batch"]
-    if d is not None:
-        per_image_s = d / 1e3 / 8
+    loader8 = res["main_thread_cpu"]["batch8"]
+    if loader8["data_layer_cpu_ms_per_batch"] is not None:
+        per_image_s = loader8["data_layer_cpu_ms_per_batch"] / 1e3 / loader8["batch_size"]
         res["ratio_bound_all_cores"] = 1 / (1 + per_image_s * res["compute_only_all_cores"]["images_per_s"] / all_cores)
     return res
 
@@ -297,14 +297,8 @@ def bench_gpu(work: Path, steps: int) -> dict:
     return res
 
 
-def data_ms(c: dict, key: str) -> str:
-    v = c["main_thread_cpu"][key].get("data_layer_cpu_ms_per_batch")
-    return "n/a" if v is None else f"{v:.1f}"
-
-
-def worker_ms(c: dict) -> str:
-    v = c["main_thread_cpu"]["batch128"].get("worker_cpu_ms_per_sample")
-    return "n/a" if v is None else f"{v:.2f}"
+def ms(v: float | None, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def markdown_rows(res: dict) -> list[str]:
@@ -322,8 +316,10 @@ def markdown_rows(res: dict) -> list[str]:
             f"there at {c.get('ratio_bound_all_cores') or float('nan'):.2f}); "
             f"main-thread CPU per batch in the DALI loader {c['main_thread_cpu']['batch8']['ms_per_batch_median']:.2f} ms "
             f"(batch 8), {c['main_thread_cpu']['batch128']['ms_per_batch_median']:.2f} ms (batch 128, speckle on the device); "
-            f"the whole data layer {data_ms(c, 'batch8')} ms of CPU per batch of 8 (speckle in the worker); the worker "
-            f"processes {worker_ms(c)} ms per sample at batch 128 with speckle on the device (a GPU node's workers); "
+            f"the whole data layer {ms(c['main_thread_cpu']['batch8'].get('data_layer_cpu_ms_per_batch'), 1)} ms of CPU "
+            f"per batch of 8 (speckle in the worker); the worker processes "
+            f"{ms(c['main_thread_cpu']['batch128'].get('worker_cpu_ms_per_sample'), 2)} ms per sample at batch 128 with "
+            f"speckle on the device (a GPU node's workers); "
             f"{c['ratio_dali_vs_torch_loader']:.2f} x DataLoader+OpenCV loop ({c['loop_torch']['images_per_s']:.1f}); "
             f"data wait {100 * c['loop_dali']['data_wait_frac']:.1f} % (torch loader {100 * c['loop_torch']['data_wait_frac']:.1f} %); "
             f"MFU {100 * (c['loop_dali']['mfu'] or 0):.1f} % of measured matmul rate |")
